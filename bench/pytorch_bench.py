@@ -1,0 +1,194 @@
+#!/usr/bin/env python3
+"""PyTorch reference for the speed of `tricks bench` (same models, optimizer and measurement).
+
+Models (identical in structure to the Rust ones):
+  cifar_resnet20 / cifar_resnet56  He et al. 2016 CIFAR ResNet-(6n+2): 3x3 conv 16 + BN + ReLU,
+                                   3 stages of n basic blocks (16/32/64 channels, stride 2 at
+                                   stages 2 and 3), projection shortcut (1x1 conv stride s + BN,
+                                   "option B") where the shape changes, global avg pool, fc.
+  resnet50d                        timm `resnet50d` (ResNet-50-D of He et al. 2019).
+Defaults: cifar_* at 32 px batch 128 (10 classes), resnet50d at 224 px batch 16 (1000 classes).
+
+Training step = forward + cross-entropy + backward + SGD step (momentum 0.9, nesterov,
+weight decay 1e-4, lr 0.1, foreach default) on one fixed synthetic batch, timed after
+`--warmup` steps. Inference = eval mode under torch.no_grad(), same batch. With
+`--precision bf16` forward and loss run under torch.autocast(device, dtype=torch.bfloat16)
+(weights stay f32); `--channels-last` converts model and input to channels_last.
+
+Prints one JSON line per model:
+  {"impl":"pytorch","model":...,"batch":...,"size":...,"precision":...,"channels_last":...,
+   "device":...,"train_img_s":...,"infer_img_s":..., "threads":..., "steps":..., "warmup":...}
+
+  .venv/bin/python bench/pytorch_bench.py --model cifar_resnet20 --steps 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULTS = {  # model -> (batch, size, num_classes)
+    "cifar_resnet20": (128, 32, 10),
+    "cifar_resnet56": (128, 32, 10),
+    "resnet50d": (16, 224, 1000),
+}
+
+
+class CifarBasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class CifarResNet(nn.Module):
+    """He et al. 2016, section 4.2: depth 6n+2, widths 16/32/64, projection shortcuts."""
+
+    def __init__(self, depth: int, num_classes: int = 10):
+        super().__init__()
+        assert (depth - 2) % 6 == 0, depth
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        layers, cin = [], 16
+        for i, cout in enumerate((16, 32, 64)):
+            blocks = []
+            for j in range(n):
+                blocks.append(CifarBasicBlock(cin, cout, 2 if (i > 0 and j == 0) else 1))
+                cin = cout
+            layers.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(64, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build(name: str, num_classes: int) -> nn.Module:
+    if name == "cifar_resnet20":
+        return CifarResNet(20, num_classes)
+    if name == "cifar_resnet56":
+        return CifarResNet(56, num_classes)
+    if name == "resnet50d":
+        import timm
+
+        return timm.create_model("resnet50d", pretrained=False, num_classes=num_classes)
+    raise SystemExit(f"unknown model {name!r}; known: {', '.join(DEFAULTS)}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(args, name: str) -> dict:
+    batch, size, num_classes = DEFAULTS[name]
+    batch = args.batch or batch
+    size = args.size or size
+    device = torch.device(args.device)
+    bf16 = args.precision == "bf16"
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    torch.manual_seed(0)
+    model = build(name, num_classes).to(device=device, memory_format=fmt)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, num_classes, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def infer_step():
+        with autocast():
+            model(x)
+
+    def timed(step, n_warmup, n_steps):
+        for _ in range(n_warmup):
+            step()
+        sync(device)
+        t0 = time.perf_counter()
+        for _ in range(n_steps):
+            step()
+        sync(device)
+        return batch * n_steps / (time.perf_counter() - t0)
+
+    model.train()
+    train_img_s = timed(train_step, args.warmup, args.steps)
+    model.eval()
+    with torch.no_grad():
+        infer_img_s = timed(infer_step, args.warmup, args.steps)
+
+    return {
+        "impl": "pytorch",
+        "model": name,
+        "batch": batch,
+        "size": size,
+        "precision": args.precision,
+        "channels_last": bool(args.channels_last),
+        "device": args.device,
+        "train_img_s": round(train_img_s, 2),
+        "infer_img_s": round(infer_img_s, 2),
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="all", help="comma-separated, or 'all': " + ", ".join(DEFAULTS))
+    ap.add_argument("--batch", type=int, default=0, help="batch size (default: per model)")
+    ap.add_argument("--size", type=int, default=0, help="image side in px (default: per model)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
+    ap.add_argument("--steps", type=int, default=10, help="timed steps (train and inference each)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    args = ap.parse_args()
+
+    if args.steps < 1 or args.warmup < 0:
+        ap.error("--steps must be >= 1 and --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but torch.cuda.is_available() is False")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    models = list(DEFAULTS) if args.model == "all" else [m for m in args.model.split(",") if m]
+    for name in models:
+        if name not in DEFAULTS:
+            ap.error(f"unknown model {name!r}; known: {', '.join(DEFAULTS)}")
+    for name in models:
+        print(json.dumps(measure(args, name)), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

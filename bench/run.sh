@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Speed of `tricks bench` against the PyTorch reference (bench/pytorch_bench.py).
+#
+# For each model and each configuration (fp32; bf16 + channels_last) it runs the Rust binary
+# and the PyTorch script one after the other, alternating which goes first, each on the same
+# synthetic batch with the same optimizer (SGD nesterov, momentum 0.9, wd 1e-4), then prints a
+# Markdown table with train/inference img/s of both and the ratio tricks/pytorch.
+# Raw JSON lines go to bench/out/bench-<date>.jsonl, the table to bench/out/bench-<date>.md.
+#
+# How long: dominated by resnet50d (batch 16, 224 px), (WARMUP + STEPS) training steps plus as
+# many inference steps per run, 4 runs per model. On 2 loaded CPU cores, one fp32 resnet50d
+# training step takes ~12 s and an inference step ~4 s, so the defaults (STEPS=10, WARMUP=3)
+# take about 25-30 min in all (cifar_resnet20 ~2 min, cifar_resnet56 ~5 min, resnet50d ~20 min);
+# on a 16-core machine a few minutes. For a quick look: STEPS=3 WARMUP=1 MODELS=cifar_resnet20.
+#
+# Environment:
+#   STEPS=10      timed steps per measurement        WARMUP=3   untimed steps before
+#   DEVICE=cpu    cpu | cuda                         MODELS="cifar_resnet20 cifar_resnet56 resnet50d"
+#   CONFIGS="fp32 bf16-cl"   fp32 = fp32 NCHW; bf16-cl = bf16 autocast + channels_last
+#   THREADS=      intra-op threads, passed as --threads to both sides (default: PyTorch's own
+#                 default, torch.get_num_threads(), so that both use the same number)
+#   TRICKS_BIN=target/release/tricks   PYTHON=.venv/bin/python   BUILD=1 runs cargo build --release first
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+STEPS="${STEPS:-10}"
+WARMUP="${WARMUP:-3}"
+DEVICE="${DEVICE:-cpu}"
+MODELS="${MODELS:-cifar_resnet20 cifar_resnet56 resnet50d}"
+CONFIGS="${CONFIGS:-fp32 bf16-cl}"
+TRICKS_BIN="${TRICKS_BIN:-$root/target/release/tricks}"
+PYTHON="${PYTHON:-$root/.venv/bin/python}"
+
+if [[ "${BUILD:-0}" == 1 ]]; then
+    cargo build --release --bin tricks
+fi
+if [[ ! -x "$TRICKS_BIN" ]]; then
+    echo "run.sh: no $TRICKS_BIN (cargo build --release, or BUILD=1)" >&2
+    exit 1
+fi
+if [[ ! -x "$PYTHON" ]]; then
+    echo "run.sh: no $PYTHON (scripts/setup.sh --with-timm)" >&2
+    exit 1
+fi
+
+if [[ -z "${THREADS:-}" ]]; then
+    THREADS="$("$PYTHON" -c 'import torch; print(torch.get_num_threads())')"
+fi
+echo "threads: $THREADS, steps: $STEPS, warmup: $WARMUP, device: $DEVICE" >&2
+
+mkdir -p bench/out
+stamp="$(date +%Y%m%d-%H%M%S)"
+jsonl="bench/out/bench-$stamp.jsonl"
+table="bench/out/bench-$stamp.md"
+: >"$jsonl"
+
+batch_of() { case "$1" in resnet50d) echo 16 ;; *) echo 128 ;; esac; }
+size_of() { case "$1" in resnet50d) echo 224 ;; *) echo 32 ;; esac; }
+# The Rust CLI names an architecture by depth + paper variant: resnet50d = resnet50, variant d.
+# (Basic-block CIFAR ResNets are the same in every variant; "a" is the paper's baseline.)
+tricks_model_of() { case "$1" in resnet50d) echo "--model resnet50 --variant d" ;; *) echo "--model $1 --variant a" ;; esac; }
+
+# run_one IMPL MODEL CONFIG: appends the JSON line(s) of one run to $jsonl.
+run_one() {
+    local impl="$1" model="$2" config="$3" precision cl=()
+    case "$config" in
+        fp32) precision=fp32 ;;
+        bf16-cl) precision=bf16 cl=(--channels-last) ;;
+        fp32-cl) precision=fp32 cl=(--channels-last) ;;
+        bf16) precision=bf16 ;;
+        *) echo "run.sh: unknown config $config" >&2; exit 2 ;;
+    esac
+    local common=(--batch "$(batch_of "$model")" --size "$(size_of "$model")" --precision "$precision"
+        ${cl[@]+"${cl[@]}"} --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" --threads "$THREADS")
+    local out tm
+    echo "[$(date +%T)] $impl $model $config" >&2
+    if [[ "$impl" == tricks ]]; then
+        read -r -a tm <<<"$(tricks_model_of "$model")"
+        out="$("$TRICKS_BIN" bench "${tm[@]}" "${common[@]}")"
+    else
+        out="$("$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+    fi
+    # Keep only the JSON measurement lines (either side may log other things on stdout).
+    grep '^{.*"train_img_s"' <<<"$out" | tee -a "$jsonl" >&2 || {
+        echo "run.sh: $impl $model $config printed no measurement:" >&2
+        echo "$out" >&2
+        exit 1
+    }
+}
+
+round=0
+for model in $MODELS; do
+    for config in $CONFIGS; do
+        if ((round % 2 == 0)); then
+            run_one tricks "$model" "$config"
+            run_one pytorch "$model" "$config"
+        else
+            run_one pytorch "$model" "$config"
+            run_one tricks "$model" "$config"
+        fi
+        round=$((round + 1))
+    done
+done
+
+"$PYTHON" - "$jsonl" <<'EOF' | tee "$table"
+import json, sys
+
+def canon(r):
+    # tricks prints {"model": "resnet50", "variant": "d"}, pytorch {"model": "resnet50d"}
+    m, v = r["model"], r.get("variant")
+    if not m.startswith("cifar_") and v in ("c", "d"):
+        m += v
+    return m
+
+rows = {}
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    key = (canon(r), r["batch"], r["size"], r["precision"], bool(r["channels_last"]), r["device"])
+    rows.setdefault(key, {})[r["impl"]] = r
+
+def fmt(v):
+    return "-" if v is None else f"{v:.1f}"
+
+def ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+print("| model | batch | px | precision | channels_last | device | train tricks | train pytorch | train ratio | infer tricks | infer pytorch | infer ratio |")
+print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+for key, by in rows.items():
+    t, p = by.get("tricks", {}), by.get("pytorch", {})
+    tt, pt = t.get("train_img_s"), p.get("train_img_s")
+    ti, pi = t.get("infer_img_s"), p.get("infer_img_s")
+    model, batch, size, prec, cl, dev = key
+    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} |")
+print()
+print("img/s; ratio = tricks / pytorch (> 1: tricks faster).")
+EOF
+echo "raw: $jsonl  table: $table" >&2

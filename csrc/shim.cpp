@@ -1,0 +1,32 @@
+// Small C ABI over the parts of libtorch that tch does not expose.
+// Autocast: tch only toggles CUDA autocast (and only in f16); CPU bf16 autocast
+// (AMX / AVX-512-BF16) and CUDA bf16 need the device-typed calls below.
+#include <ATen/autocast_mode.h>
+#include <ATen/Context.h>
+#include <c10/core/ScalarType.h>
+
+extern "C" {
+
+// device: 0 = CPU, 1 = CUDA. dtype: 0 = bfloat16, 1 = float16.
+void tricks_autocast_set(int device, bool enabled, int dtype) {
+  at::DeviceType dev = device == 1 ? at::kCUDA : at::kCPU;
+  at::ScalarType st = dtype == 1 ? at::kHalf : at::kBFloat16;
+  at::autocast::set_autocast_dtype(dev, st);
+  at::autocast::set_autocast_enabled(dev, enabled);
+}
+
+bool tricks_autocast_is_enabled(int device) {
+  return at::autocast::is_autocast_enabled(device == 1 ? at::kCUDA : at::kCPU);
+}
+
+void tricks_autocast_clear_cache() { at::autocast::clear_cache(); }
+
+int tricks_autocast_increment_nesting() { return at::autocast::increment_nesting(); }
+
+int tricks_autocast_decrement_nesting() { return at::autocast::decrement_nesting(); }
+
+// cuDNN autotuner: picks the fastest convolution algorithm for fixed shapes.
+void tricks_set_cudnn_benchmark(bool enabled) { at::globalContext().setBenchmarkCuDNN(enabled); }
+
+
+}  // extern "C"

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Python side of `tricks`: the libtorch that tch links against, plus the reference libraries
+# used by the parity test and the PyTorch benchmark.
+#
+#   scripts/setup.sh              .venv with torch==2.11.0 (libtorch for the tch build)
+#   scripts/setup.sh --with-timm  ... plus timm, torchvision and safetensors
+#                                 (tests/parity.rs, scripts/parity.py, bench/pytorch_bench.py)
+#
+# Idempotent: creates .venv in the repo root only if missing and installs a package only when
+# it does not import or is at another version. Environment: PYTHON (interpreter that creates
+# the venv, default python3), PIP_ARGS (extra pip arguments, e.g. --index-url of a CPU build).
+set -euo pipefail
+
+TORCH_VERSION=2.11.0
+TORCHVISION_VERSION=0.26.0 # the torchvision release built against torch 2.11
+TIMM_VERSION=1.0.31
+SAFETENSORS_VERSION=0.8.0
+
+with_timm=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-timm) with_timm=1 ;;
+        -h | --help)
+            sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "setup.sh: unknown argument: $arg (expected --with-timm)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv"
+py="$venv/bin/python"
+read -r -a pip_args <<<"${PIP_ARGS:-}"
+
+if [[ -x "$py" ]]; then
+    echo "venv: $venv exists ($("$py" --version 2>&1))"
+else
+    echo "venv: creating $venv with ${PYTHON:-python3}"
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+
+# "module pip-name version" per wanted package
+wanted=("torch torch $TORCH_VERSION")
+if [[ "$with_timm" == 1 ]]; then
+    wanted+=("torchvision torchvision $TORCHVISION_VERSION"
+        "safetensors safetensors $SAFETENSORS_VERSION"
+        "timm timm $TIMM_VERSION")
+fi
+
+# One python process imports every wanted module and prints "module version" (without the
+# +local suffix) or "module -" when the import fails.
+probe_src='
+import importlib, sys, warnings
+warnings.filterwarnings("ignore")
+for name in sys.argv[1:]:
+    try:
+        print(name, importlib.import_module(name).__version__.split("+")[0])
+    except Exception:
+        print(name, "-")
+'
+
+# check: prints the unsatisfied requirements (pkg==version), one a line; messages on stderr.
+check() {
+    local modules=() line module pkg want have found
+    for line in "${wanted[@]}"; do modules+=("${line%% *}"); done
+    found="$("$py" -c "$probe_src" "${modules[@]}" 2>/dev/null || true)"
+    for line in "${wanted[@]}"; do
+        read -r module pkg want <<<"$line"
+        have="$(awk -v m="$module" '$1 == m { print $2 }' <<<"$found")"
+        if [[ "$have" == "$want" ]]; then
+            echo "$pkg: $want already installed" >&2
+        elif [[ -z "$have" || "$have" == - ]]; then
+            echo "$pkg: does not import, needs $pkg==$want" >&2
+            echo "$pkg==$want"
+        else
+            echo "$pkg: found $have, needs $pkg==$want" >&2
+            echo "$pkg==$want"
+        fi
+    done
+}
+
+pip_install() {
+    echo "pip install $*"
+    "$py" -m pip install ${pip_args[@]+"${pip_args[@]}"} "$@"
+}
+
+mapfile -t todo < <(check)
+if ((${#todo[@]} > 0)); then
+    # torch is pinned in the same command so that dependency resolution cannot replace it.
+    [[ " ${todo[*]} " == *" torch==$TORCH_VERSION "* ]] || todo+=("torch==$TORCH_VERSION")
+    pip_install "${todo[@]}"
+    mapfile -t todo < <(check 2>/dev/null)
+    if [[ " ${todo[*]} " == *" torch==$TORCH_VERSION "* ]]; then
+        # The right version is installed but does not import: reinstall it.
+        pip_install --force-reinstall --no-deps "torch==$TORCH_VERSION"
+        mapfile -t todo < <(check 2>/dev/null)
+    fi
+    if ((${#todo[@]} > 0)); then
+        echo "setup.sh: still not satisfied after pip install: ${todo[*]}" >&2
+        exit 1
+    fi
+    echo "installed: all requirements satisfied"
+else
+    echo "nothing to install"
+fi
+echo "python: $py"
+echo "libtorch: $("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"

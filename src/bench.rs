@@ -1,0 +1,116 @@
+//! `tricks bench`: training and inference img/s of a model on synthetic data, measured the same
+//! way as bench/pytorch_bench.py (its PyTorch twin) so the two can be compared in one run.
+
+use crate::config::{ModelConfig, OptimConfig, Precision};
+use crate::device::{parse_device, to_channels_last, weights_to_channels_last};
+use crate::model::{ModelSpec, ResNet};
+use crate::train::optim::Sgd;
+use crate::train::precision::{check_supported, Autocast};
+use anyhow::{bail, Result};
+use std::time::Instant;
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+pub struct BenchSpec {
+    pub model: String,
+    pub variant: String,
+    pub batch: usize,
+    pub size: i64,
+    pub precision: String,
+    pub channels_last: bool,
+    pub device: String,
+    pub steps: usize,
+    pub warmup: usize,
+    pub threads: usize,
+}
+
+fn parse_precision(s: &str) -> Result<Precision> {
+    Ok(match s {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        "fp16" => Precision::Fp16,
+        _ => bail!("unknown precision {s:?}; expected fp32, bf16 or fp16"),
+    })
+}
+
+/// Runs the benchmark and returns its JSON line.
+pub fn run(spec: &BenchSpec) -> Result<String> {
+    let device = parse_device(&spec.device)?;
+    let precision = parse_precision(&spec.precision)?;
+    check_supported(precision, device)?;
+    crate::device::configure(spec.threads, device);
+    let mcfg = ModelConfig {
+        name: spec.model.clone(),
+        variant: spec.variant.clone(),
+        ..Default::default()
+    };
+    let mspec = ModelSpec::from_config(&mcfg)?;
+    let classes = if spec.model.starts_with("cifar_") { 10 } else { 1000 };
+    tch::manual_seed(0);
+    let vs = nn::VarStore::new(device);
+    let net = ResNet::new(&vs.root(), &mspec, classes);
+    if spec.channels_last {
+        weights_to_channels_last(&vs);
+    }
+    let mut opt = Sgd::new(&vs, &OptimConfig::default());
+    let b = spec.batch as i64;
+    let mut x = Tensor::randn([b, 3, spec.size, spec.size], (Kind::Float, device));
+    if spec.channels_last {
+        x = to_channels_last(&x);
+    }
+    let y = Tensor::randint(classes, [b], (Kind::Int64, device));
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    let mut train_step = || {
+        let loss = {
+            let _ac = Autocast::enter(precision, device);
+            net.forward_t(&x, true).cross_entropy_for_logits(&y)
+        };
+        opt.zero_grad();
+        loss.backward();
+        opt.step(0.01);
+    };
+    for _ in 0..spec.warmup {
+        train_step();
+    }
+    sync();
+    let t = Instant::now();
+    for _ in 0..spec.steps {
+        train_step();
+    }
+    sync();
+    let train_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();
+    let infer = || {
+        tch::no_grad(|| {
+            let _ac = Autocast::enter(precision, device);
+            net.forward_t(&x, false)
+        })
+    };
+    for _ in 0..spec.warmup {
+        let _ = infer();
+    }
+    sync();
+    let t = Instant::now();
+    for _ in 0..spec.steps {
+        let _ = infer();
+    }
+    sync();
+    let infer_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();
+    Ok(serde_json::json!({
+        "impl": "tricks",
+        "model": spec.model,
+        "variant": spec.variant,
+        "batch": spec.batch,
+        "size": spec.size,
+        "precision": spec.precision,
+        "channels_last": spec.channels_last,
+        "device": spec.device,
+        "threads": tch::get_num_threads(),
+        "train_img_s": (train_ips * 10.0).round() / 10.0,
+        "infer_img_s": (infer_ips * 10.0).round() / 10.0,
+    })
+    .to_string())
+}

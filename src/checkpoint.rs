@@ -1,0 +1,392 @@
+//! Checkpoints: safetensors files (never pickle), written atomically, verified when read.
+//!
+//! A file holds the model's tensors under their timm/torchvision names (so timm can load it with
+//! `strict=False`), the optimizer's momentum buffers under `optim.momentum.<name>` (training
+//! checkpoints only), and metadata: the resolved config, the class names, the training state and
+//! a SHA-256 over every tensor, checked on load so a torn or corrupted file is detected.
+
+use crate::config::Config;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use tch::{nn, Kind, Tensor};
+
+pub const FORMAT: &str = "tricks-checkpoint-1";
+/// Prefix of optimizer tensors inside a training checkpoint.
+pub const MOMENTUM_PREFIX: &str = "optim.momentum.";
+
+/// Where a run stands; with the seed this fixes every random stream (data order, augmentation,
+/// mixup are derived from (seed, epoch, step)), so resuming from it is exact.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    /// Epochs fully completed.
+    pub epochs_done: usize,
+    /// Optimizer steps taken.
+    pub global_step: usize,
+    pub best_top1: f64,
+    pub best_epoch: usize,
+    /// Dynamic loss scaler (f16) scale and its count of good steps.
+    pub loss_scale: f64,
+    pub loss_scale_good_steps: usize,
+    /// Wall time spent training so far, summed over resumes.
+    pub train_seconds: f64,
+}
+
+/// A checkpoint read back from disk.
+pub struct Checkpoint {
+    pub path: PathBuf,
+    pub tensors: BTreeMap<String, Tensor>,
+    pub config: Option<Config>,
+    pub classes: Vec<String>,
+    pub state: Option<TrainState>,
+}
+
+impl Checkpoint {
+    /// Model tensors only (without optimizer state).
+    pub fn model_tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
+        self.tensors.iter().filter(|(k, _)| !k.starts_with("optim."))
+    }
+}
+
+fn kind_to_dtype(kind: Kind) -> Result<safetensors::Dtype> {
+    Ok(match kind {
+        Kind::Float => safetensors::Dtype::F32,
+        Kind::Double => safetensors::Dtype::F64,
+        Kind::Half => safetensors::Dtype::F16,
+        Kind::BFloat16 => safetensors::Dtype::BF16,
+        Kind::Int64 => safetensors::Dtype::I64,
+        Kind::Int => safetensors::Dtype::I32,
+        Kind::Uint8 => safetensors::Dtype::U8,
+        k => bail!("cannot store a tensor of kind {k:?}"),
+    })
+}
+
+fn dtype_to_kind(dtype: safetensors::Dtype) -> Result<Kind> {
+    Ok(match dtype {
+        safetensors::Dtype::F32 => Kind::Float,
+        safetensors::Dtype::F64 => Kind::Double,
+        safetensors::Dtype::F16 => Kind::Half,
+        safetensors::Dtype::BF16 => Kind::BFloat16,
+        safetensors::Dtype::I64 => Kind::Int64,
+        safetensors::Dtype::I32 => Kind::Int,
+        safetensors::Dtype::U8 => Kind::Uint8,
+        d => bail!("unsupported tensor dtype {d:?}"),
+    })
+}
+
+fn tensor_bytes(t: &Tensor) -> Vec<u8> {
+    let t = t.to_device(tch::Device::Cpu).contiguous();
+    let numel = t.numel();
+    let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+    t.copy_data_u8(&mut bytes, numel);
+    bytes
+}
+
+fn digest<'a>(items: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
+    let mut h = Sha256::new();
+    for (name, bytes) in items {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(bytes);
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, flushed and synced,
+/// then renamed over the target. A crash or a full disk leaves the previous file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let result = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Saves named tensors plus metadata as a verified safetensors checkpoint.
+pub fn save(
+    path: &Path,
+    tensors: &[(String, Tensor)],
+    config: Option<&Config>,
+    classes: &[String],
+    state: Option<&TrainState>,
+) -> Result<()> {
+    let mut named: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
+        named.push((name.clone(), tensor_bytes(t), kind_to_dtype(t.kind())?, shape));
+    }
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let checksum = digest(named.iter().map(|(n, b, _, _)| (n.as_str(), b.as_slice())));
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), FORMAT.to_string());
+    meta.insert("sha256".to_string(), checksum);
+    if let Some(c) = config {
+        meta.insert("config".to_string(), c.to_toml());
+    }
+    meta.insert("classes".to_string(), serde_json::to_string(classes)?);
+    if let Some(s) = state {
+        meta.insert("state".to_string(), serde_json::to_string(s)?);
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = named
+        .iter()
+        .map(|(n, b, d, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(views, &Some(meta))?;
+    write_atomic(path, &bytes).with_context(|| format!("cannot save checkpoint {}", path.display()))
+}
+
+/// Reads and verifies a checkpoint (or any safetensors file, e.g. converted timm weights).
+pub fn load(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: unreadable header: {e}", path.display()))?;
+    let meta = header.metadata().clone().unwrap_or_default();
+    let mut items: Vec<(String, safetensors::tensor::TensorView)> = st.tensors();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    if let Some(expected) = meta.get("sha256") {
+        let actual = digest(items.iter().map(|(n, v)| (n.as_str(), v.data())));
+        if &actual != expected {
+            bail!("{}: checksum mismatch (the file is corrupt)", path.display());
+        }
+    }
+    let mut tensors = BTreeMap::new();
+    for (name, view) in &items {
+        let kind = dtype_to_kind(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(name.clone(), Tensor::from_data_size(view.data(), &shape, kind));
+    }
+    let config = match meta.get("config") {
+        Some(text) => Some(
+            Config::from_toml_str(text, &[]).with_context(|| format!("{}: embedded config", path.display()))?,
+        ),
+        None => None,
+    };
+    let classes = match meta.get("classes") {
+        Some(c) => serde_json::from_str(c).with_context(|| format!("{}: class list", path.display()))?,
+        None => Vec::new(),
+    };
+    let state = match meta.get("state") {
+        Some(s) => Some(serde_json::from_str(s).with_context(|| format!("{}: training state", path.display()))?),
+        None => None,
+    };
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
+        tensors,
+        config,
+        classes,
+        state,
+    })
+}
+
+/// Tensors that may be present in a state_dict but have no variable here.
+fn ignorable(name: &str) -> bool {
+    name.ends_with("num_batches_tracked") || name.starts_with("optim.")
+}
+
+/// Copies tensors into a VarStore by name. Every variable must be present with the same shape;
+/// `skip` names a prefix left untouched (e.g. "fc." when fine-tuning onto new classes).
+pub fn copy_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>, source: &Path, skip: Option<&str>) -> Result<()> {
+    let vars = vs.variables();
+    let mut missing = Vec::new();
+    for (name, var) in &vars {
+        if skip.is_some_and(|s| name.starts_with(s)) {
+            continue;
+        }
+        match tensors.get(name) {
+            None => missing.push(name.clone()),
+            Some(t) if t.size() != var.size() => bail!(
+                "{}: tensor `{name}` has shape {:?} but the model expects {:?}",
+                source.display(),
+                t.size(),
+                var.size()
+            ),
+            Some(t) => tch::no_grad(|| {
+                let mut v = var.shallow_clone();
+                v.copy_(&t.to_kind(var.kind()).to_device(var.device()))
+            }),
+        }
+    }
+    if !missing.is_empty() {
+        missing.sort();
+        bail!(
+            "{}: {} model tensor(s) missing, e.g. {} (is it a checkpoint of another architecture?)",
+            source.display(),
+            missing.len(),
+            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    let unexpected: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !ignorable(k) && !vars.contains_key(*k) && !skip.is_some_and(|s| k.starts_with(s)))
+        .collect();
+    if !unexpected.is_empty() {
+        bail!(
+            "{}: {} tensor(s) the model does not have, e.g. {} (is it a checkpoint of another architecture?)",
+            source.display(),
+            unexpected.len(),
+            unexpected.iter().take(5).map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Loads model weights from a safetensors file (this project's checkpoints or converted
+/// timm/torchvision state_dicts) into a VarStore.
+pub fn load_weights(vs: &mut nn::VarStore, path: &Path) -> Result<()> {
+    let ckpt = load(path)?;
+    copy_into(vs, &ckpt.tensors, path, None)
+}
+
+/// The training checkpoints of a run folder, newest first (`epoch-NNNN.safetensors`).
+pub fn list_epoch_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n = name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            Some((n, e.path()))
+        })
+        .collect();
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found
+}
+
+pub fn epoch_checkpoint_path(dir: &Path, epoch: usize) -> PathBuf {
+    dir.join(format!("epoch-{epoch:04}.safetensors"))
+}
+
+/// The newest checkpoint that reads back and verifies; broken newer ones are reported and skipped.
+pub fn latest_valid(dir: &Path, warn: &mut dyn FnMut(String)) -> Option<Checkpoint> {
+    for (_, path) in list_epoch_checkpoints(dir) {
+        match load(&path) {
+            Ok(c) if c.state.is_some() => return Some(c),
+            Ok(_) => warn(format!("{}: no training state, skipped", path.display())),
+            Err(e) => warn(format!("{e:#}; falling back to the previous checkpoint")),
+        }
+    }
+    None
+}
+
+/// Deletes all but the newest `keep` epoch checkpoints.
+pub fn prune(dir: &Path, keep: usize) {
+    for (_, path) in list_epoch_checkpoints(dir).into_iter().skip(keep.max(1)) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn sample() -> Vec<(String, Tensor)> {
+        vec![
+            ("a.weight".into(), Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2])),
+            ("b.bias".into(), Tensor::from_slice(&[5.0f32])),
+            ("optim.momentum.a.weight".into(), Tensor::from_slice(&[0.5f32, 0.5, 0.5, 0.5]).view([2, 2])),
+        ]
+    }
+
+    fn state() -> TrainState {
+        TrainState {
+            epochs_done: 3,
+            global_step: 42,
+            best_top1: 55.5,
+            best_epoch: 2,
+            loss_scale: 1.0,
+            loss_scale_good_steps: 0,
+            train_seconds: 1.5,
+        }
+    }
+
+    #[test]
+    fn round_trip_keeps_tensors_config_classes_and_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.safetensors");
+        let cfg = Config::default();
+        save(&p, &sample(), Some(&cfg), &["x".into(), "y".into()], Some(&state())).unwrap();
+        let c = load(&p).unwrap();
+        assert!(c.tensors["a.weight"].equal(&sample()[0].1));
+        assert_eq!(c.config.unwrap(), cfg);
+        assert_eq!(c.classes, vec!["x", "y"]);
+        assert_eq!(c.state.unwrap(), state());
+        assert_eq!(c.tensors.len(), 3);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn corrupt_and_truncated_files_are_detected_and_the_previous_one_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let p1 = epoch_checkpoint_path(dir.path(), 1);
+        let p2 = epoch_checkpoint_path(dir.path(), 2);
+        save(&p1, &sample(), None, &[], Some(&state())).unwrap();
+        save(&p2, &sample(), None, &[], Some(&state())).unwrap();
+        // Flip one data byte (the last byte of the file is tensor data).
+        let mut bytes = std::fs::read(&p2).unwrap();
+        let n = bytes.len();
+        bytes[n - 1] ^= 0xff;
+        std::fs::write(&p2, &bytes).unwrap();
+        let err = load(&p2).err().unwrap().to_string();
+        assert!(err.contains("checksum mismatch") && err.contains("epoch-0002"), "{err}");
+        // Truncate.
+        std::fs::write(&p2, &bytes[..n / 2]).unwrap();
+        let err = format!("{:#}", load(&p2).err().unwrap());
+        assert!(err.contains("truncated or corrupt"), "{err}");
+        let mut warnings = Vec::new();
+        let c = latest_valid(dir.path(), &mut |m| warnings.push(m)).unwrap();
+        assert_eq!(c.path, p1);
+        assert_eq!(warnings.len(), 1);
+    }
+
+    #[test]
+    fn copy_into_names_missing_and_mismatched_tensors() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = (vs.root() / "a").zeros("weight", &[2, 2]);
+        let _ = (vs.root() / "b").zeros("bias", &[1]);
+        let tensors: BTreeMap<String, Tensor> = sample().into_iter().collect();
+        copy_into(&vs, &tensors, Path::new("x"), None).unwrap();
+        assert_eq!(f64::try_from(vs.variables()["b.bias"].sum(Kind::Float)).unwrap(), 5.0);
+
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let _ = (vs2.root() / "a").zeros("weight", &[3, 2]);
+        let err = copy_into(&vs2, &tensors, Path::new("t.safetensors"), None).err().unwrap().to_string();
+        assert!(err.contains("a.weight") && err.contains("[2, 2]") && err.contains("[3, 2]"), "{err}");
+
+        let vs3 = nn::VarStore::new(Device::Cpu);
+        let _ = (vs3.root() / "c").zeros("weight", &[1]);
+        let err = copy_into(&vs3, &tensors, Path::new("t.safetensors"), None).err().unwrap().to_string();
+        assert!(err.contains("missing") && err.contains("c.weight"), "{err}");
+    }
+
+    #[test]
+    fn prune_keeps_the_newest() {
+        let dir = tempfile::tempdir().unwrap();
+        for e in 1..=4 {
+            save(&epoch_checkpoint_path(dir.path(), e), &sample(), None, &[], Some(&state())).unwrap();
+        }
+        prune(dir.path(), 2);
+        let left: Vec<usize> = list_epoch_checkpoints(dir.path()).into_iter().map(|(e, _)| e).collect();
+        assert_eq!(left, vec![4, 3]);
+    }
+}

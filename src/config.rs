@@ -1,0 +1,649 @@
+//! The run configuration: one strict TOML document, every field documented, every trick a key.
+//!
+//! Unknown keys and wrong types are errors that name the key (`optim.lrr`); `--set a.b=v`
+//! overrides any key before validation, so a mistake is caught before compute is spent.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Everything a training run needs. Defaults are the paper's baseline (Table 2 recipe):
+/// every trick is off.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Seed of every random choice: weight init, data order, augmentation, mixup.
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub loss: LossConfig,
+    pub mixup: MixupConfig,
+    pub distill: DistillConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            seed: 0,
+            model: ModelConfig::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            optim: OptimConfig::default(),
+            loss: LossConfig::default(),
+            mixup: MixupConfig::default(),
+            distill: DistillConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" |
+    /// "cifar_resnet20" | "cifar_resnet32" | "cifar_resnet44" | "cifar_resnet56" | "cifar_resnet110".
+    pub name: String,
+    /// Paper Figure 2: "a" original, "b" stride on the 3x3 conv, "c" b + deep stem, "d" c + avg-pool shortcut.
+    pub variant: String,
+    /// Number of classes; 0 = taken from the dataset.
+    pub num_classes: i64,
+    /// Zero γ (paper §3.1): the last BN of every residual block starts with γ = 0.
+    pub zero_gamma: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            name: "cifar_resnet20".into(),
+            variant: "a".into(),
+            num_classes: 0,
+            zero_gamma: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// ImageFolder if `train/` holds class folders, CIFAR binary if it holds `*.bin` files.
+    Auto,
+    ImageFolder,
+    Cifar10,
+    Cifar100,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Pipeline {
+    /// Pad-and-crop + flip (He et al. 2016), for 32-px images.
+    Cifar,
+    /// The paper's ImageNet pipeline: random-resized crop, flip, colour jitter, PCA lighting.
+    Imagenet,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Dataset root: holds `train/` and `val/` (or `test/`), or CIFAR binary files.
+    pub dir: String,
+    pub format: DataFormat,
+    /// Training augmentation preset.
+    pub pipeline: Pipeline,
+    /// Side of the square training crop (224 for ImageNet, 32 for CIFAR).
+    pub train_size: u32,
+    /// Side of the square evaluation crop.
+    pub val_size: u32,
+    /// Evaluation resizes the shorter side to `val_size / val_crop_ratio`, then centre-crops.
+    pub val_crop_ratio: f64,
+    /// Random-resized crop: area fraction range and aspect-ratio range (paper §2: 8–100 %, 3/4–4/3).
+    pub rrc_area: [f64; 2],
+    pub rrc_aspect: [f64; 2],
+    /// Random horizontal flip with probability 0.5.
+    pub flip: bool,
+    /// Brightness, contrast and saturation scaled by factors drawn from U[1 - jitter, 1 + jitter].
+    pub jitter: f64,
+    /// Hue rotated by an angle drawn from U[-hue, hue] × 180°.
+    pub hue: f64,
+    /// PCA lighting noise σ (AlexNet-style, ImageNet eigenvectors).
+    pub lighting: f64,
+    /// CIFAR pipeline: zero padding before the random crop.
+    pub cifar_pad: u32,
+    /// Per-channel normalisation (RGB, on the 0–1 scale).
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// Decoding/augmentation threads; 0 = all cores.
+    pub workers: usize,
+    /// Batches prepared ahead of the trainer.
+    pub prefetch: usize,
+    /// Decode every image once and keep it in memory as u8 (small datasets).
+    pub cache: bool,
+    /// Use only this many training / evaluation images (0 = all); a seeded, class-balanced subset.
+    pub train_limit: usize,
+    pub val_limit: usize,
+    /// Skip unreadable images (counted in the summary) instead of stopping with an error.
+    pub skip_bad_images: bool,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: String::new(),
+            format: DataFormat::Auto,
+            pipeline: Pipeline::Imagenet,
+            train_size: 224,
+            val_size: 224,
+            val_crop_ratio: 0.875,
+            rrc_area: [0.08, 1.0],
+            rrc_aspect: [3.0 / 4.0, 4.0 / 3.0],
+            flip: true,
+            jitter: 0.4,
+            hue: 0.4,
+            lighting: 0.1,
+            cifar_pad: 4,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+            workers: 0,
+            prefetch: 4,
+            cache: false,
+            train_limit: 0,
+            val_limit: 0,
+            skip_bad_images: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    Fp32,
+    /// bf16 autocast (CUDA, or CPUs with AVX-512-BF16/AMX); master weights and BN in f32.
+    Bf16,
+    /// f16 autocast with dynamic loss scaling (CUDA).
+    Fp16,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    pub epochs: usize,
+    /// Per-process batch size.
+    pub batch_size: usize,
+    /// Low-precision training (paper §3.1).
+    pub precision: Precision,
+    /// Keep activations in NHWC (faster convolutions with oneDNN and cuDNN).
+    pub channels_last: bool,
+    /// Evaluate every N epochs (the last epoch always).
+    pub eval_every: usize,
+    /// Keep the last K epoch checkpoints (plus `best`).
+    pub keep_checkpoints: usize,
+    /// Intra-op threads for libtorch; 0 = all cores.
+    pub threads: usize,
+    /// Stop after this many optimiser steps in total (0 = no limit); for smoke tests and benchmarks.
+    pub max_steps: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            epochs: 120,
+            batch_size: 256,
+            precision: Precision::Fp32,
+            channels_last: false,
+            eval_every: 1,
+            keep_checkpoints: 2,
+            threads: 0,
+            max_steps: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    /// Multiply the lr by `step_gamma` at each epoch of `step_epochs`.
+    Step,
+    /// η_t = ½(1 + cos(tπ/T)) η, per iteration (paper §5.1).
+    Cosine,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Learning rate (for a batch of `lr_reference_batch` when `linear_scaling` is on).
+    pub lr: f64,
+    /// Linear scaling (paper §3.1): lr = optim.lr × batch_size / lr_reference_batch.
+    pub linear_scaling: bool,
+    pub lr_reference_batch: usize,
+    pub momentum: f64,
+    pub nesterov: bool,
+    pub weight_decay: f64,
+    /// No bias decay (paper §3.1): weight decay only on conv and linear weights.
+    pub no_bias_decay: bool,
+    pub schedule: Schedule,
+    /// Step schedule: epochs at which the lr is multiplied by `step_gamma`.
+    pub step_epochs: Vec<usize>,
+    pub step_gamma: f64,
+    /// LR warmup (paper §3.1): linear from `warmup_start_lr` to the lr over this many epochs,
+    /// updated every iteration.
+    pub warmup_epochs: f64,
+    pub warmup_start_lr: f64,
+    /// Gradient clipping by global L2 norm (0 = off).
+    pub clip_grad_norm: f64,
+    /// Gradient clipping by value, elementwise to [-v, v] (0 = off).
+    pub clip_grad_value: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 0.1,
+            linear_scaling: false,
+            lr_reference_batch: 256,
+            momentum: 0.9,
+            nesterov: true,
+            weight_decay: 1e-4,
+            no_bias_decay: false,
+            schedule: Schedule::Step,
+            step_epochs: vec![30, 60, 90],
+            step_gamma: 0.1,
+            warmup_epochs: 0.0,
+            warmup_start_lr: 0.0,
+            clip_grad_norm: 0.0,
+            clip_grad_value: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossConfig {
+    /// Label smoothing ε (paper §5.2, the paper's form: 1-ε on the true class, ε/(K-1) elsewhere).
+    pub label_smoothing: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MixupConfig {
+    /// Mixup α (paper §5.4: 0.2); 0 = off.
+    pub alpha: f64,
+    /// Train the last N epochs without mixup.
+    pub off_epochs: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistillConfig {
+    /// Knowledge distillation (paper §5.3): checkpoint of the teacher ("" = off).
+    pub teacher: String,
+    /// Temperature T.
+    pub temperature: f64,
+    /// Weight of the hard-label term ℓ(p, softmax(z)).
+    pub hard_weight: f64,
+    /// Weight of the distillation term T²·ℓ(softmax(r/T), softmax(z/T)).
+    pub soft_weight: f64,
+}
+
+impl Default for DistillConfig {
+    fn default() -> Self {
+        DistillConfig {
+            teacher: String::new(),
+            temperature: 20.0,
+            hard_weight: 1.0,
+            soft_weight: 1.0,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file, applies `key=value` overrides, and validates the result.
+    /// A file may start from another with `extends = "other.toml"` (a path relative to it):
+    /// its keys are merged over the other file's, table by table.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        let doc = load_table(path, 0)?;
+        Self::from_table(doc, overrides).with_context(|| format!("invalid config {}", path.display()))
+    }
+
+    /// Parses TOML text, applies `key=value` overrides and validates.
+    pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
+        let doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        Self::from_table(doc, overrides)
+    }
+
+    /// Applies `key=value` overrides to a parsed document, then deserializes and validates it.
+    pub fn from_table(mut doc: toml::Table, overrides: &[String]) -> Result<Config> {
+        for ov in overrides {
+            apply_override(&mut doc, ov)?;
+        }
+        let cfg: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(doc)).map_err(|e| {
+                let path = e.path().to_string();
+                anyhow::anyhow!("key `{path}`: {}", e.into_inner())
+            })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The resolved config as TOML (written to every run's output folder).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+
+    /// Effective peak learning rate after linear scaling.
+    pub fn peak_lr(&self) -> f64 {
+        if self.optim.linear_scaling {
+            self.optim.lr * self.train.batch_size as f64 / self.optim.lr_reference_batch as f64
+        } else {
+            self.optim.lr
+        }
+    }
+
+    /// Checks values that parse but make no sense; each error names its key.
+    pub fn validate(&self) -> Result<()> {
+        crate::model::ModelSpec::from_config(&self.model)?;
+        let positive = |key: &str, v: f64| -> Result<()> {
+            if !(v > 0.0 && v.is_finite()) {
+                bail!("key `{key}` must be a positive number, got {v}");
+            }
+            Ok(())
+        };
+        positive("optim.lr", self.optim.lr)?;
+        positive("train.epochs", self.train.epochs as f64)?;
+        positive("train.batch_size", self.train.batch_size as f64)?;
+        positive("train.eval_every", self.train.eval_every as f64)?;
+        positive(
+            "optim.lr_reference_batch",
+            self.optim.lr_reference_batch as f64,
+        )?;
+        positive("data.train_size", self.data.train_size as f64)?;
+        positive("data.val_size", self.data.val_size as f64)?;
+        positive("distill.temperature", self.distill.temperature)?;
+        let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<()> {
+            if !(v >= lo && v <= hi) {
+                bail!("key `{key}` must be in [{lo}, {hi}], got {v}");
+            }
+            Ok(())
+        };
+        in_range("optim.momentum", self.optim.momentum, 0.0, 1.0)?;
+        in_range("optim.weight_decay", self.optim.weight_decay, 0.0, 1.0)?;
+        in_range("optim.step_gamma", self.optim.step_gamma, 0.0, 1.0)?;
+        in_range(
+            "optim.warmup_epochs",
+            self.optim.warmup_epochs,
+            0.0,
+            self.train.epochs as f64,
+        )?;
+        in_range(
+            "optim.warmup_start_lr",
+            self.optim.warmup_start_lr,
+            0.0,
+            f64::MAX,
+        )?;
+        in_range(
+            "optim.clip_grad_norm",
+            self.optim.clip_grad_norm,
+            0.0,
+            f64::MAX,
+        )?;
+        in_range(
+            "optim.clip_grad_value",
+            self.optim.clip_grad_value,
+            0.0,
+            f64::MAX,
+        )?;
+        in_range(
+            "loss.label_smoothing",
+            self.loss.label_smoothing,
+            0.0,
+            0.999,
+        )?;
+        in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
+        in_range("data.val_crop_ratio", self.data.val_crop_ratio, 0.01, 1.0)?;
+        in_range("data.jitter", self.data.jitter, 0.0, 1.0)?;
+        in_range("data.hue", self.data.hue, 0.0, 1.0)?;
+        in_range("data.lighting", self.data.lighting, 0.0, 10.0)?;
+        in_range(
+            "distill.hard_weight",
+            self.distill.hard_weight,
+            0.0,
+            f64::MAX,
+        )?;
+        in_range(
+            "distill.soft_weight",
+            self.distill.soft_weight,
+            0.0,
+            f64::MAX,
+        )?;
+        let [a0, a1] = self.data.rrc_area;
+        if !(0.0 < a0 && a0 <= a1 && a1 <= 1.0) {
+            bail!("key `data.rrc_area` must satisfy 0 < min <= max <= 1, got [{a0}, {a1}]");
+        }
+        let [r0, r1] = self.data.rrc_aspect;
+        if !(0.0 < r0 && r0 <= r1) {
+            bail!("key `data.rrc_aspect` must satisfy 0 < min <= max, got [{r0}, {r1}]");
+        }
+        for (i, s) in self.data.std.iter().enumerate() {
+            positive(&format!("data.std[{i}]"), *s)?;
+        }
+        if self.optim.step_epochs.windows(2).any(|w| w[0] >= w[1]) {
+            bail!(
+                "key `optim.step_epochs` must be strictly increasing, got {:?}",
+                self.optim.step_epochs
+            );
+        }
+        if self.mixup.off_epochs > self.train.epochs {
+            bail!(
+                "key `mixup.off_epochs` ({}) exceeds `train.epochs` ({})",
+                self.mixup.off_epochs,
+                self.train.epochs
+            );
+        }
+        if self.model.num_classes < 0 {
+            bail!(
+                "key `model.num_classes` must be >= 0 (0 = from the dataset), got {}",
+                self.model.num_classes
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Reads a config file as a TOML table, resolving `extends` chains.
+pub fn load_table(path: &Path, depth: usize) -> Result<toml::Table> {
+    if depth > 8 {
+        bail!("{}: `extends` chain is too deep (a cycle?)", path.display());
+    }
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut doc: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    match doc.remove("extends") {
+        None => Ok(doc),
+        Some(toml::Value::String(parent)) => {
+            let parent_path = path.parent().unwrap_or(Path::new(".")).join(&parent);
+            let mut base = load_table(&parent_path, depth + 1)
+                .with_context(|| format!("{}: key `extends`", path.display()))?;
+            merge(&mut base, doc);
+            Ok(base)
+        }
+        Some(_) => bail!("{}: key `extends` must be a file path string", path.display()),
+    }
+}
+
+/// Merges `over` into `base`: tables recursively, every other value replaced.
+pub fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+/// Applies one `a.b.c=value` override to a TOML table. The value is parsed as TOML
+/// (`0.2`, `true`, `[30, 60]`, `"x"`); anything that does not parse is taken as a string.
+pub fn apply_override(doc: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("override `{assignment}` must look like key=value"))?;
+    let key = key.trim();
+    let raw = raw.trim();
+    let value = parse_value(raw);
+    set_dotted(doc, key, value)
+}
+
+/// Sets a dotted key in a TOML table, creating intermediate tables.
+pub fn set_dotted(doc: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("override key `{key}` is not a dotted key like optim.lr");
+    }
+    let mut table = doc;
+    for (i, part) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = table
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry.as_table_mut().with_context(|| {
+            format!(
+                "override key `{key}`: `{}` is not a table",
+                parts[..=i].join(".")
+            )
+        })?;
+    }
+    table.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// A TOML value from a command-line string; bare words become strings.
+pub fn parse_value(raw: &str) -> toml::Value {
+    let wrapped = format!("v = {raw}");
+    match toml::from_str::<toml::Table>(&wrapped) {
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        format!("{:#}", Config::from_toml_str(text, &ov).unwrap_err())
+    }
+
+    #[test]
+    fn defaults_are_the_paper_baseline_with_every_trick_off() {
+        let c = Config::from_toml_str("", &[]).unwrap();
+        assert_eq!(c.optim.lr, 0.1);
+        assert_eq!(c.optim.momentum, 0.9);
+        assert!(c.optim.nesterov);
+        assert_eq!(c.optim.weight_decay, 1e-4);
+        assert_eq!(c.optim.schedule, Schedule::Step);
+        assert!(!c.optim.linear_scaling && !c.optim.no_bias_decay && !c.model.zero_gamma);
+        assert_eq!(c.optim.warmup_epochs, 0.0);
+        assert_eq!(c.loss.label_smoothing, 0.0);
+        assert_eq!(c.mixup.alpha, 0.0);
+        assert!(c.distill.teacher.is_empty());
+        assert_eq!(c.train.precision, Precision::Fp32);
+        assert_eq!(c.model.variant, "a");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_types_name_the_key() {
+        let e = err("[optim]\nlrr = 0.2\n", &[]);
+        assert!(e.contains("optim") && e.contains("lrr"), "{e}");
+        let e = err("[train]\nepochs = \"ten\"\n", &[]);
+        assert!(e.contains("train.epochs"), "{e}");
+        let e = err("", &["optim.lrr=0.2"]);
+        assert!(e.contains("lrr"), "{e}");
+        let e = err("[model]\nvariant = \"e\"\n", &[]);
+        assert!(e.contains("model.variant"), "{e}");
+        let e = err("[model]\nname = \"cifar_resnet21\"\n", &[]);
+        assert!(e.contains("model.name") && e.contains("6n+2"), "{e}");
+        let e = err("bogus = 1\n", &[]);
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn impossible_values_name_the_key() {
+        for (text, key) in [
+            ("[optim]\nlr = -0.1\n", "optim.lr"),
+            ("[optim]\nlr = 0.0\n", "optim.lr"),
+            ("[train]\nbatch_size = 0\n", "train.batch_size"),
+            ("[train]\nepochs = 0\n", "train.epochs"),
+            ("[loss]\nlabel_smoothing = 1.5\n", "loss.label_smoothing"),
+            ("[optim]\nstep_epochs = [60, 30]\n", "optim.step_epochs"),
+            ("[data]\nrrc_area = [0.5, 0.2]\n", "data.rrc_area"),
+        ] {
+            let e = err(text, &[]);
+            assert!(e.contains(key), "{text} → {e}");
+        }
+        let e = err("", &["train.batch_size=-3"]);
+        assert!(e.contains("train.batch_size"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_any_key_with_toml_values() {
+        let c = Config::from_toml_str(
+            "[optim]\nlr = 0.1\n",
+            &[
+                "optim.lr=0.2".into(),
+                "optim.schedule=cosine".into(),
+                "optim.step_epochs=[10, 20]".into(),
+                "model.zero_gamma=true".into(),
+                "seed=7".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.optim.lr, 0.2);
+        assert_eq!(c.optim.schedule, Schedule::Cosine);
+        assert_eq!(c.optim.step_epochs, vec![10, 20]);
+        assert!(c.model.zero_gamma);
+        assert_eq!(c.seed, 7);
+        assert!(Config::from_toml_str("", &["nonsense".into()]).is_err());
+    }
+
+    #[test]
+    fn linear_scaling_scales_the_peak_lr() {
+        let c = Config::from_toml_str(
+            "[optim]\nlinear_scaling = true\n[train]\nbatch_size = 1024\n",
+            &[],
+        )
+        .unwrap();
+        assert!((c.peak_lr() - 0.4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn resolved_config_round_trips_through_toml() {
+        let c = Config::from_toml_str("[mixup]\nalpha = 0.2\n", &[]).unwrap();
+        assert_eq!(Config::from_toml_str(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn extends_merges_tables_and_every_shipped_config_is_valid() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.toml"), "[optim]\nlr = 0.3\nmomentum = 0.8\n").unwrap();
+        std::fs::write(
+            dir.path().join("child.toml"),
+            "extends = \"base.toml\"\n[optim]\nlr = 0.5\n",
+        )
+        .unwrap();
+        let c = Config::load(&dir.path().join("child.toml"), &[]).unwrap();
+        assert_eq!((c.optim.lr, c.optim.momentum), (0.5, 0.8));
+
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for sub in ["cifar10", "imagenet", "paper"] {
+            for e in std::fs::read_dir(root.join(sub)).unwrap() {
+                let p = e.unwrap().path();
+                Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 15, "{n}");
+    }
+}

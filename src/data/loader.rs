@@ -1,0 +1,333 @@
+//! The batch loader: decode + augment + normalise with a dedicated rayon pool, prefetched by a
+//! background thread into a bounded channel.
+//!
+//! Determinism: the training order is a permutation drawn from (seed, epoch), and every random
+//! choice of the sample at position `p` of the epoch is drawn from a ChaCha8 RNG keyed by
+//! (seed, epoch, p). Batches are therefore identical whatever the number of worker threads or the
+//! scheduling.
+//!
+//! Bad images: without `skip_bad_images` the batch that holds one is an `Err` naming the file (the
+//! first in epoch order) and the iterator ends there. With it the sample is dropped from its batch
+//! and counted in [`Batch::skipped`]; a batch in which every image is bad is not yielded, its count
+//! is carried to the next batch (only if the very last batches of the epoch are all bad is a
+//! 0-row batch yielded, to report the count).
+
+use super::transforms::Transform;
+use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
+use crate::config::DataConfig;
+use anyhow::{anyhow, Result};
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rand::seq::SliceRandom;
+use rayon::prelude::*;
+use rayon::ThreadPool;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use tch::{Device, Kind, Tensor};
+
+/// One batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[B,3,H,W]` f32, normalised with `data.mean` / `data.std`, on the CPU.
+    pub images: Tensor,
+    /// `[B]` i64.
+    pub labels: Tensor,
+    /// Bad images dropped from this batch (only with `data.skip_bad_images`).
+    pub skipped: usize,
+}
+
+impl Batch {
+    /// Number of samples B.
+    pub fn len(&self) -> usize {
+        self.labels.size()[0] as usize
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The shared decoding pool with `workers` threads (0 = all cores); one pool per thread count per
+/// process, so building a loader every epoch does not spawn threads.
+pub fn thread_pool(workers: usize) -> Arc<ThreadPool> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
+    let n = if workers == 0 {
+        num_cpus::get().max(1)
+    } else {
+        workers
+    };
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    pools
+        .entry(n)
+        .or_insert_with(|| {
+            Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(n)
+                    .thread_name(move |i| format!("tricks-data-{n}-{i}"))
+                    .build()
+                    .expect("cannot start the data loading threads"),
+            )
+        })
+        .clone()
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    Train { seed: u64, epoch: u64 },
+    Eval,
+}
+
+/// The batch buffer's base pointer, shared by the workers that fill disjoint rows.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: only used to hand disjoint row ranges of one live tensor to the pool's workers.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Everything the producer thread needs.
+struct Job {
+    ds: Arc<dyn Dataset>,
+    order: Vec<usize>,
+    batch_size: usize,
+    num_batches: usize,
+    mode: Mode,
+    transform: Transform,
+    pool: Arc<ThreadPool>,
+    skip_bad: bool,
+}
+
+impl Job {
+    fn side(&self) -> u32 {
+        match self.mode {
+            Mode::Train { .. } => self.transform.train_size,
+            Mode::Eval => self.transform.val_size,
+        }
+    }
+
+    fn make_batch(&self, b: usize) -> Result<Batch> {
+        let start = b * self.batch_size;
+        let end = (start + self.batch_size).min(self.order.len());
+        let rows = end - start;
+        let side = self.side() as i64;
+        let per = 3 * (side * side) as usize;
+        // `empty`, not `zeros`: no libtorch kernel (whose OpenMP threads would compete with the
+        // decoding pool) and no extra pass over the memory; every row is zeroed then written by
+        // the worker that owns it.
+        let images = Tensor::empty([rows as i64, 3, side, side], (Kind::Float, Device::Cpu));
+        let base = SendPtr(images.data_ptr() as *mut f32);
+        let (ds, order, transform, mode) =
+            (self.ds.as_ref(), &self.order, &self.transform, self.mode);
+        let errors: Vec<Option<anyhow::Error>> = self.pool.install(|| {
+            (0..rows)
+                .into_par_iter()
+                .map(|r| {
+                    // SAFETY: `images` is a contiguous f32 CPU tensor of rows·per elements, alive
+                    // until the end of this function; row r (elements r·per .. (r+1)·per) is
+                    // touched only by this closure call; it is initialised before the slice is made.
+                    let out: &mut [f32] = unsafe {
+                        let p = base.get().add(r * per);
+                        std::ptr::write_bytes(p, 0, per);
+                        std::slice::from_raw_parts_mut(p, per)
+                    };
+                    let pos = start + r;
+                    let img = match ds.image(order[pos]) {
+                        Ok(img) => img,
+                        Err(e) => return Some(e),
+                    };
+                    match mode {
+                        Mode::Train { seed, epoch } => {
+                            let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
+                            transform.train_into(&img, &mut rng, out);
+                        }
+                        Mode::Eval => transform.eval_into(&img, out),
+                    }
+                    None
+                })
+                .collect()
+        });
+        let bad = errors.iter().filter(|e| e.is_some()).count();
+        if bad > 0 && !self.skip_bad {
+            let (r, e) = errors
+                .into_iter()
+                .enumerate()
+                .find_map(|(r, e)| e.map(|e| (r, e)))
+                .expect("one error");
+            return Err(anyhow!(
+                "{e:#} (sample {} of the epoch; set data.skip_bad_images = true to drop unreadable images)",
+                start + r
+            ));
+        }
+        let ok: Vec<usize> = (0..rows).filter(|&r| errors[r].is_none()).collect();
+        let labels: Vec<i64> = ok.iter().map(|&r| ds.label(order[start + r])).collect();
+        let images = if bad > 0 {
+            let keep: Vec<i64> = ok.iter().map(|&r| r as i64).collect();
+            images.index_select(0, &Tensor::from_slice(&keep))
+        } else {
+            images
+        };
+        Ok(Batch {
+            images,
+            labels: Tensor::from_slice(&labels),
+            skipped: bad,
+        })
+    }
+
+    fn run(self, tx: Sender<Result<Batch>>, stop: Arc<AtomicBool>) {
+        let mut pending = 0;
+        for b in 0..self.num_batches {
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match self.make_batch(b) {
+                Ok(mut batch) => {
+                    batch.skipped += pending;
+                    if batch.is_empty() && b + 1 < self.num_batches {
+                        pending = batch.skipped;
+                        continue;
+                    }
+                    pending = 0;
+                    if tx.send(Ok(batch)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// An iterator over the batches of one pass over a dataset.
+pub struct Loader {
+    rx: Option<Receiver<Result<Batch>>>,
+    handle: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    num_batches: usize,
+    num_samples: usize,
+}
+
+impl Loader {
+    /// Shuffled (a permutation drawn from (seed, epoch)), drop_last, the training transform of cfg.pipeline.
+    pub fn train(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+    ) -> Loader {
+        assert!(batch_size > 0, "batch size must be positive");
+        let mut order: Vec<usize> = (0..ds.len()).collect();
+        order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
+        let num_batches = order.len() / batch_size;
+        order.truncate(num_batches * batch_size);
+        Self::start(
+            ds,
+            cfg,
+            order,
+            batch_size,
+            num_batches,
+            Mode::Train {
+                seed,
+                epoch: epoch as u64,
+            },
+        )
+    }
+
+    /// In order, last partial batch kept, the evaluation transform (resize shorter side to val_size/val_crop_ratio, centre crop val_size; for the CIFAR pipeline when the image already is val_size: identity).
+    pub fn eval(ds: Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize) -> Loader {
+        assert!(batch_size > 0, "batch size must be positive");
+        let order: Vec<usize> = (0..ds.len()).collect();
+        let num_batches = order.len().div_ceil(batch_size);
+        Self::start(ds, cfg, order, batch_size, num_batches, Mode::Eval)
+    }
+
+    fn start(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        order: Vec<usize>,
+        batch_size: usize,
+        num_batches: usize,
+        mode: Mode,
+    ) -> Loader {
+        let num_samples = order.len();
+        let job = Job {
+            ds,
+            order,
+            batch_size,
+            num_batches,
+            mode,
+            transform: Transform::new(cfg),
+            pool: thread_pool(cfg.workers),
+            skip_bad: cfg.skip_bad_images,
+        };
+        let (tx, rx) = bounded(cfg.prefetch);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("tricks-data-prefetch".into())
+            .spawn(move || job.run(tx, stop2))
+            .expect("cannot start the data prefetch thread");
+        Loader {
+            rx: Some(rx),
+            handle: Some(handle),
+            stop,
+            num_batches,
+            num_samples,
+        }
+    }
+
+    /// Batches of this pass (fewer may be yielded if images are skipped or an error ends it).
+    pub fn num_batches(&self) -> usize {
+        self.num_batches
+    }
+
+    /// Samples of this pass before any skipping (train: num_batches · batch_size).
+    pub fn num_samples(&self) -> usize {
+        self.num_samples
+    }
+
+    fn shutdown(&mut self) -> Option<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.rx = None; // unblocks a producer waiting in send()
+        let handle = self.handle.take()?;
+        match handle.join() {
+            Ok(()) => None,
+            Err(p) => Some(
+                p.downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into()),
+            ),
+        }
+    }
+}
+
+impl Iterator for Loader {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        let rx = self.rx.as_ref()?;
+        match rx.recv() {
+            Ok(item) => Some(item),
+            Err(_) => self
+                .shutdown()
+                .map(|msg| Err(anyhow!("the data loader thread panicked: {msg}"))),
+        }
+    }
+}
+
+impl Drop for Loader {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}

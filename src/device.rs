@@ -1,0 +1,74 @@
+//! Device selection and process-wide libtorch settings.
+
+use anyhow::{bail, Result};
+use tch::{nn, Device, Tensor};
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available, else CPU).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available()),
+        "cuda" => cuda(0),
+        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => cuda(n),
+            None => bail!("unknown device {spec:?}; expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
+fn cuda(index: usize) -> Result<Device> {
+    if !tch::Cuda::is_available() {
+        bail!("CUDA was asked for but is not available (no GPU or driver visible to libtorch); use --device cpu or auto");
+    }
+    let count = tch::Cuda::device_count() as usize;
+    if index >= count {
+        bail!("CUDA device {index} asked for but only {count} are visible");
+    }
+    Ok(Device::Cuda(index))
+}
+
+/// Sets libtorch's intra-op thread count (0 = all cores) and cuDNN autotuning.
+pub fn configure(threads: usize, device: Device) {
+    let n = if threads == 0 { num_cpus::get() } else { threads };
+    tch::set_num_threads(n as i32);
+    if device.is_cuda() {
+        // Fixed input shapes: let cuDNN pick the fastest algorithms once.
+        unsafe { crate::ffi::tricks_set_cudnn_benchmark(true) };
+    }
+}
+
+/// A line for `tricks info`.
+pub fn describe() -> Vec<(String, String)> {
+    let cuda = tch::Cuda::is_available();
+    vec![
+        ("tricks".into(), env!("CARGO_PKG_VERSION").into()),
+        ("libtorch".into(), libtorch_version()),
+        ("threads".into(), tch::get_num_threads().to_string()),
+        ("cpu cores".into(), num_cpus::get().to_string()),
+        ("cuda".into(), if cuda { format!("yes, {} device(s)", tch::Cuda::device_count()) } else { "no".into() }),
+        ("cudnn".into(), if tch::Cuda::cudnn_is_available() { "yes".into() } else { "no".into() }),
+        ("cpu bf16 autocast".into(), crate::train::precision::cpu_bf16_supported().to_string()),
+    ]
+}
+
+fn libtorch_version() -> String {
+    // The version tch-rs was built against (checked at build time by torch-sys).
+    "2.11.0".to_string()
+}
+
+/// tch has no memory-format API: permute to NHWC, make contiguous, permute back gives a
+/// channels_last tensor with the NCHW shape.
+pub fn to_channels_last(x: &Tensor) -> Tensor {
+    x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+}
+
+pub fn weights_to_channels_last(vs: &nn::VarStore) {
+    tch::no_grad(|| {
+        for (_, mut v) in vs.variables() {
+            if v.dim() == 4 {
+                v.set_data(&to_channels_last(&v));
+            }
+        }
+    });
+}
+

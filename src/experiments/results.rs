@@ -1,0 +1,351 @@
+//! The results of a study as they lie on disk (`<out>/runs/<variant>/seed-<s>/`), their
+//! statistics over seeds, and the `results.csv` / `table.md` written from them.
+
+use super::study::{Manifest, Mode};
+use crate::train::{EpochMetrics, RunSummary};
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Where a run stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    /// `summary.json` exists: the run finished.
+    Done,
+    /// The run stopped with an error (kept in `error.txt`).
+    Failed,
+    /// Started but not finished (interrupted, or still running elsewhere).
+    Incomplete,
+    /// Not started.
+    Pending,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Done => "done",
+            RunStatus::Failed => "failed",
+            RunStatus::Incomplete => "incomplete",
+            RunStatus::Pending => "pending",
+        }
+    }
+}
+
+/// One (variant, seed) run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub variant: String,
+    pub seed: u64,
+    pub dir: PathBuf,
+    pub status: RunStatus,
+    pub summary: Option<RunSummary>,
+    /// The error of a failed run.
+    pub error: Option<String>,
+    /// Per-epoch metrics (empty when the run never finished an epoch).
+    #[serde(skip)]
+    pub metrics: Vec<EpochMetrics>,
+}
+
+/// One row of the table: a variant's statistics over its finished runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct VariantRow {
+    pub name: String,
+    /// Finished runs (the statistics are over these).
+    pub n: usize,
+    /// Runs the study asked for.
+    pub runs: usize,
+    /// Mean and sample standard deviation (n - 1; 0 with one run) of the final top-1 (%).
+    pub top1_mean: Option<f64>,
+    pub top1_std: Option<f64>,
+    pub top5_mean: Option<f64>,
+    /// Mean top-1 minus the first row's mean top-1 (percentage points).
+    pub delta_top1: Option<f64>,
+    pub best_top1_mean: Option<f64>,
+    pub train_seconds_mean: Option<f64>,
+    pub images_per_second_mean: Option<f64>,
+}
+
+/// Where a run of a variant and seed lives.
+pub fn run_dir(out: &Path, variant_dir: &str, seed: u64) -> PathBuf {
+    out.join("runs").join(variant_dir).join(format!("seed-{seed}"))
+}
+
+/// Reads one run's state from its folder.
+pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
+    let summary_path = dir.join("summary.json");
+    let summary: Option<RunSummary> = if summary_path.exists() {
+        let text = std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("cannot read {}", summary_path.display()))?;
+        Some(serde_json::from_str(&text).with_context(|| format!("{} is not a run summary", summary_path.display()))?)
+    } else {
+        None
+    };
+    let metrics = read_metrics(&dir.join("metrics.jsonl"))?;
+    let error = std::fs::read_to_string(dir.join("error.txt")).ok();
+    let status = if summary.is_some() {
+        RunStatus::Done
+    } else if error.is_some() {
+        RunStatus::Failed
+    } else if !metrics.is_empty() || dir.join("config.toml").exists() {
+        RunStatus::Incomplete
+    } else {
+        RunStatus::Pending
+    };
+    Ok(RunRecord {
+        variant: variant.to_string(),
+        seed,
+        dir: dir.to_path_buf(),
+        status,
+        summary,
+        error: if status == RunStatus::Failed { error } else { None },
+        metrics,
+    })
+}
+
+/// `metrics.jsonl` (one [`EpochMetrics`] per line); no file means no epochs.
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Every run of a study, in table order (variant by variant, seeds in study order).
+pub fn read_runs(out: &Path, manifest: &Manifest) -> Result<Vec<RunRecord>> {
+    let mut runs = Vec::new();
+    for v in &manifest.variants {
+        for &seed in &manifest.seeds {
+            runs.push(read_run(&v.name, seed, &run_dir(out, &v.dir, seed))?);
+        }
+    }
+    Ok(runs)
+}
+
+/// Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value).
+pub fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    if values.len() == 1 {
+        return Some((mean, 0.0));
+    }
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    Some((mean, var.sqrt()))
+}
+
+fn mean(values: &[f64]) -> Option<f64> {
+    mean_std(values).map(|(m, _)| m)
+}
+
+/// The table rows: one per variant, over its finished runs.
+pub fn rows(manifest: &Manifest, runs: &[RunRecord]) -> Vec<VariantRow> {
+    let mut rows: Vec<VariantRow> = manifest
+        .variants
+        .iter()
+        .map(|v| {
+            let done: Vec<&RunSummary> = runs
+                .iter()
+                .filter(|r| r.variant == v.name)
+                .filter_map(|r| r.summary.as_ref())
+                .collect();
+            let col = |f: fn(&RunSummary) -> f64| done.iter().map(|s| f(s)).collect::<Vec<f64>>();
+            let top1 = mean_std(&col(|s| s.final_top1));
+            VariantRow {
+                name: v.name.clone(),
+                n: done.len(),
+                runs: manifest.seeds.len(),
+                top1_mean: top1.map(|t| t.0),
+                top1_std: top1.map(|t| t.1),
+                top5_mean: mean(&col(|s| s.final_top5)),
+                delta_top1: None,
+                best_top1_mean: mean(&col(|s| s.best_top1)),
+                train_seconds_mean: mean(&col(|s| s.train_seconds)),
+                images_per_second_mean: mean(&col(|s| s.images_per_second)),
+            }
+        })
+        .collect();
+    if let Some(reference) = rows.first().and_then(|r| r.top1_mean) {
+        for r in &mut rows {
+            r.delta_top1 = r.top1_mean.map(|m| m - reference);
+        }
+    }
+    rows
+}
+
+fn opt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
+}
+
+/// `results.csv`: one line per run.
+pub fn results_csv(runs: &[RunRecord]) -> String {
+    let mut s = String::from("variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status\n");
+    for r in runs {
+        let m = r.summary.as_ref();
+        let _ = writeln!(
+            s,
+            "{},{},{},{},{},{},{},{},{}",
+            csv_field(&r.variant),
+            r.seed,
+            opt(m.map(|m| m.final_top1), 4),
+            opt(m.map(|m| m.final_top5), 4),
+            opt(m.map(|m| m.best_top1), 4),
+            m.map(|m| m.best_epoch.to_string()).unwrap_or_default(),
+            opt(m.map(|m| m.train_seconds), 2),
+            opt(m.map(|m| m.images_per_second), 1),
+            r.status.as_str()
+        );
+    }
+    s
+}
+
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `12.3 s`, `4 min 05 s`, `1 h 02 min`.
+pub fn format_duration(seconds: f64) -> String {
+    let s = seconds.max(0.0);
+    if s < 60.0 {
+        format!("{s:.1} s")
+    } else if s < 3600.0 {
+        let m = (s / 60.0).floor();
+        format!("{m:.0} min {:02.0} s", (s - 60.0 * m).floor())
+    } else {
+        let h = (s / 3600.0).floor();
+        format!("{h:.0} h {:02.0} min", ((s - 3600.0 * h) / 60.0).floor())
+    }
+}
+
+/// The `top-1 mean ± std` cell: two decimals, `± 0` with a single run.
+pub fn format_mean_std(mean: f64, std: f64, n: usize) -> String {
+    if n == 1 {
+        format!("{mean:.2} ± 0")
+    } else {
+        format!("{mean:.2} ± {std:.2}")
+    }
+}
+
+fn escape_md(s: &str) -> String {
+    s.replace('|', "\\|")
+}
+
+/// `table.md`, in the layout of the paper's tables.
+pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# {}\n", manifest.name);
+    if let Some(d) = &manifest.description {
+        let _ = writeln!(s, "{}\n", d.trim());
+    }
+    let seeds: Vec<String> = manifest.seeds.iter().map(|x| x.to_string()).collect();
+    let mode = match manifest.mode {
+        Mode::Independent => "independent (each row is the base config plus that row's overrides)",
+        Mode::Cumulative => "cumulative (each row adds its overrides to those of every row above it)",
+    };
+    let _ = writeln!(
+        s,
+        "{} seed{} ({}); mode: {mode}. Top-1 and top-5 are the validation accuracy (%) after the last epoch, \
+         mean ± sample standard deviation (n − 1) over the seeds; Δ is the mean top-1 minus that of the first row \
+         (percentage points); time is the mean training time per run (evaluation excluded). Base config: {}.\n",
+        manifest.seeds.len(),
+        if manifest.seeds.len() == 1 { "" } else { "s" },
+        seeds.join(", "),
+        manifest.base
+    );
+    let _ = writeln!(s, "| Variant | Top-1 (%) | Top-5 (%) | Δ Top-1 | Time | Runs |");
+    let _ = writeln!(s, "|:--|--:|--:|--:|--:|--:|");
+    for (i, r) in rows.iter().enumerate() {
+        let top1 = match (r.top1_mean, r.top1_std) {
+            (Some(m), Some(sd)) => format_mean_std(m, sd, r.n),
+            _ => "–".into(),
+        };
+        let delta = match r.delta_top1 {
+            _ if i == 0 => "–".to_string(),
+            Some(d) => format!("{d:+.2}"),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {}/{} |",
+            escape_md(&r.name),
+            top1,
+            r.top5_mean.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into()),
+            delta,
+            r.train_seconds_mean.map(format_duration).unwrap_or_else(|| "–".into()),
+            r.n,
+            r.runs
+        );
+    }
+    let _ = writeln!(s, "\n## Variants\n");
+    for v in &manifest.variants {
+        let ov = if v.overrides.is_empty() {
+            "no overrides".to_string()
+        } else {
+            v.overrides.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+        };
+        let desc = v.description.as_deref().map(|d| format!(" — {d}")).unwrap_or_default();
+        let _ = writeln!(s, "- **{}**: {ov}{desc}", escape_md(&v.name));
+    }
+    let failed: Vec<&RunRecord> = runs.iter().filter(|r| r.status == RunStatus::Failed).collect();
+    let unfinished: Vec<&RunRecord> =
+        runs.iter().filter(|r| matches!(r.status, RunStatus::Incomplete | RunStatus::Pending)).collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "\n## Failed runs\n");
+        for r in failed {
+            let err = r.error.as_deref().unwrap_or("").trim();
+            let _ = writeln!(s, "- {} seed {}: {}", escape_md(&r.variant), r.seed, err.replace('\n', " "));
+        }
+    }
+    if !unfinished.is_empty() {
+        let _ = writeln!(s, "\n## Unfinished runs (not in the statistics)\n");
+        for r in unfinished {
+            let _ = writeln!(
+                s,
+                "- {} seed {}: {} ({} epoch(s) logged)",
+                escape_md(&r.variant),
+                r.seed,
+                r.status.as_str(),
+                r.metrics.len()
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "\nPlots: val_top1, train_loss, lr_schedule, delta_top1 (.png and .svg). Per-run results: results.csv."
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_std() {
+        let (m, s) = mean_std(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert!((m - 2.5).abs() < 1e-12);
+        assert!((s - (5.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert_eq!(mean_std(&[7.0]), Some((7.0, 0.0)));
+        assert_eq!(mean_std(&[]), None);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_duration(12.34), "12.3 s");
+        assert_eq!(format_duration(245.0), "4 min 05 s");
+        assert_eq!(format_duration(3720.0), "1 h 02 min");
+    }
+}

@@ -1,0 +1,15 @@
+//! `tricks`: ResNet image classifiers trained with the Bag of Tricks (He et al. 2019) on libtorch.
+//!
+//! config (TOML) → data (datasets, transforms, loader) → model (ResNet family) →
+//! train (loop, optimizer, schedule, losses, tricks) → checkpoint/metrics → experiments (ablate,
+//! report, plots). The CLI in `main.rs` is a thin layer over this library.
+
+pub mod bench;
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod device;
+pub mod experiments;
+pub mod ffi;
+pub mod model;
+pub mod train;

@@ -1,0 +1,254 @@
+//! The `tricks` command line: a thin layer over the library.
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use tricks::config::Config;
+use tricks::{data, device, train};
+
+#[derive(Parser)]
+#[command(name = "tricks", version, about = "Train ResNet image classifiers with the Bag of Tricks (He et al. 2019)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a model from a config file.
+    Train(TrainArgs),
+    /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split.
+    Eval(EvalArgs),
+    /// Print versions, threads and CUDA/cuDNN availability.
+    Info,
+    /// Download the official CIFAR-10/100 binary archive.
+    Download {
+        /// "cifar10" or "cifar100".
+        dataset: String,
+        /// Folder to extract into.
+        #[arg(long, default_value = "data-local")]
+        out: PathBuf,
+    },
+    /// Measure training and inference img/s on synthetic data (prints one JSON line).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// TOML config file (see configs/).
+    #[arg(long)]
+    config: PathBuf,
+    /// Dataset root (overrides `data.dir`).
+    #[arg(long)]
+    data: Option<String>,
+    /// Output folder (default: runs/<config name>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Override a config key, e.g. --set optim.lr=0.2 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Validate the config and the data folder, then exit without training.
+    #[arg(long)]
+    check: bool,
+    /// Continue the run in --out from its newest valid checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Skip unreadable images instead of stopping (same as --set data.skip_bad_images=true).
+    #[arg(long)]
+    skip_bad_images: bool,
+    /// No progress bars (epoch lines only).
+    #[arg(long)]
+    no_progress: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// A checkpoint written by `tricks train` (epoch-*.safetensors or best.safetensors).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Dataset root; its `val/` (or `test/`) split is evaluated.
+    #[arg(long)]
+    data: Option<String>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 256)]
+    batch_size: usize,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, default_value = "cifar_resnet20")]
+    model: String,
+    #[arg(long, default_value = "a")]
+    variant: String,
+    #[arg(long, default_value_t = 128)]
+    batch: usize,
+    #[arg(long, default_value_t = 32)]
+    size: i64,
+    /// fp32, bf16 or fp16.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    #[arg(long)]
+    channels_last: bool,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// 0 = all cores.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Train(a) => cmd_train(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Info => cmd_info(),
+        Command::Download { dataset, out } => data::download::download_cifar(&dataset, &out).map(|dir| {
+            println!("CIFAR binary files are in {}", dir.display());
+            println!("train with: tricks train --config configs/cifar10/resnet20.toml --data {}", dir.display());
+        }),
+        Command::Bench(a) => tricks::bench::run(&tricks::bench::BenchSpec {
+            model: a.model,
+            variant: a.variant,
+            batch: a.batch,
+            size: a.size,
+            precision: a.precision,
+            channels_last: a.channels_last,
+            device: a.device,
+            steps: a.steps,
+            warmup: a.warmup,
+            threads: a.threads,
+        })
+        .map(|line| println!("{line}")),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_config(a: &TrainArgs) -> Result<Config> {
+    let mut overrides = Vec::new();
+    if let Some(d) = &a.data {
+        overrides.push(format!("data.dir={}", toml::Value::String(d.clone())));
+    }
+    if a.skip_bad_images {
+        overrides.push("data.skip_bad_images=true".to_string());
+    }
+    overrides.extend(a.overrides.iter().cloned());
+    Config::load(&a.config, &overrides)
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let cfg = load_config(&a)?;
+    let device = device::parse_device(&a.device)?;
+    let out = a.out.clone().unwrap_or_else(|| {
+        Path::new("runs").join(a.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into()))
+    });
+    if a.check {
+        return check(&cfg, device);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
+    }
+    let mut opts = train::RunOptions::new(&out, device);
+    opts.resume = a.resume;
+    opts.progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    opts.stop = stop;
+    eprintln!(
+        "training {} (variant {}) on {} → {}",
+        cfg.model.name,
+        cfg.model.variant,
+        cfg.data.dir,
+        out.display()
+    );
+    let s = train::train(&cfg, &opts)?;
+    if s.stopped_early {
+        eprintln!("stopped early after {} epoch(s); outputs in {}", s.epochs, out.display());
+    } else {
+        println!(
+            "done: {} epochs, final top-1 {:.2}% top-5 {:.2}%, best top-1 {:.2}% (epoch {}), {:.0} img/s, {:.0}s training; outputs in {}",
+            s.epochs,
+            s.final_top1,
+            s.final_top5,
+            s.best_top1,
+            s.best_epoch,
+            s.images_per_second,
+            s.train_seconds,
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `train --check`: everything that can be validated without spending compute.
+fn check(cfg: &Config, device: tch::Device) -> Result<()> {
+    train::precision::check_supported(cfg.train.precision, device)?;
+    let spec = tricks::model::ModelSpec::from_config(&cfg.model)?;
+    println!("config: ok ({} variant {}, peak lr {})", spec.name, cfg.model.variant, cfg.peak_lr());
+    if !cfg.distill.teacher.is_empty() {
+        let (_, _, tcfg, _) = tricks::model::load_model(Path::new(&cfg.distill.teacher), tch::Device::Cpu)
+            .with_context(|| format!("key `distill.teacher`: cannot load {}", cfg.distill.teacher))?;
+        println!("teacher: ok ({} variant {})", tcfg.model.name, tcfg.model.variant);
+    }
+    if cfg.data.dir.is_empty() {
+        println!("data: not given (pass --data DIR or set data.dir)");
+    } else {
+        let (tr, va) = data::open_train_val(&cfg.data, cfg.seed)?;
+        println!(
+            "data: ok ({} training and {} evaluation images, {} classes, {} steps per epoch)",
+            tr.len(),
+            va.len(),
+            tr.classes().len(),
+            tr.len() / cfg.train.batch_size
+        );
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let device = device::parse_device(&a.device)?;
+    let (model, _vs, mut cfg, classes) = tricks::model::load_model(&a.checkpoint, device)?;
+    if let Some(d) = a.data {
+        cfg.data.dir = d;
+    }
+    cfg.data.val_limit = 0;
+    let ds = data::open_split(&cfg.data, data::Split::Val, cfg.seed)?;
+    if !classes.is_empty() && ds.classes() != classes.as_slice() {
+        anyhow::bail!(
+            "{}: the dataset's classes differ from the checkpoint's ({} vs {} classes)",
+            cfg.data.dir,
+            ds.classes().len(),
+            classes.len()
+        );
+    }
+    device::configure(cfg.train.threads, device);
+    let loader = data::Loader::eval(ds, &cfg.data, a.batch_size);
+    let r = train::evaluate(&model, loader, device, tricks::config::Precision::Fp32, false)?;
+    println!(
+        "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images)",
+        a.checkpoint.display(),
+        r.top1,
+        r.top5,
+        r.loss,
+        r.samples
+    );
+    Ok(())
+}
+
+fn cmd_info() -> Result<()> {
+    for (k, v) in device::describe() {
+        println!("{k:>18}: {v}");
+    }
+    Ok(())
+}

@@ -1,0 +1,134 @@
+//! The ResNet family as one parameterised definition (after timm's `resnet.py` and GluonCV's
+//! `resnetv1b.py`): depth picks the block and stage sizes, `variant` picks the paper's tweaks.
+
+mod resnet;
+
+pub use resnet::ResNet;
+
+use crate::config::ModelConfig;
+use anyhow::{bail, Result};
+
+/// Residual block kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Two 3x3 convs (ResNet-18/34 and the CIFAR ResNets).
+    Basic,
+    /// 1x1 → 3x3 → 1x1 with expansion 4 (ResNet-50 and deeper).
+    Bottleneck,
+}
+
+impl Block {
+    pub fn expansion(self) -> i64 {
+        match self {
+            Block::Basic => 1,
+            Block::Bottleneck => 4,
+        }
+    }
+}
+
+/// The paper's Figure 2 tweaks. Each is a flag so that a variant is a combination, not a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tweaks {
+    /// ResNet-B: the stride-2 of a downsampling bottleneck sits on the 3x3 conv, not the first 1x1
+    /// (which would skip three quarters of the input).
+    pub stride_on_3x3: bool,
+    /// ResNet-C: the 7x7 stem conv becomes three 3x3 convs (widths w/2, w/2, w).
+    pub deep_stem: bool,
+    /// ResNet-D: the shortcut downsamples with a 2x2 average pool before a stride-1 1x1 conv.
+    pub avg_down: bool,
+}
+
+impl Tweaks {
+    pub fn from_variant(variant: &str) -> Result<Tweaks> {
+        let (b, c, d) = match variant {
+            "a" => (false, false, false),
+            "b" => (true, false, false),
+            "c" => (true, true, false),
+            "d" => (true, true, true),
+            other => bail!("key `model.variant`: unknown variant {other:?}; expected \"a\", \"b\", \"c\" or \"d\""),
+        };
+        Ok(Tweaks {
+            stride_on_3x3: b,
+            deep_stem: c,
+            avg_down: d,
+        })
+    }
+}
+
+/// Which stem and stage layout a model uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// ImageNet ResNet: stem to 1/4 resolution, four stages of 64/128/256/512 base widths.
+    ImageNet { layers: [usize; 4] },
+    /// CIFAR ResNet (He et al. 2016, depth 6n+2): 3x3 stem, three stages of 16/32/64.
+    Cifar { blocks_per_stage: usize },
+}
+
+/// Everything needed to build a model; derived from `[model]` in the config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelSpec {
+    pub name: String,
+    pub layout: Layout,
+    pub block: Block,
+    pub tweaks: Tweaks,
+    pub zero_gamma: bool,
+}
+
+impl ModelSpec {
+    pub fn from_config(cfg: &ModelConfig) -> Result<ModelSpec> {
+        let tweaks = Tweaks::from_variant(&cfg.variant)?;
+        let (layout, block) = match cfg.name.as_str() {
+            "resnet18" => (Layout::ImageNet { layers: [2, 2, 2, 2] }, Block::Basic),
+            "resnet34" => (Layout::ImageNet { layers: [3, 4, 6, 3] }, Block::Basic),
+            "resnet50" => (Layout::ImageNet { layers: [3, 4, 6, 3] }, Block::Bottleneck),
+            "resnet101" => (Layout::ImageNet { layers: [3, 4, 23, 3] }, Block::Bottleneck),
+            "resnet152" => (Layout::ImageNet { layers: [3, 8, 36, 3] }, Block::Bottleneck),
+            name => match name.strip_prefix("cifar_resnet").and_then(|d| d.parse::<usize>().ok()) {
+                Some(depth) if depth >= 8 && (depth - 2) % 6 == 0 => (
+                    Layout::Cifar {
+                        blocks_per_stage: (depth - 2) / 6,
+                    },
+                    Block::Basic,
+                ),
+                Some(depth) => bail!(
+                    "key `model.name`: CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}"
+                ),
+                None => bail!(
+                    "key `model.name`: unknown model {name:?}; expected resnet18/34/50/101/152 or cifar_resnet<6n+2> (e.g. cifar_resnet20)"
+                ),
+            },
+        };
+        Ok(ModelSpec {
+            name: cfg.name.clone(),
+            layout,
+            block,
+            tweaks,
+            zero_gamma: cfg.zero_gamma,
+        })
+    }
+}
+
+/// Rebuilds the model a checkpoint was trained as (from its embedded config) and loads its
+/// weights. Returns the model, its variables, the config and the class names.
+pub fn load_model(
+    path: &std::path::Path,
+    device: tch::Device,
+) -> Result<(ResNet, tch::nn::VarStore, crate::config::Config, Vec<String>)> {
+    let ckpt = crate::checkpoint::load(path)?;
+    let cfg = match &ckpt.config {
+        Some(c) => c.clone(),
+        None => bail!(
+            "{}: no embedded config, so the architecture is unknown (tricks checkpoints carry one; for converted timm/torchvision weights use `tricks finetune`)",
+            path.display()
+        ),
+    };
+    let spec = ModelSpec::from_config(&cfg.model)?;
+    let num_classes = match ckpt.tensors.get("fc.weight") {
+        Some(w) => w.size()[0],
+        None => bail!("{}: no `fc.weight` tensor", path.display()),
+    };
+    let vs = tch::nn::VarStore::new(device);
+    let model = ResNet::new(&vs.root(), &spec, num_classes);
+    crate::checkpoint::copy_into(&vs, &ckpt.tensors, path, None)?;
+    Ok((model, vs, cfg, ckpt.classes))
+}

@@ -1,0 +1,110 @@
+//! Gradient clipping (not in the paper; a guard for large-batch and low-precision runs).
+
+use tch::{Kind, Tensor};
+
+/// Scales all gradients in place so their global L2 norm is at most `max_norm`, as
+/// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`, applied only
+/// when below 1). Returns the norm before clipping. Parameters without a gradient are skipped.
+/// The norm is accumulated in f32 with one device sync, whatever the gradient dtype.
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
+    tch::no_grad(|| {
+        let grads: Vec<Tensor> = params
+            .iter()
+            .map(|p| p.grad())
+            .filter(|g| g.defined())
+            .collect();
+        if grads.is_empty() {
+            return 0.0;
+        }
+        let norms: Vec<Tensor> = grads
+            .iter()
+            .map(|g| g.to_kind(Kind::Float).norm())
+            .collect();
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            for mut g in grads {
+                let _ = g.g_mul_scalar_(coef);
+            }
+        }
+        total
+    })
+}
+
+/// Clamps every gradient element to `[-v, v]` in place (`clip_grad_value_`).
+pub fn clip_grad_value(params: &[Tensor], v: f64) {
+    tch::no_grad(|| {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.clamp_(-v, v);
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two parameters with gradients [3, 4] and [12] (global norm 13), one without gradient.
+    fn params() -> Vec<Tensor> {
+        let a = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let b = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let c = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        let w = Tensor::from_slice(&[3.0f32, 4.0]);
+        ((&a * &w).sum(Kind::Float) + (&b * 12.0).sum(Kind::Float)).backward();
+        assert!(!c.grad().defined());
+        vec![a, b, c]
+    }
+
+    fn grads(ps: &[Tensor]) -> Vec<f64> {
+        ps[..2]
+            .iter()
+            .flat_map(|p| Vec::<f64>::try_from(p.grad().to_kind(Kind::Double)).unwrap())
+            .collect()
+    }
+
+    fn close(a: f64, b: f64, tol: f64) {
+        assert!((a - b).abs() < tol, "{a} != {b}");
+    }
+
+    #[test]
+    fn norm_clipping() {
+        let ps = params();
+        let before = clip_grad_norm(&ps, 6.5);
+        close(before, 13.0, 1e-5);
+        let g = grads(&ps);
+        let coef = 6.5 / (13.0 + 1e-6);
+        for (x, want) in g.iter().zip([3.0, 4.0, 12.0]) {
+            close(*x, want * coef, 1e-5);
+        }
+        let after = g.iter().map(|x| x * x).sum::<f64>().sqrt();
+        close(after, 6.5, 1e-5);
+        // Already below the limit: unchanged, and the returned norm is the current one.
+        close(clip_grad_norm(&ps, 100.0), 6.5, 1e-5);
+        for (x, y) in grads(&ps).iter().zip(&g) {
+            assert_eq!(x, y);
+        }
+    }
+
+    #[test]
+    fn no_gradients_is_zero() {
+        let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        assert_eq!(clip_grad_norm(&[p], 1.0), 0.0);
+    }
+
+    #[test]
+    fn value_clipping() {
+        let ps = params();
+        clip_grad_value(&ps, 3.5);
+        assert_eq!(grads(&ps), [3.0, 3.5, 3.5]);
+        let ps = params();
+        (&ps[0] * Tensor::from_slice(&[-10.0f32, 0.5]))
+            .sum(Kind::Float)
+            .backward(); // accumulates
+        clip_grad_value(&ps, 4.0);
+        assert_eq!(grads(&ps), [-4.0, 4.0, 4.0]);
+        assert!(!ps[2].grad().defined());
+    }
+}

@@ -1,0 +1,511 @@
+//! One training run: data → model → epochs of (train, evaluate, checkpoint) → summary.
+
+use super::loss::{distillation_loss, smooth_targets, soft_cross_entropy, topk_correct};
+use super::optim::Sgd;
+use super::precision::{check_supported, Autocast, LossScaler};
+use super::schedule::LrSchedule;
+use super::{clip, derive_seed, mixup};
+use crate::checkpoint::{self, TrainState};
+use crate::config::{Config, Precision};
+use crate::device::{to_channels_last, weights_to_channels_last};
+use crate::data::{self, Loader};
+use crate::model::{self, ResNet};
+use anyhow::{bail, Context, Result};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+/// How to run (as opposed to what to train, which is the config).
+#[derive(Clone)]
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    pub device: Device,
+    /// Continue from the newest valid checkpoint in `out_dir/checkpoints`.
+    pub resume: bool,
+    /// Show progress bars (stderr).
+    pub progress: bool,
+    /// Set by a signal handler: finish the step, checkpoint, stop.
+    pub stop: Arc<AtomicBool>,
+    /// Where human-readable messages go.
+    pub log: Arc<dyn Fn(&str) + Send + Sync>,
+}
+
+impl RunOptions {
+    pub fn new(out_dir: impl Into<PathBuf>, device: Device) -> RunOptions {
+        RunOptions {
+            out_dir: out_dir.into(),
+            device,
+            resume: false,
+            progress: false,
+            stop: Arc::new(AtomicBool::new(false)),
+            log: Arc::new(|m: &str| eprintln!("{m}")),
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    /// Learning rate at the last step of the epoch.
+    pub lr: f64,
+    pub train_loss: f64,
+    pub train_top1: f64,
+    pub val_loss: Option<f64>,
+    pub val_top1: Option<f64>,
+    pub val_top5: Option<f64>,
+    /// Training throughput of this epoch (loading + augmentation + training, no evaluation).
+    pub images_per_second: f64,
+    /// Wall time of the epoch, evaluation included.
+    pub seconds: f64,
+    #[serde(default)]
+    pub skipped_images: usize,
+}
+
+/// What a finished run reports (also written to `summary.json`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunSummary {
+    pub epochs: usize,
+    pub best_top1: f64,
+    pub best_epoch: usize,
+    pub final_top1: f64,
+    pub final_top5: f64,
+    pub final_val_loss: f64,
+    pub train_seconds: f64,
+    pub images_per_second: f64,
+    /// True when the run stopped early on a signal or `train.max_steps`.
+    pub stopped_early: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub top1: f64,
+    pub top5: f64,
+    pub samples: usize,
+}
+
+/// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
+pub fn evaluate(model: &ResNet, loader: Loader, device: Device, precision: Precision, channels_last: bool) -> Result<EvalResult> {
+    let (mut loss_sum, mut c1, mut c5, mut n) = (0.0, 0i64, 0i64, 0usize);
+    for batch in loader {
+        let batch = batch?;
+        let x = to_device_input(&batch.images, device, channels_last);
+        let y = batch.labels.to_device(device);
+        let logits = tch::no_grad(|| {
+            let _ac = Autocast::enter(precision, device);
+            model.forward_t(&x, false)
+        })
+        .to_kind(Kind::Float);
+        let b = y.size()[0] as usize;
+        loss_sum += f64::try_from(logits.cross_entropy_for_logits(&y))? * b as f64;
+        let (a, k) = topk_correct(&logits, &y, 5);
+        c1 += a;
+        c5 += k;
+        n += b;
+    }
+    if n == 0 {
+        bail!("the evaluation split has no usable images");
+    }
+    Ok(EvalResult {
+        loss: loss_sum / n as f64,
+        top1: 100.0 * c1 as f64 / n as f64,
+        top5: 100.0 * c5 as f64 / n as f64,
+        samples: n,
+    })
+}
+
+/// Moves a batch to the device, in NHWC memory layout when `channels_last`.
+pub(crate) fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -> Tensor {
+    let x = x.to_device(device);
+    if channels_last {
+        to_channels_last(&x)
+    } else {
+        x
+    }
+}
+
+/// A teacher for knowledge distillation: any model this project can build, from its checkpoint,
+/// in eval mode and without gradients.
+struct Teacher {
+    model: ResNet,
+    _vs: nn::VarStore,
+}
+
+fn load_teacher(path: &Path, device: Device, num_classes: i64, channels_last: bool) -> Result<Teacher> {
+    let (model, vs, _cfg, classes) =
+        model::load_model(path, device).with_context(|| format!("key `distill.teacher`: cannot load {}", path.display()))?;
+    let k = classes.len() as i64;
+    if k != 0 && k != num_classes {
+        bail!(
+            "key `distill.teacher`: {} predicts {k} classes, the student's dataset has {num_classes}",
+            path.display()
+        );
+    }
+    for (_, mut v) in vs.variables() {
+        let _ = v.requires_grad_(false);
+    }
+    if channels_last {
+        weights_to_channels_last(&vs);
+    }
+    Ok(Teacher { model, _vs: vs })
+}
+
+fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("cannot write {}", path.display()))?;
+    f.sync_data().ok();
+    Ok(())
+}
+
+/// Reads `metrics.jsonl` (one [`EpochMetrics`] per line).
+pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .collect()
+}
+
+/// Keeps only the metrics of epochs a checkpoint covers (a kill between the metrics line and the
+/// checkpoint must not leave a duplicate epoch behind).
+fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let kept: Vec<EpochMetrics> = read_metrics(path)?.into_iter().filter(|m| m.epoch <= epochs_done).collect();
+    let mut text = String::new();
+    for m in &kept {
+        text.push_str(&serde_json::to_string(m)?);
+        text.push('\n');
+    }
+    checkpoint::write_atomic(path, text.as_bytes())
+}
+
+/// Trains a model as the config says, writing everything into `opts.out_dir`.
+pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
+    let log = |m: &str| (opts.log)(m);
+    let device = opts.device;
+    check_supported(cfg.train.precision, device)?;
+    crate::device::configure(cfg.train.threads, device);
+
+    let out = &opts.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    let ckpt_dir = out.join("checkpoints");
+    std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    let metrics_path = out.join("metrics.jsonl");
+    checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())
+        .with_context(|| format!("output folder {} is not writable", out.display()))?;
+
+    let (train_ds, val_ds) = data::open_train_val(&cfg.data, cfg.seed)?;
+    let classes: Vec<String> = train_ds.classes().to_vec();
+    let num_classes = if cfg.model.num_classes > 0 { cfg.model.num_classes } else { classes.len() as i64 };
+    if num_classes as usize != classes.len() {
+        bail!("key `model.num_classes` is {num_classes} but the dataset has {} classes", classes.len());
+    }
+    let spec = model::ModelSpec::from_config(&cfg.model)?;
+    tch::manual_seed(cfg.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let net = ResNet::new(&vs.root(), &spec, num_classes);
+    let mut opt = Sgd::new(&vs, &cfg.optim);
+    let mut state = TrainState {
+        loss_scale: 1.0,
+        ..Default::default()
+    };
+    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
+
+    if opts.resume {
+        let mut warn = |m: String| log(&format!("warning: {m}"));
+        match checkpoint::latest_valid(&ckpt_dir, &mut warn) {
+            Some(ck) => {
+                if let Some(saved) = &ck.config {
+                    if saved != cfg {
+                        bail!(
+                            "cannot resume {}: the config differs from the one the run started with (see {})",
+                            out.display(),
+                            out.join("config.toml").display()
+                        );
+                    }
+                }
+                checkpoint::copy_into(&vs, &ck.tensors, &ck.path, None)?;
+                opt.load_state(&ck.tensors)?;
+                state = ck.state.clone().unwrap_or_default();
+                scaler.scale = if scaler.enabled { state.loss_scale } else { 1.0 };
+                scaler.good_steps = state.loss_scale_good_steps;
+                truncate_metrics(&metrics_path, state.epochs_done)?;
+                log(&format!("resuming from {} (epoch {} done, step {})", ck.path.display(), state.epochs_done, state.global_step));
+            }
+            None => log("no checkpoint to resume from: starting from scratch"),
+        }
+    } else if checkpoint::list_epoch_checkpoints(&ckpt_dir).first().is_some() {
+        bail!(
+            "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    } else if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path).ok();
+    }
+    if state.epochs_done == 0 && state.global_step == 0 {
+        truncate_metrics(&metrics_path, 0)?;
+    }
+
+    let channels_last = cfg.train.channels_last;
+    if channels_last {
+        weights_to_channels_last(&vs);
+    }
+    let teacher = if cfg.distill.teacher.is_empty() {
+        None
+    } else {
+        Some(load_teacher(Path::new(&cfg.distill.teacher), device, num_classes, channels_last)?)
+    };
+
+    let bs = cfg.train.batch_size;
+    let iters_per_epoch = train_ds.len() / bs;
+    if iters_per_epoch == 0 {
+        bail!("key `train.batch_size` ({bs}) is larger than the training set ({} images)", train_ds.len());
+    }
+    let epochs = cfg.train.epochs;
+    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(), iters_per_epoch, epochs);
+    let params = opt.tensors();
+    let precision = cfg.train.precision;
+    let mut stopped_early = false;
+    let mut last_eval: Option<EvalResult> = None;
+    let mut last_ips = 0.0;
+    let (mut ips_images, mut ips_seconds) = (0usize, 0.0f64);
+
+    for epoch in state.epochs_done + 1..=epochs {
+        let epoch_start = Instant::now();
+        let loader = Loader::train(train_ds.clone(), &cfg.data, bs, cfg.seed, epoch);
+        let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
+        let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
+        let (mut loss_sum, mut correct, mut seen, mut skipped) = (0.0f64, 0i64, 0usize, 0usize);
+        let mut lr = schedule.lr_at(state.global_step);
+        let train_start = Instant::now();
+        for (step_in_epoch, batch) in loader.enumerate() {
+            let batch = batch?;
+            skipped += batch.skipped;
+            let b = batch.labels.size()[0];
+            if b == 0 {
+                continue;
+            }
+            lr = schedule.lr_at(state.global_step);
+            let x = to_device_input(&batch.images, device, channels_last);
+            let y = batch.labels.to_device(device);
+            let mut targets = smooth_targets(&y, num_classes, cfg.loss.label_smoothing);
+            let mut inputs = x;
+            if use_mixup {
+                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, "mixup", epoch as u64, step_in_epoch as u64));
+                let lambda = mixup::sample_lambda(&mut rng, cfg.mixup.alpha);
+                let perm = mixup::permutation(&mut rng, b as usize);
+                let (mx, my) = mixup::mixup(&inputs, &targets, lambda, &perm);
+                inputs = mx;
+                targets = my;
+            }
+            let (logits, loss) = {
+                let _ac = Autocast::enter(precision, device);
+                let logits = net.forward_t(&inputs, true);
+                let loss = match &teacher {
+                    Some(t) => {
+                        let r = tch::no_grad(|| t.model.forward_t(&inputs, false));
+                        distillation_loss(
+                            &logits,
+                            &r,
+                            &targets,
+                            cfg.distill.temperature,
+                            cfg.distill.hard_weight,
+                            cfg.distill.soft_weight,
+                        )
+                    }
+                    None => soft_cross_entropy(&logits, &targets),
+                };
+                (logits, loss)
+            };
+            let loss_value = f64::try_from(&loss)?;
+            if !loss_value.is_finite() && !scaler.enabled {
+                let last = checkpoint::list_epoch_checkpoints(&ckpt_dir)
+                    .first()
+                    .map(|(_, p)| p.display().to_string())
+                    .unwrap_or_else(|| "none yet".into());
+                bail!(
+                    "the loss became {loss_value} at epoch {epoch}, step {} (global step {}); training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)",
+                    step_in_epoch + 1,
+                    state.global_step + 1
+                );
+            }
+            opt.zero_grad();
+            scaler.scale_loss(&loss).backward();
+            let finite = scaler.unscale(&params);
+            if finite {
+                if cfg.optim.clip_grad_value > 0.0 {
+                    clip::clip_grad_value(&params, cfg.optim.clip_grad_value);
+                }
+                if cfg.optim.clip_grad_norm > 0.0 {
+                    clip::clip_grad_norm(&params, cfg.optim.clip_grad_norm);
+                }
+                opt.step(lr);
+            }
+            scaler.update(!finite);
+            state.global_step += 1;
+            loss_sum += loss_value * b as f64;
+            correct += topk_correct(&logits.to_kind(Kind::Float), &y, 1).0;
+            seen += b as usize;
+            let ips = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.4} acc {:.2}% lr {:.4} {:.0} img/s",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64,
+                lr,
+                ips
+            ));
+            bar.inc(1);
+            if opts.stop.load(Ordering::SeqCst) || (cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps) {
+                stopped_early = true;
+                break;
+            }
+        }
+        bar.finish_and_clear();
+        if seen == 0 {
+            bail!("epoch {epoch}: no usable training images (every image of the epoch failed to load)");
+        }
+        if stopped_early && opts.stop.load(Ordering::SeqCst) {
+            // A partial epoch cannot be replayed bit-exactly from its middle, so the interrupted
+            // epoch is discarded: the newest checkpoint (end of the previous epoch) is where a
+            // resume starts, and this epoch is redone from its first step.
+            let resume_from = checkpoint::list_epoch_checkpoints(&ckpt_dir)
+                .first()
+                .map(|(_, p)| p.display().to_string())
+                .unwrap_or_else(|| "the start (no epoch finished yet)".into());
+            log(&format!(
+                "interrupted during epoch {epoch}: stopped after the current step; `--resume` continues from {resume_from}"
+            ));
+            break;
+        }
+        let train_seconds = train_start.elapsed().as_secs_f64();
+        last_ips = seen as f64 / train_seconds.max(1e-9);
+        ips_images += seen;
+        ips_seconds += train_seconds;
+        state.train_seconds += train_seconds;
+
+        let is_last = epoch == epochs || stopped_early;
+        let eval = if epoch % cfg.train.eval_every == 0 || is_last {
+            let loader = Loader::eval(val_ds.clone(), &cfg.data, bs);
+            Some(evaluate(&net, loader, device, precision, channels_last)?)
+        } else {
+            None
+        };
+        if let Some(e) = eval {
+            last_eval = Some(e);
+            if e.top1 > state.best_top1 || state.best_epoch == 0 {
+                state.best_top1 = e.top1;
+                state.best_epoch = epoch;
+                save_weights(&out.join("best.safetensors"), &vs, cfg, &classes)?;
+            }
+        }
+        let m = EpochMetrics {
+            epoch,
+            lr,
+            train_loss: loss_sum / seen as f64,
+            train_top1: 100.0 * correct as f64 / seen as f64,
+            val_loss: eval.map(|e| e.loss),
+            val_top1: eval.map(|e| e.top1),
+            val_top5: eval.map(|e| e.top5),
+            images_per_second: last_ips,
+            seconds: epoch_start.elapsed().as_secs_f64(),
+            skipped_images: skipped,
+        };
+        append_metrics(&metrics_path, &m)?;
+        log(&format_epoch(&m, epochs));
+
+        state.epochs_done = epoch;
+        state.loss_scale = scaler.scale;
+        state.loss_scale_good_steps = scaler.good_steps;
+        let mut tensors = model_tensors(&vs);
+        tensors.extend(opt.state_tensors());
+        checkpoint::save(
+            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
+            &tensors,
+            Some(cfg),
+            &classes,
+            Some(&state),
+        )?;
+        checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
+        if stopped_early {
+            break;
+        }
+    }
+
+    let final_eval = match last_eval {
+        Some(e) => e,
+        None => evaluate(&net, Loader::eval(val_ds.clone(), &cfg.data, bs), device, precision, channels_last)?,
+    };
+    let summary = RunSummary {
+        epochs: state.epochs_done,
+        best_top1: state.best_top1,
+        best_epoch: state.best_epoch,
+        final_top1: final_eval.top1,
+        final_top5: final_eval.top5,
+        final_val_loss: final_eval.loss,
+        train_seconds: state.train_seconds,
+        images_per_second: if ips_seconds > 0.0 { ips_images as f64 / ips_seconds } else { last_ips },
+        stopped_early,
+    };
+    if !stopped_early {
+        checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+    }
+    Ok(summary)
+}
+
+/// Model tensors (parameters and BN statistics) in NCHW-contiguous layout.
+fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.detach().contiguous())).collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+/// Writes a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).
+pub fn save_weights(path: &Path, vs: &nn::VarStore, cfg: &Config, classes: &[String]) -> Result<()> {
+    checkpoint::save(path, &model_tensors(vs), Some(cfg), classes, None)
+}
+
+fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
+    let val = match (m.val_top1, m.val_top5, m.val_loss) {
+        (Some(t1), Some(t5), Some(l)) => format!(" | val loss {l:.4} top-1 {t1:.2}% top-5 {t5:.2}%"),
+        _ => String::new(),
+    };
+    format!(
+        "epoch {}/{epochs}: lr {:.5} train loss {:.4} top-1 {:.2}%{val} | {:.0} img/s, {:.1}s{}",
+        m.epoch,
+        m.lr,
+        m.train_loss,
+        m.train_top1,
+        m.images_per_second,
+        m.seconds,
+        if m.skipped_images > 0 { format!(", {} bad images skipped", m.skipped_images) } else { String::new() }
+    )
+}
+
+fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ETA {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("epoch {epoch}/{epochs}"));
+    bar
+}

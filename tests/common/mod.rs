@@ -1,0 +1,75 @@
+//! Shared helpers for integration tests: tiny generated datasets and configs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Writes an ImageFolder dataset: `classes` classes whose images differ in colour and stripe
+/// direction (learnable in a few steps), `per_class` training and `val_per_class` evaluation images.
+pub fn image_folder(root: &Path, classes: usize, per_class: usize, val_per_class: usize, size: u32) {
+    for (split, n) in [("train", per_class), ("val", val_per_class)] {
+        for c in 0..classes {
+            let dir = root.join(split).join(format!("class{c}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            for i in 0..n {
+                let img = image::RgbImage::from_fn(size, size, |x, y| {
+                    let stripe = if c % 2 == 0 { x } else { y };
+                    let on = (stripe / 2 + i as u32) % 2 == 0;
+                    let base = [(c * 80 % 256) as u8, (255 - c * 60 % 256) as u8, (i * 7 % 256) as u8];
+                    if on {
+                        image::Rgb(base)
+                    } else {
+                        image::Rgb([base[0] / 3, base[1] / 3, 200])
+                    }
+                });
+                let ext = if i % 2 == 0 { "png" } else { "jpg" };
+                img.save(dir.join(format!("{i:04}.{ext}"))).unwrap();
+            }
+        }
+    }
+}
+
+/// A tiny config: CIFAR ResNet-8 on `size`-px images, CIFAR pipeline, deterministic threads.
+pub fn tiny_config(dir: &Path, data: &Path, epochs: usize, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"seed = 3
+[model]
+name = "cifar_resnet8"
+[data]
+dir = "{}"
+pipeline = "cifar"
+train_size = 16
+val_size = 16
+val_crop_ratio = 1.0
+cifar_pad = 2
+workers = 2
+[train]
+epochs = {epochs}
+batch_size = 8
+threads = 1
+[optim]
+lr = 0.05
+step_epochs = [2]
+{extra}"#,
+        data.display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub fn tricks() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tricks"))
+}
+
+pub fn run(args: &[&str]) -> Output {
+    tricks().args(args).output().expect("run tricks")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}

@@ -1,0 +1,159 @@
+//! End-to-end: `tricks train` / `eval` / `--check` / `--resume` on a generated dataset.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tricks::checkpoint;
+use tricks::train::EpochMetrics;
+
+fn metrics(out: &Path) -> Vec<EpochMetrics> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn train_writes_every_output_and_eval_reads_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 16, 6, 16);
+    let cfg = tiny_config(tmp.path(), &data, 2, "");
+    let out = tmp.path().join("run");
+    let o = run(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "optim.lr=0.02"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("done: 2 epochs"), "{}", stdout(&o));
+
+    // Resolved config carries the override.
+    let resolved = tricks::config::Config::load(&out.join("config.toml"), &[]).unwrap();
+    assert_eq!(resolved.optim.lr, 0.02);
+    // One metrics line per epoch with every field.
+    let m = metrics(&out);
+    assert_eq!(m.iter().map(|m| m.epoch).collect::<Vec<_>>(), vec![1, 2]);
+    for line in &m {
+        assert!(line.train_loss.is_finite() && line.images_per_second > 0.0 && line.seconds > 0.0);
+        let top1 = line.val_top1.unwrap();
+        assert!((0.0..=100.0).contains(&top1) && line.val_top5.unwrap() >= top1);
+    }
+    let raw = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    for key in ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_second", "seconds"] {
+        assert!(raw.lines().next().unwrap().contains(&format!("\"{key}\"")), "{key}");
+    }
+    // Checkpoints: epoch files with state, best weights, summary.
+    let ckpts = checkpoint::list_epoch_checkpoints(&out.join("checkpoints"));
+    assert_eq!(ckpts.iter().map(|c| c.0).collect::<Vec<_>>(), vec![2, 1]);
+    let last = checkpoint::load(&ckpts[0].1).unwrap();
+    let state = last.state.unwrap();
+    assert_eq!(state.epochs_done, 2);
+    assert_eq!(state.global_step, 2 * (48 / 8));
+    assert!(last.tensors.keys().any(|k| k.starts_with("optim.momentum.")));
+    assert_eq!(last.classes, vec!["class0", "class1", "class2"]);
+    let summary: tricks::train::RunSummary =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary.epochs, 2);
+    assert_eq!(summary.final_top1, m[1].val_top1.unwrap());
+
+    // eval reproduces the final validation accuracy from the last checkpoint.
+    let o = run(&["eval", "--checkpoint", ckpts[0].1.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let expected = format!("top-1 {:.2}%", m[1].val_top1.unwrap());
+    assert!(stdout(&o).contains(&expected), "{} vs {expected}", stdout(&o));
+    let o = run(&["eval", "--checkpoint", out.join("best.safetensors").to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A second plain `train` into the same folder refuses instead of overwriting.
+    let o = run(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+}
+
+#[test]
+fn check_validates_config_and_data_without_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 2, 4, 2, 16);
+    let cfg = tiny_config(tmp.path(), &data, 1, "");
+    let out = tmp.path().join("run");
+    let c = cfg.to_str().unwrap();
+    let o = run(&["train", "--config", c, "--out", out.to_str().unwrap(), "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("data: ok (8 training and 4 evaluation images, 2 classes"), "{}", stdout(&o));
+    assert!(!out.exists(), "--check must not create outputs");
+
+    for (args, needle) in [
+        (vec!["--set", "optim.lrr=1"], "lrr"),
+        (vec!["--set", "optim.lr=-1"], "optim.lr"),
+        (vec!["--set", "model.variant=\"z\""], "model.variant"),
+        (vec!["--set", "train.epochs=\"x\""], "train.epochs"),
+        (vec!["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (vec!["--set", "distill.teacher=\"/nonexistent/t.safetensors\""], "distill.teacher"),
+        (vec!["--device", "cuda:7"], "CUDA"),
+    ] {
+        let mut full = vec!["train", "--config", c, "--check"];
+        full.extend(args.iter());
+        let o = run(&full);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(e.lines().any(|l| l.starts_with("error: ")) && !e.contains("panicked") && !e.contains("stack backtrace"), "{e}");
+    }
+}
+
+fn tensors_of(path: &Path) -> BTreeMap<String, tch::Tensor> {
+    checkpoint::load(path).unwrap().tensors
+}
+
+#[test]
+fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 160, 6, 16);
+    let cfg = tiny_config(tmp.path(), &data, 3, "");
+    let c = cfg.to_str().unwrap();
+
+    let straight = tmp.path().join("straight");
+    let o = run(&["train", "--config", c, "--out", straight.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let killed = tmp.path().join("killed");
+    let mut child = tricks()
+        .args(["train", "--config", c, "--out", killed.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = checkpoint::epoch_checkpoint_path(&killed.join("checkpoints"), 1);
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(150)); // into epoch 2
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.join("summary.json").exists(), "the run finished before the kill; test is void");
+
+    let o = run(&["train", "--config", c, "--out", killed.to_str().unwrap(), "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+
+    let a = tensors_of(&checkpoint::epoch_checkpoint_path(&straight.join("checkpoints"), 3));
+    let b = tensors_of(&checkpoint::epoch_checkpoint_path(&killed.join("checkpoints"), 3));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "tensor {k} differs after resume");
+    }
+    let (ma, mb) = (metrics(&straight), metrics(&killed));
+    assert_eq!(ma.len(), 3);
+    assert_eq!(mb.len(), 3);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.epoch, x.lr, x.train_loss, x.train_top1, x.val_loss, x.val_top1, x.val_top5),
+            (y.epoch, y.lr, y.train_loss, y.train_top1, y.val_loss, y.val_top1, y.val_top5)
+        );
+    }
+}

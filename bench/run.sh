@@ -7,11 +7,12 @@
 # Markdown table with train/inference img/s of both and the ratio tricks/pytorch.
 # Raw JSON lines go to bench/out/bench-<date>.jsonl, the table to bench/out/bench-<date>.md.
 #
-# How long: dominated by resnet50d (batch 16, 224 px), (WARMUP + STEPS) training steps plus as
-# many inference steps per run, 4 runs per model. On 2 loaded CPU cores, one fp32 resnet50d
-# training step takes ~12 s and an inference step ~4 s, so the defaults (STEPS=10, WARMUP=3)
-# take about 25-30 min in all (cifar_resnet20 ~2 min, cifar_resnet56 ~5 min, resnet50d ~20 min);
-# on a 16-core machine a few minutes. For a quick look: STEPS=3 WARMUP=1 MODELS=cifar_resnet20.
+# How long: (WARMUP + STEPS) training steps plus as many inference steps per run, 4 runs per
+# model (2 configs x 2 implementations). On 2 shared CPU cores one fp32 training step takes
+# ~3 s for cifar_resnet20 (batch 128) and ~12 s for resnet50d (batch 16), so the defaults
+# (STEPS=10, WARMUP=3) take about 30-40 min in all (cifar_resnet20 ~3 min, cifar_resnet56
+# ~10 min, resnet50d ~20 min); on a 16-core machine a few minutes. Quick look (~1.5 min here):
+#   STEPS=3 WARMUP=1 MODELS=cifar_resnet20 bench/run.sh
 #
 # Environment:
 #   STEPS=10      timed steps per measurement        WARMUP=3   untimed steps before

@@ -33,6 +33,29 @@ enum Command {
     },
     /// Measure training and inference img/s on synthetic data (prints one JSON line).
     Bench(BenchArgs),
+    /// Run an ablation study: variants x seeds, then the table, CSV and plots.
+    Ablate(AblateArgs),
+    /// Regenerate a study's table, CSV and plots from its finished runs.
+    Report {
+        /// The study's output folder.
+        dir: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct AblateArgs {
+    /// Study file (TOML; see studies/).
+    #[arg(long)]
+    study: PathBuf,
+    /// Output folder of the study.
+    #[arg(long)]
+    out: PathBuf,
+    /// Trainings at once.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
+    /// cpu, cuda, cuda:N or auto (default: the study's `device`, else cpu).
+    #[arg(long)]
+    device: Option<String>,
 }
 
 #[derive(Args)]
@@ -129,6 +152,10 @@ fn main() {
             threads: a.threads,
         })
         .map(|line| println!("{line}")),
+        Command::Ablate(a) => cmd_ablate(a),
+        Command::Report { dir } => tricks::experiments::report(&dir).map(|()| {
+            println!("table, CSV and plots regenerated in {}", dir.display());
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -243,6 +270,30 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         r.loss,
         r.samples
     );
+    Ok(())
+}
+
+fn cmd_ablate(a: AblateArgs) -> Result<()> {
+    let device = match a.device {
+        Some(d) => device::parse_device(&d)?,
+        None => match tricks::experiments::study_device(&a.study)? {
+            Some(d) => device::parse_device(&d)?,
+            None => tch::Device::Cpu,
+        },
+    };
+    let mut opts = tricks::experiments::AblateOptions::new(a.jobs.max(1), device);
+    opts.progress = a.jobs <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, opts.stop.clone()).context("cannot install the signal handler")?;
+    }
+    let report = tricks::experiments::ablate_with(&a.study, &a.out, &opts)?;
+    println!("{}", report.summary_line());
+    if !report.failed.is_empty() {
+        for (variant, seed, err) in &report.failed {
+            eprintln!("failed: {variant} seed {seed}: {err}");
+        }
+        anyhow::bail!("{} run(s) failed (see error.txt in their folders)", report.failed.len());
+    }
     Ok(())
 }
 

@@ -48,7 +48,9 @@ fn repo_root() -> PathBuf {
 }
 
 fn parity_required() -> bool {
-    std::env::var("TRICKS_REQUIRE_PARITY").map(|v| v == "1").unwrap_or(false)
+    std::env::var("TRICKS_REQUIRE_PARITY")
+        .map(|v| v == "1")
+        .unwrap_or(false)
 }
 
 /// Skip (print and return) or, with `TRICKS_REQUIRE_PARITY=1`, fail.
@@ -56,7 +58,11 @@ fn skip(why: &str) {
     if parity_required() {
         panic!("parity test cannot run and TRICKS_REQUIRE_PARITY=1: {why}");
     }
-    let hint = if why.contains("setup.sh") { "" } else { "run scripts/setup.sh --with-timm; " };
+    let hint = if why.contains("setup.sh") {
+        ""
+    } else {
+        "run scripts/setup.sh --with-timm; "
+    };
     eprintln!("SKIP parity: {why} ({hint}TRICKS_REQUIRE_PARITY=1 makes this a failure)");
 }
 
@@ -78,13 +84,24 @@ fn safetensors_names(path: &Path) -> Result<BTreeSet<String>> {
     f.read_exact(&mut header)?;
     let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
         .with_context(|| format!("parsing the safetensors header of {}", path.display()))?;
-    Ok(header.into_iter().map(|(k, _)| k).filter(|k| k != "__metadata__").collect())
+    Ok(header
+        .into_iter()
+        .map(|(k, _)| k)
+        .filter(|k| k != "__metadata__")
+        .collect())
 }
 
 /// Max abs difference relative to the reference's max |logit|, for one manifest entry.
 fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
-    let weights = dir.join(e.weights.clone().unwrap_or_else(|| format!("{}.safetensors", e.name)));
-    let io = dir.join(e.io.clone().unwrap_or_else(|| format!("{}.io.safetensors", e.name)));
+    let weights = dir.join(
+        e.weights
+            .clone()
+            .unwrap_or_else(|| format!("{}.safetensors", e.name)),
+    );
+    let io = dir.join(
+        e.io.clone()
+            .unwrap_or_else(|| format!("{}.io.safetensors", e.name)),
+    );
 
     let cfg = ModelConfig {
         name: e.tricks_model.clone(),
@@ -92,11 +109,16 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         num_classes: e.num_classes,
         zero_gamma: false,
     };
-    let spec = ModelSpec::from_config(&cfg)
-        .with_context(|| format!("ModelSpec::from_config({} variant {})", e.tricks_model, e.variant))?;
+    let spec = ModelSpec::from_config(&cfg).with_context(|| {
+        format!(
+            "ModelSpec::from_config({} variant {})",
+            e.tricks_model, e.variant
+        )
+    })?;
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
     let model = ResNet::new(&vs.root(), &spec, e.num_classes);
-    load_weights(&mut vs, &weights).with_context(|| format!("load_weights({})", weights.display()))?;
+    load_weights(&mut vs, &weights)
+        .with_context(|| format!("load_weights({})", weights.display()))?;
 
     // Every reference tensor must land in the Rust model.
     let ours: BTreeSet<String> = vs.variables().into_keys().collect();
@@ -116,7 +138,8 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         );
     }
 
-    let tensors = Tensor::read_safetensors(&io).with_context(|| format!("reading {}", io.display()))?;
+    let tensors =
+        Tensor::read_safetensors(&io).with_context(|| format!("reading {}", io.display()))?;
     let get = |name: &str| -> Result<Tensor> {
         tensors
             .iter()
@@ -129,7 +152,11 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
 
     let logits = tch::no_grad(|| model.forward_t(&input, false));
     if logits.size() != reference.size() {
-        bail!("logits shape {:?}, reference {:?}", logits.size(), reference.size());
+        bail!(
+            "logits shape {:?}, reference {:?}",
+            logits.size(),
+            reference.size()
+        );
     }
     if logits.isfinite().all().int64_value(&[]) == 0 {
         bail!("non-finite logits");
@@ -149,7 +176,8 @@ fn parity_with_timm_and_torchvision() {
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cmd = Command::new(&py);
-    cmd.arg(root.join("scripts").join("parity.py")).arg(dir.path());
+    cmd.arg(root.join("scripts").join("parity.py"))
+        .arg(dir.path());
     if let Ok(models) = std::env::var("TRICKS_PARITY_MODELS") {
         if !models.is_empty() {
             cmd.arg("--models").arg(models);
@@ -175,25 +203,43 @@ fn parity_with_timm_and_torchvision() {
     );
     eprint!("{stdout}");
 
-    let manifest = std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest.json");
-    let entries: Vec<Entry> = serde_json::from_str(&manifest).expect("manifest.json: a list of models");
+    let manifest =
+        std::fs::read_to_string(dir.path().join("manifest.json")).expect("manifest.json");
+    let entries: Vec<Entry> =
+        serde_json::from_str(&manifest).expect("manifest.json: a list of models");
     assert!(!entries.is_empty(), "empty manifest");
 
     let mut failures = Vec::new();
     for e in &entries {
         match check_entry(dir.path(), e) {
             Ok(rel) if rel < TOLERANCE => {
-                eprintln!("ok   {:14} {} variant {}: max rel err {rel:.2e}", e.name, e.tricks_model, e.variant)
+                eprintln!(
+                    "ok   {:14} {} variant {}: max rel err {rel:.2e}",
+                    e.name, e.tricks_model, e.variant
+                )
             }
             Ok(rel) => {
-                eprintln!("FAIL {:14} {} variant {}: max rel err {rel:.2e}", e.name, e.tricks_model, e.variant);
-                failures.push(format!("{}: max rel err {rel:.3e} >= {TOLERANCE:e}", e.name));
+                eprintln!(
+                    "FAIL {:14} {} variant {}: max rel err {rel:.2e}",
+                    e.name, e.tricks_model, e.variant
+                );
+                failures.push(format!(
+                    "{}: max rel err {rel:.3e} >= {TOLERANCE:e}",
+                    e.name
+                ));
             }
             Err(err) => {
-                eprintln!("FAIL {:14} {} variant {}: {err:#}", e.name, e.tricks_model, e.variant);
+                eprintln!(
+                    "FAIL {:14} {} variant {}: {err:#}",
+                    e.name, e.tricks_model, e.variant
+                );
                 failures.push(format!("{}: {err:#}", e.name));
             }
         }
     }
-    assert!(failures.is_empty(), "parity failures:\n  {}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n  {}",
+        failures.join("\n  ")
+    );
 }

@@ -14,6 +14,9 @@ use std::path::Path;
 pub struct Config {
     /// Seed of every random choice: weight init, data order, augmentation, mixup.
     pub seed: u64,
+    /// What to train: "classification" (default) or "segmentation" (paper §6, see `[segment]`).
+    #[serde(skip_serializing_if = "Task::is_classification")]
+    pub task: Task,
     pub model: ModelConfig,
     pub data: DataConfig,
     pub train: TrainConfig,
@@ -21,12 +24,17 @@ pub struct Config {
     pub loss: LossConfig,
     pub mixup: MixupConfig,
     pub distill: DistillConfig,
+    pub finetune: FinetuneConfig,
+    /// Semantic segmentation (`task = "segmentation"`); ignored otherwise.
+    #[serde(skip_serializing_if = "SegmentConfig::is_default")]
+    pub segment: SegmentConfig,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             seed: 0,
+            task: Task::Classification,
             model: ModelConfig::default(),
             data: DataConfig::default(),
             train: TrainConfig::default(),
@@ -34,7 +42,74 @@ impl Default for Config {
             loss: LossConfig::default(),
             mixup: MixupConfig::default(),
             distill: DistillConfig::default(),
+            finetune: FinetuneConfig::default(),
+            segment: SegmentConfig::default(),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    /// Image classification: a ResNet with its classifier (`[model]`, `[data]`).
+    #[default]
+    Classification,
+    /// Semantic segmentation: an FCN head on a dilated ResNet backbone (`[segment]`).
+    Segmentation,
+}
+
+impl Task {
+    pub fn is_classification(&self) -> bool {
+        *self == Task::Classification
+    }
+}
+
+/// Semantic segmentation (paper §6 transfer study; FCN as in GluonCV). The dataset is
+/// `data.dir/{train,val}/images/*.{jpg,png}` with `masks/<stem>.png` (8-bit class ids);
+/// `data.mean` / `data.std` normalise, `data.flip` flips, `data.workers` / `data.cache` /
+/// `data.train_limit` / `data.val_limit` apply; the backbone is `[model]`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SegmentConfig {
+    /// Number of classes (mask values 0..num_classes-1).
+    pub num_classes: i64,
+    /// Mask value ignored by the loss and the metrics (void; 11 for CamVid). Must not be a class.
+    pub ignore_index: i64,
+    /// Side of the square training crop (after random scaling; padded when the image is smaller).
+    pub crop_size: u32,
+    /// Random scale range of training images (image bilinear, mask nearest).
+    pub scale: [f64; 2],
+    /// Backbone output stride: 8 (dilated layer3 + layer4, FCN's), 16 or 32.
+    pub output_stride: i64,
+    /// Dropout before the head's classifier conv.
+    pub dropout: f64,
+    /// Classification checkpoint whose weights initialise the backbone (all but `fc.`); "" = random.
+    pub backbone: String,
+    /// Learning-rate multiplier of the backbone (the head keeps the full lr).
+    pub backbone_lr_mult: f64,
+    /// Optional class names (num_classes of them), for reports and checkpoints.
+    pub class_names: Vec<String>,
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig {
+            num_classes: 0,
+            ignore_index: 255,
+            crop_size: 480,
+            scale: [0.5, 2.0],
+            output_stride: 8,
+            dropout: 0.1,
+            backbone: String::new(),
+            backbone_lr_mult: 1.0,
+            class_names: Vec::new(),
+        }
+    }
+}
+
+impl SegmentConfig {
+    pub fn is_default(&self) -> bool {
+        *self == SegmentConfig::default()
     }
 }
 
@@ -295,6 +370,36 @@ impl Default for DistillConfig {
     }
 }
 
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FinetuneMode {
+    /// Train every layer; the backbone's lr is scaled by `backbone_lr_mult`.
+    Full,
+    /// Train only the new classifier; the backbone is frozen with its BN in eval mode.
+    LinearProbe,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// Start from this checkpoint's weights (this project's, or converted timm/torchvision
+    /// safetensors); the classifier `fc` is replaced for the new classes. "" = off.
+    pub from: String,
+    pub mode: FinetuneMode,
+    /// Learning-rate multiplier of every layer but the classifier (full fine-tuning).
+    pub backbone_lr_mult: f64,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            from: String::new(),
+            mode: FinetuneMode::Full,
+            backbone_lr_mult: 1.0,
+        }
+    }
+}
+
 impl Config {
     /// Reads a TOML file, applies `key=value` overrides, and validates the result.
     /// A file may start from another with `extends = "other.toml"` (a path relative to it):
@@ -414,6 +519,7 @@ impl Config {
             0.0,
             f64::MAX,
         )?;
+        in_range("finetune.backbone_lr_mult", self.finetune.backbone_lr_mult, 0.0, f64::MAX)?;
         let [a0, a1] = self.data.rrc_area;
         if !(0.0 < a0 && a0 <= a1 && a1 <= 1.0) {
             bail!("key `data.rrc_area` must satisfy 0 < min <= max <= 1, got [{a0}, {a1}]");
@@ -443,6 +549,9 @@ impl Config {
                 "key `model.num_classes` must be >= 0 (0 = from the dataset), got {}",
                 self.model.num_classes
             );
+        }
+        if self.task == Task::Segmentation {
+            crate::segment::validate_config(self)?;
         }
         Ok(())
     }

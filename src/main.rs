@@ -19,6 +19,17 @@ struct Cli {
 enum Command {
     /// Train a model from a config file.
     Train(TrainArgs),
+    /// Fine-tune a trained checkpoint on new data: `train` with `finetune.from` set.
+    Finetune {
+        /// Checkpoint to start from (this project's or converted timm/torchvision safetensors).
+        #[arg(long)]
+        from: String,
+        /// Train only the new classifier (frozen backbone, BN in eval mode).
+        #[arg(long)]
+        linear_probe: bool,
+        #[command(flatten)]
+        train: TrainArgs,
+    },
     /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split.
     Eval(EvalArgs),
     /// Print versions, threads and CUDA/cuDNN availability.
@@ -133,6 +144,13 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cmd_train(a),
+        Command::Finetune { from, linear_probe, mut train } => {
+            train.overrides.insert(0, format!("finetune.from={}", toml::Value::String(from)));
+            if linear_probe {
+                train.overrides.insert(1, "finetune.mode=\"linear_probe\"".to_string());
+            }
+            cmd_train(train)
+        }
         Command::Eval(a) => cmd_eval(a),
         Command::Info => cmd_info(),
         Command::Download { dataset, out } => data::download::download_cifar(&dataset, &out).map(|dir| {

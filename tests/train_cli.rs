@@ -157,3 +157,62 @@ fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
         );
     }
 }
+
+#[test]
+fn finetune_loads_the_backbone_and_replaces_only_the_head() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data2 = tmp.path().join("data2");
+    image_folder(&data2, 2, 8, 2, 16);
+    let data3 = tmp.path().join("data3");
+    image_folder(&data3, 3, 8, 2, 16);
+    let cfg = tiny_config(tmp.path(), &data2, 1, "");
+    let c = cfg.to_str().unwrap();
+    let src = tmp.path().join("src");
+    let o = run(&["train", "--config", c, "--out", src.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let src_ckpt = src.join("best.safetensors");
+
+    let probe = tmp.path().join("probe");
+    let o = run(&[
+        "finetune", "--from", src_ckpt.to_str().unwrap(), "--linear-probe", "--config", c, "--data", data3.to_str().unwrap(), "--out",
+        probe.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("linear probe"), "{}", stderr(&o));
+    let before = tensors_of(&src_ckpt);
+    let after = tensors_of(&probe.join("best.safetensors"));
+    for (k, t) in &after {
+        if k.starts_with("fc.") {
+            assert_eq!(t.size()[0], 3, "{k} must be re-made for 3 classes");
+        } else {
+            // Frozen backbone, BN in eval mode: weights and running statistics are untouched.
+            assert!(t.equal(&before[k]), "{k} changed during a linear probe");
+        }
+    }
+    assert_eq!(before["fc.weight"].size()[0], 2);
+
+    // Full fine-tuning starts from the same backbone and changes it.
+    let full = tmp.path().join("full");
+    let o = run(&[
+        "finetune", "--from", src_ckpt.to_str().unwrap(), "--config", c, "--data", data3.to_str().unwrap(), "--out",
+        full.to_str().unwrap(), "--set", "train.max_steps=1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A checkpoint whose tensor shapes differ: the error names the tensor and both shapes.
+    let mut bad: Vec<(String, tch::Tensor)> = before.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    for (k, v) in bad.iter_mut() {
+        if k == "conv1.weight" {
+            *v = tch::Tensor::zeros([16, 3, 5, 5], (tch::Kind::Float, tch::Device::Cpu));
+        }
+    }
+    let bad_path = tmp.path().join("bad.safetensors");
+    checkpoint::save(&bad_path, &bad, None, &[], None).unwrap();
+    let o = run(&[
+        "finetune", "--from", bad_path.to_str().unwrap(), "--config", c, "--data", data3.to_str().unwrap(), "--out",
+        tmp.path().join("bad").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("conv1.weight") && e.contains("[16, 3, 5, 5]") && e.contains("[16, 3, 3, 3]"), "{e}");
+}

@@ -13,9 +13,15 @@ fn xavier(fan_in: i64, fan_out: i64) -> nn::Init {
 }
 
 fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
+    conv_dilated(p, cin, cout, k, stride, 1)
+}
+
+/// A conv with dilation `dilation` and padding `dilation * (k / 2)` (same spatial size at stride 1).
+fn conv_dilated(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, dilation: i64) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
-        padding: k / 2,
+        padding: dilation * (k / 2),
+        dilation,
         bias: false,
         ws_init: xavier(cin * k * k, cout * k * k),
         ..Default::default()
@@ -96,17 +102,32 @@ struct ResBlock {
 }
 
 impl ResBlock {
+    #[cfg(test)]
     fn new(p: &nn::Path, spec: &ModelSpec, cin: i64, width: i64, stride: i64) -> ResBlock {
+        Self::new_dilated(p, spec, cin, width, stride, 1, 1)
+    }
+
+    /// A block whose first 3x3 conv has dilation `first_dilation` and later ones `dilation`
+    /// (timm's `first_dilation`/`dilation`; both 1 for the classification network).
+    fn new_dilated(
+        p: &nn::Path,
+        spec: &ModelSpec,
+        cin: i64,
+        width: i64,
+        stride: i64,
+        first_dilation: i64,
+        dilation: i64,
+    ) -> ResBlock {
         let cout = width * spec.block.expansion();
         let zg = spec.zero_gamma;
         let branch = match spec.block {
             Block::Basic => vec![
                 (
-                    conv(p / "conv1", cin, width, 3, stride),
+                    conv_dilated(p / "conv1", cin, width, 3, stride, first_dilation),
                     bn(p / "bn1", width, false),
                 ),
                 (
-                    conv(p / "conv2", width, width, 3, 1),
+                    conv_dilated(p / "conv2", width, width, 3, 1, dilation),
                     bn(p / "bn2", width, zg),
                 ),
             ],
@@ -122,7 +143,7 @@ impl ResBlock {
                         bn(p / "bn1", width, false),
                     ),
                     (
-                        conv(p / "conv2", width, width, 3, s3),
+                        conv_dilated(p / "conv2", width, width, 3, s3, first_dilation),
                         bn(p / "bn2", width, false),
                     ),
                     (
@@ -212,12 +233,36 @@ impl ModuleT for Stem {
 pub struct ResNet {
     stem: Stem,
     stages: Vec<Vec<ResBlock>>,
-    fc: nn::Linear,
+    /// `None` for a [`ResNet::backbone`] (no classifier variables).
+    fc: Option<nn::Linear>,
     num_features: i64,
 }
 
 impl ResNet {
     pub fn new(p: &nn::Path, spec: &ModelSpec, num_classes: i64) -> ResNet {
+        Self::build(p, spec, Some(num_classes), 32)
+    }
+
+    /// A ResNet whose last feature map has at most 1/`output_stride` of the input resolution
+    /// (timm's `output_stride`): once the network stride reaches it, later stages keep stride 1
+    /// and dilate their 3x3 convs instead (x2 per skipped stride-2); the first block of a dilated
+    /// stage uses the previous stage's dilation, as timm's `make_blocks`. ImageNet layout with 8:
+    /// layer3 dilation 2, layer4 dilation 4; 16: layer4 dilation 2; 32: the classification
+    /// network. (The CIFAR layout's stride is 4 already, so 8 changes nothing there; 2 dilates
+    /// layer3.) With ResNet-D a dilated stage's shortcut pool is the identity. Parameter names
+    /// and shapes do not depend on `output_stride`.
+    pub fn with_output_stride(p: &nn::Path, spec: &ModelSpec, num_classes: i64, output_stride: i64) -> ResNet {
+        Self::build(p, spec, Some(num_classes), output_stride)
+    }
+
+    /// [`ResNet::with_output_stride`] without the classifier: only stem and stages, under the
+    /// classification names (`conv1`, `bn1`, `layer1.0.conv1`, ...), for dense prediction.
+    pub fn backbone(p: &nn::Path, spec: &ModelSpec, output_stride: i64) -> ResNet {
+        Self::build(p, spec, None, output_stride)
+    }
+
+    fn build(p: &nn::Path, spec: &ModelSpec, num_classes: Option<i64>, output_stride: i64) -> ResNet {
+        assert!(output_stride >= 1, "output_stride must be positive, got {output_stride}");
         let (stem_width, stage_plan): (i64, Vec<(i64, usize, i64)>) = match &spec.layout {
             Layout::ImageNet { layers } => (
                 64,
@@ -235,24 +280,41 @@ impl ResNet {
         let stem = Stem::new(p, spec, stem_width);
         let mut cin = stem_width;
         let mut stages = Vec::new();
-        for (i, (width, blocks, stride)) in stage_plan.into_iter().enumerate() {
+        // timm's make_blocks: the stride so far (the stem's), the dilation of this and the
+        // previous stage.
+        let mut net_stride = match &spec.layout {
+            Layout::ImageNet { .. } => 4,
+            Layout::Cifar { .. } => 1,
+        };
+        let (mut dilation, mut prev_dilation) = (1, 1);
+        for (i, (width, blocks, stage_stride)) in stage_plan.into_iter().enumerate() {
+            let mut stride = stage_stride;
+            if net_stride >= output_stride {
+                dilation *= stride;
+                stride = 1;
+            } else {
+                net_stride *= stride;
+            }
             let sp = p / format!("layer{}", i + 1);
             let stage: Vec<ResBlock> = (0..blocks)
                 .map(|b| {
                     let s = if b == 0 { stride } else { 1 };
-                    let block = ResBlock::new(&(&sp / b), spec, cin, width, s);
+                    let block = ResBlock::new_dilated(&(&sp / b), spec, cin, width, s, prev_dilation, dilation);
+                    prev_dilation = dilation;
                     cin = width * spec.block.expansion();
                     block
                 })
                 .collect();
             stages.push(stage);
         }
-        let fc_cfg = nn::LinearConfig {
-            ws_init: xavier(cin, num_classes),
-            bs_init: Some(nn::Init::Const(0.0)),
-            bias: true,
-        };
-        let fc = nn::linear(p / "fc", cin, num_classes, fc_cfg);
+        let fc = num_classes.map(|num_classes| {
+            let fc_cfg = nn::LinearConfig {
+                ws_init: xavier(cin, num_classes),
+                bs_init: Some(nn::Init::Const(0.0)),
+                bias: true,
+            };
+            nn::linear(p / "fc", cin, num_classes, fc_cfg)
+        });
         ResNet {
             stem,
             stages,
@@ -278,12 +340,17 @@ impl ResNet {
     }
 }
 
+impl ResNet {
+    /// The classifier head: global average pooling then `fc`.
+    pub fn classify(&self, features: &Tensor) -> Tensor {
+        let fc = self.fc.as_ref().expect("a ResNet::backbone has no classifier");
+        features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(fc)
+    }
+}
+
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.features(x, train)
-            .adaptive_avg_pool2d([1, 1])
-            .flatten(1, -1)
-            .apply(&self.fc)
+        self.classify(&self.features(x, train))
     }
 }
 

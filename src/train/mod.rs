@@ -13,6 +13,7 @@ mod run;
 pub mod schedule;
 
 pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
+pub(crate) use run::{model_tensors, progress_bar, save_weights, to_device_input};
 
 /// A 64-bit seed for a named random stream at a given position, so that every random choice is a
 /// pure function of (seed, stream, epoch, step) and resuming a run replays it exactly.

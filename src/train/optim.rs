@@ -12,7 +12,15 @@ pub struct Param {
     pub tensor: Tensor,
     /// Whether weight decay applies (paper §3.1: with `no_bias_decay`, only conv/linear weights).
     pub decay: bool,
+    /// Multiplier of the lr for this tensor (1.0 unless set, e.g. a lower backbone lr).
+    pub lr_scale: f64,
     momentum: Option<Tensor>,
+}
+
+impl Param {
+    pub fn set_lr_scale(&mut self, scale: f64) {
+        self.lr_scale = scale;
+    }
 }
 
 /// SGD with PyTorch's update rule (`torch.optim.SGD`, dampening 0):
@@ -40,6 +48,7 @@ impl Sgd {
                 decay: decays(&tensor, cfg.no_bias_decay),
                 name,
                 tensor,
+                lr_scale: 1.0,
                 momentum: None,
             })
             .collect();
@@ -49,6 +58,16 @@ impl Sgd {
             nesterov: cfg.nesterov,
             weight_decay: cfg.weight_decay,
         }
+    }
+
+    /// Sets the lr multiplier of every parameter whose name `selects`; returns how many.
+    pub fn set_lr_scale(&mut self, selects: impl Fn(&str) -> bool, scale: f64) -> usize {
+        let mut n = 0;
+        for p in self.params.iter_mut().filter(|p| selects(&p.name)) {
+            p.set_lr_scale(scale);
+            n += 1;
+        }
+        n
     }
 
     pub fn tensors(&self) -> Vec<Tensor> {
@@ -89,7 +108,7 @@ impl Sgd {
                     };
                     g = if nesterov { g + buf * mu } else { buf };
                 }
-                let _ = p.tensor.g_add_(&(g * -lr));
+                let _ = p.tensor.g_add_(&(g * (-lr * p.lr_scale)));
             }
         });
     }

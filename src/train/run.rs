@@ -158,6 +158,33 @@ fn load_teacher(path: &Path, device: Device, num_classes: i64, channels_last: bo
     Ok(Teacher { model, _vs: vs })
 }
 
+/// Fine-tuning (`[finetune]`): loads every tensor but the classifier from `finetune.from`
+/// (shape mismatches name the tensor and both shapes) and, for a linear probe, freezes the
+/// backbone. Returns whether the run is a linear probe.
+fn init_from_finetune(cfg: &Config, vs: &nn::VarStore, log: &dyn Fn(&str)) -> Result<bool> {
+    if cfg.finetune.from.is_empty() {
+        return Ok(false);
+    }
+    let path = Path::new(&cfg.finetune.from);
+    let ckpt = checkpoint::load(path).with_context(|| "key `finetune.from`".to_string())?;
+    checkpoint::copy_into(vs, &ckpt.tensors, path, Some("fc."))
+        .with_context(|| "key `finetune.from`".to_string())?;
+    let probe = cfg.finetune.mode == crate::config::FinetuneMode::LinearProbe;
+    if probe {
+        for (name, mut v) in vs.variables() {
+            if !name.starts_with("fc.") {
+                let _ = v.requires_grad_(false);
+            }
+        }
+    }
+    log(&format!(
+        "fine-tuning from {} ({}; new classifier)",
+        path.display(),
+        if probe { "linear probe, backbone frozen" } else { "all layers" }
+    ));
+    Ok(probe)
+}
+
 fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .create(true)
@@ -219,6 +246,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     tch::manual_seed(cfg.seed as i64);
     let vs = nn::VarStore::new(device);
     let net = ResNet::new(&vs.root(), &spec, num_classes);
+    let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
     let mut state = TrainState {
         loss_scale: 1.0,
@@ -315,7 +343,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             let (logits, loss) = {
                 let _ac = Autocast::enter(precision, device);
-                let logits = net.forward_t(&inputs, true);
+                let logits = if probe {
+                    // Linear probe: the frozen backbone runs with its BN in eval mode.
+                    net.classify(&tch::no_grad(|| net.features(&inputs, false)))
+                } else {
+                    net.forward_t(&inputs, true)
+                };
                 let loss = match &teacher {
                     Some(t) => {
                         let r = tch::no_grad(|| t.model.forward_t(&inputs, false));
@@ -468,7 +501,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// Model tensors (parameters and BN statistics) in NCHW-contiguous layout.
-fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+pub(crate) fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.detach().contiguous())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
@@ -496,7 +529,7 @@ fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
     )
 }
 
-fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

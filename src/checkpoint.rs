@@ -33,7 +33,25 @@ pub struct TrainState {
     pub loss_scale_good_steps: usize,
     /// Wall time spent training so far, summed over resumes.
     pub train_seconds: f64,
+    /// Batches of epoch `epochs_done + 1` already trained (a mid-epoch interrupt checkpoint).
+    #[serde(default)]
+    pub batch_in_epoch: usize,
+    /// That epoch's running sums, so its metrics come out as if it had not been interrupted.
+    #[serde(default)]
+    pub partial: EpochProgress,
 }
+
+/// Running sums of a partly trained epoch.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct EpochProgress {
+    pub loss_sum: f64,
+    pub correct: i64,
+    pub seen: usize,
+    pub skipped: usize,
+}
+
+/// The checkpoint written when a run stops in the middle of an epoch (signal or step limit).
+pub const INTERRUPT_FILE: &str = "interrupt.safetensors";
 
 /// A checkpoint read back from disk.
 pub struct Checkpoint {
@@ -276,8 +294,23 @@ pub fn epoch_checkpoint_path(dir: &Path, epoch: usize) -> PathBuf {
 }
 
 /// The newest checkpoint that reads back and verifies; broken newer ones are reported and skipped.
+/// A mid-epoch interrupt checkpoint wins when it is ahead of every epoch checkpoint.
 pub fn latest_valid(dir: &Path, warn: &mut dyn FnMut(String)) -> Option<Checkpoint> {
-    for (_, path) in list_epoch_checkpoints(dir) {
+    let epochs = list_epoch_checkpoints(dir);
+    let interrupt = dir.join(INTERRUPT_FILE);
+    if interrupt.exists() {
+        match load(&interrupt) {
+            Ok(c) => {
+                let done = c.state.as_ref().map(|s| s.epochs_done);
+                let newest = epochs.first().map(|(e, _)| *e).unwrap_or(0);
+                if done.is_some_and(|d| d >= newest) {
+                    return Some(c);
+                }
+            }
+            Err(e) => warn(format!("{e:#}; falling back to the previous checkpoint")),
+        }
+    }
+    for (_, path) in epochs {
         match load(&path) {
             Ok(c) if c.state.is_some() => return Some(c),
             Ok(_) => warn(format!("{}: no training state, skipped", path.display())),
@@ -316,6 +349,7 @@ mod tests {
             loss_scale: 1.0,
             loss_scale_good_steps: 0,
             train_seconds: 1.5,
+            ..Default::default()
         }
     }
 

@@ -30,8 +30,11 @@ enum Command {
         #[command(flatten)]
         train: TrainArgs,
     },
-    /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split.
+    /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split (pixel accuracy and
+    /// mIoU for a segmentation checkpoint).
     Eval(EvalArgs),
+    /// Segment one image with a segmentation checkpoint; writes the colourised mask (PNG).
+    Predict(PredictArgs),
     /// Print versions, threads and CUDA/cuDNN availability.
     Info,
     /// Download the official CIFAR-10/100 binary archive.
@@ -115,6 +118,21 @@ struct EvalArgs {
 }
 
 #[derive(Args)]
+struct PredictArgs {
+    /// A segmentation checkpoint written by `tricks train` (task = "segmentation").
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Image to segment (JPEG or PNG), at its own size.
+    #[arg(long)]
+    image: PathBuf,
+    /// Output PNG: one palette colour per class (CamVid's colours for 11 classes).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Args)]
 struct BenchArgs {
     #[arg(long, default_value = "cifar_resnet20")]
     model: String,
@@ -152,6 +170,7 @@ fn main() {
             cmd_train(train)
         }
         Command::Eval(a) => cmd_eval(a),
+        Command::Predict(a) => cmd_predict(a),
         Command::Info => cmd_info(),
         Command::Download { dataset, out } => data::download::download_cifar(&dataset, &out).map(|dir| {
             println!("CIFAR binary files are in {}", dir.display());
@@ -181,6 +200,18 @@ fn main() {
     }
 }
 
+/// SIGINT/SIGTERM set the returned flag: the trainer finishes its step, checkpoints and stops.
+/// A second signal while stopping exits at once.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
+            .context("cannot install the signal handler")?;
+        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
+    }
+    Ok(stop)
+}
+
 fn load_config(a: &TrainArgs) -> Result<Config> {
     let mut overrides = Vec::new();
     if let Some(d) = &a.data {
@@ -202,14 +233,14 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     if a.check {
         return check(&cfg, device);
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
-    }
+    let stop = stop_flag()?;
     let mut opts = train::RunOptions::new(&out, device);
     opts.resume = a.resume;
     opts.progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     opts.stop = stop;
+    if cfg.task == tricks::config::Task::Segmentation {
+        return train_segmentation(&cfg, &opts);
+    }
     eprintln!(
         "training {} (variant {}) on {} → {}",
         cfg.model.name,
@@ -239,6 +270,10 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 /// `train --check`: everything that can be validated without spending compute.
 fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     train::precision::check_supported(cfg.train.precision, device)?;
+    if cfg.task == tricks::config::Task::Segmentation {
+        tricks::segment::check(cfg)?.iter().for_each(|l| println!("{l}"));
+        return Ok(());
+    }
     let spec = tricks::model::ModelSpec::from_config(&cfg.model)?;
     println!("config: ok ({} variant {}, peak lr {})", spec.name, cfg.model.variant, cfg.peak_lr());
     if !cfg.distill.teacher.is_empty() {
@@ -261,8 +296,50 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
+fn train_segmentation(cfg: &Config, opts: &train::RunOptions) -> Result<()> {
+    let out = opts.out_dir.display();
+    eprintln!("training FCN on {} (variant {}), segmentation of {} → {out}", cfg.model.name, cfg.model.variant, cfg.data.dir);
+    let s = tricks::segment::train(cfg, opts)?;
+    if s.stopped_early {
+        eprintln!("stopped early after {} epoch(s); outputs in {out}", s.epochs);
+    } else {
+        println!(
+            "done: {} epochs, final mIoU {:.2}% pixel accuracy {:.2}%, best mIoU {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
+            s.epochs, s.final_miou, s.final_pixel_acc, s.best_miou, s.best_epoch, s.images_per_second, s.train_seconds
+        );
+    }
+    Ok(())
+}
+
+fn cmd_predict(a: PredictArgs) -> Result<()> {
+    let device = device::parse_device(&a.device)?;
+    let (p, names) = tricks::segment::predict_image(&a.checkpoint, &a.image, &a.out, device)?;
+    let total = (p.width as usize * p.height as usize).max(1);
+    let mut shares: Vec<(usize, &String)> = p.counts.iter().copied().zip(names.iter()).filter(|(n, _)| *n > 0).collect();
+    shares.sort_by(|x, y| y.0.cmp(&x.0));
+    let top: Vec<String> = shares.iter().take(5).map(|(n, c)| format!("{c} {:.1}%", 100.0 * *n as f64 / total as f64)).collect();
+    println!("{}: {}x{} segmented → {} ({})", a.image.display(), p.width, p.height, a.out.display(), top.join(", "));
+    Ok(())
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
+    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
+        let (e, cfg) = tricks::segment::evaluate_checkpoint(&a.checkpoint, a.data.as_deref(), device, a.batch_size)?;
+        let names = tricks::segment::class_names(&cfg);
+        let per_class: Vec<String> =
+            e.iou.iter().zip(&names).map(|(v, n)| format!("{n} {}", v.map_or("-".into(), |v| format!("{v:.1}")))).collect();
+        println!(
+            "{}: pixel accuracy {:.2}%  mIoU {:.2}%  loss {:.4}  ({} images)\nIoU per class (%): {}",
+            a.checkpoint.display(),
+            e.pixel_acc,
+            e.miou,
+            e.loss,
+            e.images,
+            per_class.join(", ")
+        );
+        return Ok(());
+    }
     let (model, _vs, mut cfg, classes) = tricks::model::load_model(&a.checkpoint, device)?;
     if let Some(d) = a.data {
         cfg.data.dir = d;
@@ -301,9 +378,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
     };
     let mut opts = tricks::experiments::AblateOptions::new(a.jobs.max(1), device);
     opts.progress = a.jobs <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, opts.stop.clone()).context("cannot install the signal handler")?;
-    }
+    opts.stop = stop_flag()?;
     let report = tricks::experiments::ablate_with(&a.study, &a.out, &opts)?;
     println!("{}", report.summary_line());
     if !report.failed.is_empty() {

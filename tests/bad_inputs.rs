@@ -409,3 +409,32 @@ fn resume_skips_a_torn_newest_checkpoint() {
     // The epoch was redone and a valid checkpoint 2 exists again.
     assert!(tricks::checkpoint::load(&newest).is_ok());
 }
+
+#[test]
+fn disk_full_while_writing_a_checkpoint_keeps_the_previous_one() {
+    // A private mount namespace with a tiny tmpfs as the output disk: the first epoch's files fit,
+    // a later checkpoint does not.
+    let c = Case::new();
+    let mnt = c.dir.join("disk");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let cfg = c.config("");
+    let bin = env!("CARGO_BIN_EXE_tricks");
+    let script = format!(
+        "mount -t tmpfs -o size=1400k tmpfs {m} || exit 99
+{bin} train --config {cfg} --out {m}/run --set train.epochs=4 --set optim.step_epochs=[3]
+echo TRAIN_RC=$?
+ls -a {m}/run/checkpoints
+{bin} eval --checkpoint {m}/run/checkpoints/epoch-0001.safetensors --data {d}
+echo EVAL_RC=$?",
+        m = mnt.display(),
+        d = c.data.display()
+    );
+    let o = std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare");
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert_ne!(o.status.code(), Some(99), "cannot mount a tmpfs here: {err}");
+    assert!(out.contains("TRAIN_RC=1"), "{out}\n{err}");
+    assert!(err.contains("No space left on device") && err.contains("cannot save checkpoint"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.contains("epoch-0001.safetensors") && !out.contains(".tmp-"), "{out}");
+    assert!(out.contains("EVAL_RC=0") && out.contains("top-1"), "the previous checkpoint must still verify: {out}\n{err}");
+}

@@ -145,13 +145,51 @@ fn transform_micro() {
             s.elapsed().as_secs_f64() * 1e6 / n as f64
         );
     }
-    let s = Instant::now();
-    for _ in 0..20 {
-        let x = tch::Tensor::zeros([64, 3, 224, 224], (tch::Kind::Float, tch::Device::Cpu));
-        std::hint::black_box(x);
-    }
+}
+
+/// Writes a contact sheet of augmented training samples (denormalised) to
+/// `$TRICKS_BENCH_SHEET` (default /tmp/tricks_aug.png), for a visual check.
+#[test]
+#[ignore]
+fn augmentation_contact_sheet() {
+    let Ok(root) = std::env::var("TRICKS_BENCH_DATA") else {
+        return;
+    };
+    let out = std::env::var("TRICKS_BENCH_SHEET").unwrap_or_else(|_| "/tmp/tricks_aug.png".into());
+    let cfg = DataConfig {
+        dir: PathBuf::from(root)
+            .join("imagenette2-160")
+            .display()
+            .to_string(),
+        pipeline: Pipeline::Imagenet,
+        train_size: 224,
+        val_size: 224,
+        train_limit: 40,
+        ..DataConfig::default()
+    };
+    let (train, val) = data::open_train_val(&cfg, 0).unwrap();
     println!(
-        "zeros [64,3,224,224]: {:.2} ms",
-        s.elapsed().as_secs_f64() * 1e3 / 20.0
+        "classes {:?}, train {}, val {}",
+        train.classes(),
+        train.len(),
+        val.len()
     );
+    let b = Loader::train(train, &cfg, 8, 0, 1).next().unwrap().unwrap();
+    let e = Loader::eval(val, &cfg, 8).next().unwrap().unwrap();
+    let mut sheet = image::RgbImage::new(224 * 8, 224 * 2);
+    for (row, t) in [&b.images, &e.images].into_iter().enumerate() {
+        for i in 0..8 {
+            for c in 0..3usize {
+                let plane = Vec::<f32>::try_from(t.get(i).get(c as i64).flatten(0, -1)).unwrap();
+                for (p, v) in plane.iter().enumerate() {
+                    let x = (p % 224) as u32 + 224 * i as u32;
+                    let y = (p / 224) as u32 + 224 * row as u32;
+                    let u = (v * cfg.std[c] as f32 + cfg.mean[c] as f32) * 255.0;
+                    sheet.get_pixel_mut(x, y)[c] = u.round().clamp(0.0, 255.0) as u8;
+                }
+            }
+        }
+    }
+    sheet.save(&out).unwrap();
+    println!("wrote {out}");
 }

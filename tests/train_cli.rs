@@ -216,3 +216,59 @@ fn finetune_loads_the_backbone_and_replaces_only_the_head() {
     let e = stderr(&o);
     assert!(e.contains("conv1.weight") && e.contains("[16, 3, 5, 5]") && e.contains("[16, 3, 3, 3]"), "{e}");
 }
+
+#[test]
+fn sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 200, 4, 16);
+    let cfg = tiny_config(tmp.path(), &data, 2, "[mixup]\nalpha = 0.2\n");
+    let c = cfg.to_str().unwrap();
+
+    let straight = tmp.path().join("straight");
+    let o = run(&["train", "--config", c, "--out", straight.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let stopped = tmp.path().join("stopped");
+    let child = tricks()
+        .args(["train", "--config", c, "--out", stopped.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !stopped.join("config.toml").exists() {
+        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(Duration::from_millis(200)); // into epoch 1
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "a SIGTERM must end the run cleanly: {e}");
+    let interrupt = stopped.join("checkpoints").join(checkpoint::INTERRUPT_FILE);
+    if !interrupt.exists() {
+        // The run was faster than the signal; the test cannot say anything then.
+        assert!(stopped.join("summary.json").exists(), "{e}");
+        eprintln!("note: the run finished before SIGTERM arrived; mid-epoch path not exercised");
+        return;
+    }
+    assert!(e.contains("checkpoint written to") && e.contains("interrupt.safetensors"), "{e}");
+    let state = checkpoint::load(&interrupt).unwrap().state.unwrap();
+    assert!(state.batch_in_epoch > 0, "{state:?}");
+
+    let o = run(&["train", "--config", c, "--out", stopped.to_str().unwrap(), "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!interrupt.exists(), "the interrupt checkpoint is removed once its epoch is done");
+    let a = tensors_of(&checkpoint::epoch_checkpoint_path(&straight.join("checkpoints"), 2));
+    let b = tensors_of(&checkpoint::epoch_checkpoint_path(&stopped.join("checkpoints"), 2));
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "tensor {k} differs after a mid-epoch resume");
+    }
+    let (ma, mb) = (metrics(&straight), metrics(&stopped));
+    assert_eq!(ma.len(), mb.len());
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!((x.epoch, x.train_loss, x.train_top1, x.val_top1), (y.epoch, y.train_loss, y.train_top1, y.val_top1));
+    }
+}

@@ -102,6 +102,8 @@ struct Job {
     transform: Transform,
     pool: Arc<ThreadPool>,
     skip_bad: bool,
+    /// Batches before this one are not produced (resuming in the middle of an epoch).
+    first_batch: usize,
 }
 
 impl Job {
@@ -112,7 +114,7 @@ impl Job {
         }
     }
 
-    fn make_batch(&self, b: usize) -> Result<Batch> {
+    fn make_batch(&self, b: usize, stop: &AtomicBool) -> Result<Batch> {
         let start = b * self.batch_size;
         let end = (start + self.batch_size).min(self.order.len());
         let rows = end - start;
@@ -137,6 +139,10 @@ impl Job {
                         std::ptr::write_bytes(p, 0, per);
                         std::slice::from_raw_parts_mut(p, per)
                     };
+                    if stop.load(Ordering::Relaxed) {
+                        // The loader was dropped: this batch will never be sent; finish fast.
+                        return None;
+                    }
                     let pos = start + r;
                     let img = match ds.image(order[pos]) {
                         Ok(img) => img,
@@ -182,11 +188,11 @@ impl Job {
 
     fn run(self, tx: Sender<Result<Batch>>, stop: Arc<AtomicBool>) {
         let mut pending = 0;
-        for b in 0..self.num_batches {
+        for b in self.first_batch..self.num_batches {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match self.make_batch(b) {
+            match self.make_batch(b, &stop) {
                 Ok(mut batch) => {
                     batch.skipped += pending;
                     if batch.is_empty() && b + 1 < self.num_batches {
@@ -225,6 +231,20 @@ impl Loader {
         seed: u64,
         epoch: usize,
     ) -> Loader {
+        Self::train_from(ds, cfg, batch_size, seed, epoch, 0)
+    }
+
+    /// [`Loader::train`] starting at batch `first_batch` of the epoch: the batches it yields are
+    /// exactly those the full pass yields from that point (the same samples and augmentation), so
+    /// an epoch interrupted after `first_batch` steps resumes bit-exactly.
+    pub fn train_from(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+    ) -> Loader {
         assert!(batch_size > 0, "batch size must be positive");
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
@@ -240,6 +260,7 @@ impl Loader {
                 seed,
                 epoch: epoch as u64,
             },
+            first_batch,
         )
     }
 
@@ -248,7 +269,7 @@ impl Loader {
         assert!(batch_size > 0, "batch size must be positive");
         let order: Vec<usize> = (0..ds.len()).collect();
         let num_batches = order.len().div_ceil(batch_size);
-        Self::start(ds, cfg, order, batch_size, num_batches, Mode::Eval)
+        Self::start(ds, cfg, order, batch_size, num_batches, Mode::Eval, 0)
     }
 
     fn start(
@@ -258,6 +279,7 @@ impl Loader {
         batch_size: usize,
         num_batches: usize,
         mode: Mode,
+        first_batch: usize,
     ) -> Loader {
         let num_samples = order.len();
         let job = Job {
@@ -269,6 +291,7 @@ impl Loader {
             transform: Transform::new(cfg),
             pool: thread_pool(cfg.workers),
             skip_bad: cfg.skip_bad_images,
+            first_batch: first_batch.min(num_batches),
         };
         let (tx, rx) = bounded(cfg.prefetch);
         let stop = Arc::new(AtomicBool::new(false));

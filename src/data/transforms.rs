@@ -74,12 +74,24 @@ impl FloatImage {
     }
 }
 
+/// Mean colour of an HWC buffer, times `scale`. Sums 24 interleaved lanes in f32 (vectorisable)
+/// over blocks of 1024 pixels, and the blocks in f64.
 fn mean_rgb(hwc: &[f32], scale: f32) -> [f32; 3] {
     let mut s = [0f64; 3];
-    for p in hwc.chunks_exact(3) {
-        s[0] += p[0] as f64;
-        s[1] += p[1] as f64;
-        s[2] += p[2] as f64;
+    for block in hwc.chunks(3 * 1024) {
+        let mut acc = [0f32; 24];
+        let mut it = block.chunks_exact(24);
+        for c in &mut it {
+            for k in 0..24 {
+                acc[k] += c[k];
+            }
+        }
+        for (k, v) in it.remainder().iter().enumerate() {
+            acc[k] += v;
+        }
+        for (k, v) in acc.iter().enumerate() {
+            s[k % 3] += *v as f64;
+        }
     }
     let n = (hwc.len() / 3).max(1) as f64;
     [
@@ -251,15 +263,14 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
 // ------------------------------------------------------------------------------------------------
 // Resampling.
 
-/// The filter taps of one output axis.
+/// The filter taps of one output axis: every output sample has the same number `k` of taps
+/// (zero-weight taps pad the shorter ones, always inside the allowed source range).
 struct Axis {
     /// First source index of each output sample.
     starts: Vec<u32>,
-    /// Number of taps of each output sample.
-    lens: Vec<u32>,
-    /// `kmax` weights per output sample (the first `lens[i]` used), normalised to sum 1.
+    /// `k` weights per output sample, normalised to sum 1.
     weights: Vec<f32>,
-    kmax: usize,
+    k: usize,
 }
 
 impl Axis {
@@ -270,8 +281,8 @@ impl Axis {
         let support = filterscale; // triangle filter of radius 1, widened when downscaling
         let kmax = (support.ceil() as usize) * 2 + 1;
         let mut starts = vec![0u32; out];
-        let mut lens = vec![0u32; out];
-        let mut weights = vec![0f32; out * kmax];
+        let mut lens = vec![0usize; out];
+        let mut raw = vec![0f32; out * kmax];
         for i in 0..out {
             let center = origin + (i as f64 + 0.5) * scale;
             let xmin = ((center - support + 0.5).floor().max(lo as f64) as usize).min(hi - 1);
@@ -279,7 +290,7 @@ impl Axis {
                 ((center + support + 0.5).floor().min(hi as f64).max(0.0) as usize).max(xmin + 1);
             let n = xmax - xmin;
             let slot = if flip { out - 1 - i } else { i };
-            let w = &mut weights[slot * kmax..slot * kmax + n];
+            let w = &mut raw[slot * kmax..slot * kmax + n];
             let mut total = 0f64;
             for (k, wk) in w.iter_mut().enumerate() {
                 let x = ((xmin + k) as f64 - center + 0.5) / filterscale;
@@ -296,71 +307,136 @@ impl Axis {
                 w[nearest - xmin] = 1.0;
             }
             starts[slot] = xmin as u32;
-            lens[slot] = n as u32;
+            lens[slot] = n;
         }
-        Axis {
-            starts,
-            lens,
-            weights,
-            kmax,
+        // Pad every sample to k taps (k <= hi - lo since every sample fits in [lo, hi)).
+        let k = lens.iter().copied().max().unwrap_or(1);
+        let mut weights = vec![0f32; out * k];
+        for i in 0..out {
+            let s = starts[i] as usize;
+            let s2 = s.min(hi - k);
+            let off = s - s2;
+            weights[i * k + off..i * k + off + lens[i]]
+                .copy_from_slice(&raw[i * kmax..i * kmax + lens[i]]);
+            starts[i] = s2 as u32;
         }
-    }
-
-    fn taps(&self, i: usize) -> (usize, &[f32]) {
-        let n = self.lens[i] as usize;
-        (
-            self.starts[i] as usize,
-            &self.weights[i * self.kmax..i * self.kmax + n],
-        )
+        Axis { starts, weights, k }
     }
 
     /// The source range the taps cover.
     fn range(&self) -> (usize, usize) {
         let lo = self.starts.iter().copied().min().unwrap_or(0) as usize;
-        let hi = self
-            .starts
-            .iter()
-            .zip(&self.lens)
-            .map(|(s, l)| (s + l) as usize)
-            .max()
-            .unwrap_or(0);
+        let hi = self.starts.iter().copied().max().unwrap_or(0) as usize + self.k;
         (lo, hi)
     }
 }
 
-/// Separable resampling of `img` into `out` (HWC f32, 0–255 scale, `xa.len` x `ya.len`).
-fn resample_into(img: &Image, xa: &Axis, ya: &Axis, out: &mut [f32]) {
+/// Reusable per-thread buffers of the resampler, so that no image allocates its temporaries.
+#[derive(Default)]
+struct Scratch {
+    row: Vec<f32>,
+    tmp: Vec<f32>,
+    hwc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|s| f(&mut s.borrow_mut()))
+}
+
+/// `v[..n]`, growing `v` if needed (contents unspecified: callers overwrite all of it).
+fn scratch_slice(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Horizontal pass of one row with `K` taps per output; `src` is the f32 row starting at
+/// source column `x0`.
+fn hpass<const K: usize>(src: &[f32], x0: usize, xa: &Axis, dst: &mut [f32]) {
+    for ((d, &s), w) in dst
+        .chunks_exact_mut(3)
+        .zip(&xa.starts)
+        .zip(xa.weights.chunks_exact(K))
+    {
+        let s = (s as usize - x0) * 3;
+        let px = &src[s..s + 3 * K];
+        let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
+        for k in 0..K {
+            r += w[k] * px[3 * k];
+            g += w[k] * px[3 * k + 1];
+            b += w[k] * px[3 * k + 2];
+        }
+        d[0] = r;
+        d[1] = g;
+        d[2] = b;
+    }
+}
+
+fn hpass_dyn(src: &[f32], x0: usize, xa: &Axis, dst: &mut [f32]) {
+    let k = xa.k;
+    for ((d, &s), w) in dst
+        .chunks_exact_mut(3)
+        .zip(&xa.starts)
+        .zip(xa.weights.chunks_exact(k))
+    {
+        let s = (s as usize - x0) * 3;
+        let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
+        for (wk, p) in w.iter().zip(src[s..s + 3 * k].chunks_exact(3)) {
+            r += wk * p[0];
+            g += wk * p[1];
+            b += wk * p[2];
+        }
+        d[0] = r;
+        d[1] = g;
+        d[2] = b;
+    }
+}
+
+/// Separable resampling of `img` into `out` (HWC f32, 0–255 scale, `xa` x `ya` samples).
+fn resample_into(img: &Image, xa: &Axis, ya: &Axis, out: &mut [f32], scratch: &mut Scratch) {
     let out_w = xa.starts.len();
     let out_h = ya.starts.len();
     let row_out = out_w * 3;
     assert_eq!(out.len(), out_h * row_out);
     let (ylo, yhi) = ya.range();
+    let (xlo, xhi) = xa.range();
     let src_row_len = img.width as usize * 3;
+    let row = scratch_slice(&mut scratch.row, (xhi - xlo) * 3);
+    let tmp = scratch_slice(&mut scratch.tmp, (yhi - ylo) * row_out);
     // Horizontal pass over the source rows the vertical taps need.
-    let mut tmp = vec![0f32; (yhi - ylo) * row_out];
     for (y, dst) in (ylo..yhi).zip(tmp.chunks_exact_mut(row_out)) {
-        let src = &img.rgb[y * src_row_len..(y + 1) * src_row_len];
-        for (j, d) in dst.chunks_exact_mut(3).enumerate() {
-            let (s, w) = xa.taps(j);
-            let px = &src[s * 3..(s + w.len()) * 3];
-            let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
-            for (wk, p) in w.iter().zip(px.chunks_exact(3)) {
-                r += wk * p[0] as f32;
-                g += wk * p[1] as f32;
-                b += wk * p[2] as f32;
-            }
-            d[0] = r;
-            d[1] = g;
-            d[2] = b;
+        let src = &img.rgb[y * src_row_len + xlo * 3..y * src_row_len + xhi * 3];
+        for (f, &b) in row.iter_mut().zip(src) {
+            *f = b as f32;
+        }
+        match xa.k {
+            1 => hpass::<1>(row, xlo, xa, dst),
+            2 => hpass::<2>(row, xlo, xa, dst),
+            3 => hpass::<3>(row, xlo, xa, dst),
+            4 => hpass::<4>(row, xlo, xa, dst),
+            5 => hpass::<5>(row, xlo, xa, dst),
+            _ => hpass_dyn(row, xlo, xa, dst),
         }
     }
     // Vertical pass.
-    for (i, dst) in out.chunks_exact_mut(row_out).enumerate() {
-        let (s, w) = ya.taps(i);
-        dst.fill(0.0);
-        for (k, &wk) in w.iter().enumerate() {
-            let row = &tmp[(s + k - ylo) * row_out..(s + k - ylo + 1) * row_out];
-            for (d, &v) in dst.iter_mut().zip(row) {
+    for ((dst, &s), w) in out
+        .chunks_exact_mut(row_out)
+        .zip(&ya.starts)
+        .zip(ya.weights.chunks_exact(ya.k))
+    {
+        let s = s as usize - ylo;
+        let first = &tmp[s * row_out..(s + 1) * row_out];
+        for (d, &v) in dst.iter_mut().zip(first) {
+            *d = w[0] * v;
+        }
+        for (k, &wk) in w.iter().enumerate().skip(1) {
+            let r = &tmp[(s + k) * row_out..(s + k + 1) * row_out];
+            for (d, &v) in dst.iter_mut().zip(r) {
                 *d += wk * v;
             }
         }
@@ -372,7 +448,7 @@ fn resample_into(img: &Image, xa: &Axis, ya: &Axis, out: &mut [f32]) {
 pub fn resized_crop_f32(img: &Image, rect: Rect, out_w: u32, out_h: u32, flip: bool) -> FloatImage {
     let (xa, ya) = crop_axes(rect, out_w, out_h, flip);
     let mut data = vec![0f32; out_w as usize * out_h as usize * 3];
-    resample_into(img, &xa, &ya, &mut data);
+    with_scratch(|sc| resample_into(img, &xa, &ya, &mut data, sc));
     data.iter_mut().for_each(|v| *v /= 255.0);
     FloatImage {
         width: out_w,
@@ -496,7 +572,7 @@ pub fn center_crop(img: &Image, size: u32) -> Image {
 pub fn eval_resize_crop(img: &Image, size: u32, crop_ratio: f64) -> Image {
     let (xa, ya) = eval_axes(img, size, crop_ratio);
     let mut data = vec![0f32; size as usize * size as usize * 3];
-    resample_into(img, &xa, &ya, &mut data);
+    with_scratch(|sc| resample_into(img, &xa, &ya, &mut data, sc));
     Image {
         width: size,
         height: size,
@@ -865,24 +941,28 @@ impl Transform {
                 let ops = draw_color_ops(self.jitter, self.hue, rng);
                 let alpha = draw_lighting_alpha(self.lighting, rng);
                 let (xa, ya) = crop_axes(rect, s, s, flip);
-                let mut hwc = vec![0f32; self.train_len()];
-                resample_into(img, &xa, &ya, &mut hwc);
-                // 0–255 → 0–1, colour ops, lighting, normalisation: one affine map.
-                let to_unit = Affine::linear(Affine::scaled_identity(1.0 / 255.0));
-                let colour = if ops.is_empty() {
-                    Affine::IDENTITY
-                } else {
-                    color_affine(&ops, mean_rgb(&hwc, 1.0 / 255.0))
-                };
-                let light = Affine {
-                    m: Affine::IDENTITY.m,
-                    b: lighting_offset(alpha),
-                };
-                let a = to_unit
-                    .then(&colour)
-                    .then(&light)
-                    .then(&Affine::normalize(self.mean, self.std));
-                affine_to_chw(&hwc, &a, out);
+                with_scratch(|sc| {
+                    let mut hwc = std::mem::take(&mut sc.hwc);
+                    let buf = scratch_slice(&mut hwc, self.train_len());
+                    resample_into(img, &xa, &ya, buf, sc);
+                    // 0–255 → 0–1, colour ops, lighting, normalisation: one affine map.
+                    let to_unit = Affine::linear(Affine::scaled_identity(1.0 / 255.0));
+                    let colour = if ops.is_empty() {
+                        Affine::IDENTITY
+                    } else {
+                        color_affine(&ops, mean_rgb(buf, 1.0 / 255.0))
+                    };
+                    let light = Affine {
+                        m: Affine::IDENTITY.m,
+                        b: lighting_offset(alpha),
+                    };
+                    let a = to_unit
+                        .then(&colour)
+                        .then(&light)
+                        .then(&Affine::normalize(self.mean, self.std));
+                    affine_to_chw(buf, &a, out);
+                    sc.hwc = hwc;
+                });
             }
         }
     }
@@ -896,14 +976,18 @@ impl Transform {
             return;
         }
         let (xa, ya) = eval_axes(img, s, self.val_crop_ratio);
-        let mut hwc = vec![0f32; self.eval_len()];
-        resample_into(img, &xa, &ya, &mut hwc);
-        let to_unit = Affine::linear(Affine::scaled_identity(1.0 / 255.0));
-        affine_to_chw(
-            &hwc,
-            &to_unit.then(&Affine::normalize(self.mean, self.std)),
-            out,
-        );
+        with_scratch(|sc| {
+            let mut hwc = std::mem::take(&mut sc.hwc);
+            let buf = scratch_slice(&mut hwc, self.eval_len());
+            resample_into(img, &xa, &ya, buf, sc);
+            let to_unit = Affine::linear(Affine::scaled_identity(1.0 / 255.0));
+            affine_to_chw(
+                buf,
+                &to_unit.then(&Affine::normalize(self.mean, self.std)),
+                out,
+            );
+            sc.hwc = hwc;
+        });
     }
 }
 

@@ -315,13 +315,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     for epoch in state.epochs_done + 1..=epochs {
         let epoch_start = Instant::now();
-        let loader = Loader::train(train_ds.clone(), &cfg.data, bs, cfg.seed, epoch);
+        // Resuming from an interrupt checkpoint continues the epoch at its next batch, with the
+        // epoch's running sums, so the epoch's metrics come out as if never interrupted.
+        let first_batch = std::mem::take(&mut state.batch_in_epoch);
+        let partial = std::mem::take(&mut state.partial);
+        let loader = Loader::train_from(train_ds.clone(), &cfg.data, bs, cfg.seed, epoch, first_batch);
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
+        bar.set_position(first_batch as u64);
         let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
-        let (mut loss_sum, mut correct, mut seen, mut skipped) = (0.0f64, 0i64, 0usize, 0usize);
+        let (mut loss_sum, mut correct, mut seen, mut skipped) =
+            (partial.loss_sum, partial.correct, partial.seen, partial.skipped);
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
-        for (step_in_epoch, batch) in loader.enumerate() {
+        let mut steps_done = first_batch;
+        for (i, batch) in loader.enumerate() {
+            let step_in_epoch = first_batch + i;
             let batch = batch?;
             skipped += batch.skipped;
             let b = batch.labels.size()[0];
@@ -403,25 +411,36 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 ips
             ));
             bar.inc(1);
-            if opts.stop.load(Ordering::SeqCst) || (cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps) {
+            steps_done = step_in_epoch + 1;
+            let signalled = opts.stop.load(Ordering::SeqCst);
+            let step_limit = cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps;
+            if (signalled || step_limit) && steps_done < iters_per_epoch {
                 stopped_early = true;
                 break;
+            }
+            if signalled || step_limit {
+                stopped_early = true; // the epoch is complete: finish it normally below
             }
         }
         bar.finish_and_clear();
         if seen == 0 {
             bail!("epoch {epoch}: no usable training images (every image of the epoch failed to load)");
         }
-        if stopped_early && opts.stop.load(Ordering::SeqCst) {
-            // A partial epoch cannot be replayed bit-exactly from its middle, so the interrupted
-            // epoch is discarded: the newest checkpoint (end of the previous epoch) is where a
-            // resume starts, and this epoch is redone from its first step.
-            let resume_from = checkpoint::list_epoch_checkpoints(&ckpt_dir)
-                .first()
-                .map(|(_, p)| p.display().to_string())
-                .unwrap_or_else(|| "the start (no epoch finished yet)".into());
+        state.train_seconds += train_start.elapsed().as_secs_f64();
+        if stopped_early && steps_done < iters_per_epoch {
+            // Mid-epoch stop: save where the epoch stands; `--resume` continues at the next batch.
+            state.epochs_done = epoch - 1;
+            state.batch_in_epoch = steps_done;
+            state.partial = checkpoint::EpochProgress { loss_sum, correct, seen, skipped };
+            state.loss_scale = scaler.scale;
+            state.loss_scale_good_steps = scaler.good_steps;
+            let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
+            let mut tensors = model_tensors(&vs);
+            tensors.extend(opt.state_tensors());
+            checkpoint::save(&path, &tensors, Some(cfg), &classes, Some(&state))?;
             log(&format!(
-                "interrupted during epoch {epoch}: stopped after the current step; `--resume` continues from {resume_from}"
+                "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
+                path.display()
             ));
             break;
         }
@@ -429,7 +448,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         last_ips = seen as f64 / train_seconds.max(1e-9);
         ips_images += seen;
         ips_seconds += train_seconds;
-        state.train_seconds += train_seconds;
 
         let is_last = epoch == epochs || stopped_early;
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
@@ -474,6 +492,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             Some(&state),
         )?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
+        let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
         if stopped_early {
             break;
         }

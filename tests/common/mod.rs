@@ -6,7 +6,13 @@ use std::process::{Command, Output};
 
 /// Writes an ImageFolder dataset: `classes` classes whose images differ in colour and stripe
 /// direction (learnable in a few steps), `per_class` training and `val_per_class` evaluation images.
-pub fn image_folder(root: &Path, classes: usize, per_class: usize, val_per_class: usize, size: u32) {
+pub fn image_folder(
+    root: &Path,
+    classes: usize,
+    per_class: usize,
+    val_per_class: usize,
+    size: u32,
+) {
     for (split, n) in [("train", per_class), ("val", val_per_class)] {
         for c in 0..classes {
             let dir = root.join(split).join(format!("class{c}"));
@@ -15,7 +21,11 @@ pub fn image_folder(root: &Path, classes: usize, per_class: usize, val_per_class
                 let img = image::RgbImage::from_fn(size, size, |x, y| {
                     let stripe = if c % 2 == 0 { x } else { y };
                     let on = (stripe / 2 + i as u32) % 2 == 0;
-                    let base = [(c * 80 % 256) as u8, (255 - c * 60 % 256) as u8, (i * 7 % 256) as u8];
+                    let base = [
+                        (c * 80 % 256) as u8,
+                        (255 - c * 60 % 256) as u8,
+                        (i * 7 % 256) as u8,
+                    ];
                     if on {
                         image::Rgb(base)
                     } else {

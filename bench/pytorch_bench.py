@@ -37,6 +37,7 @@ DEFAULTS = {  # model -> (batch, size, num_classes)
     "cifar_resnet20": (128, 32, 10),
     "cifar_resnet56": (128, 32, 10),
     "resnet50d": (16, 224, 1000),
+    "resnet50": (16, 224, 1000),
 }
 
 
@@ -86,7 +87,56 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class Bottleneck(nn.Module):
+    """torchvision/timm ResNet-50 bottleneck (the paper's ResNet-B: stride on the 3x3 conv)."""
+
+    def __init__(self, cin: int, width: int, stride: int):
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + shortcut)
+
+
+class ResNet50(nn.Module):
+    """Plain-PyTorch ResNet-50 (same layers as torchvision's), for machines without timm."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, cin = [], 64
+        for i, (width, n) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3))):
+            blocks = []
+            for j in range(n):
+                blocks.append(Bottleneck(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width * 4
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def build(name: str, num_classes: int) -> nn.Module:
+    if name == "resnet50":
+        return ResNet50(num_classes)
     if name == "cifar_resnet20":
         return CifarResNet(20, num_classes)
     if name == "cifar_resnet56":

@@ -285,7 +285,7 @@ pub fn list_epoch_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
             Some((n, e.path()))
         })
         .collect();
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|e| std::cmp::Reverse(e.0));
     found
 }
 

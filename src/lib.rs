@@ -12,4 +12,5 @@ pub mod device;
 pub mod experiments;
 pub mod ffi;
 pub mod model;
+pub mod segment;
 pub mod train;

@@ -92,7 +92,11 @@ fn summary(run: &Path) -> RunSummary {
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len() as f64;
     let m = v.iter().sum::<f64>() / n;
-    let s = if v.len() > 1 { (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt() } else { 0.0 };
+    let s = if v.len() > 1 {
+        (v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0)).sqrt()
+    } else {
+        0.0
+    };
     (m, s)
 }
 
@@ -102,7 +106,10 @@ fn table_row(table: &str, variant: &str) -> Vec<String> {
         .lines()
         .find(|l| l.starts_with(&format!("| {variant} |")))
         .unwrap_or_else(|| panic!("no row for {variant} in\n{table}"));
-    line.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect()
+    line.trim_matches('|')
+        .split('|')
+        .map(|c| c.trim().to_string())
+        .collect()
 }
 
 #[test]
@@ -129,7 +136,14 @@ overrides = { "optim.schedule" = "cosine" }
     assert!(rep.failed.is_empty(), "{:?}", rep.failed);
     assert!(!rep.interrupted);
 
-    for f in ["results.csv", "table.md", "study.toml", "study.json", "configs/baseline.toml", "configs/cosine.toml"] {
+    for f in [
+        "results.csv",
+        "table.md",
+        "study.toml",
+        "study.json",
+        "configs/baseline.toml",
+        "configs/cosine.toml",
+    ] {
         assert!(out.join(f).is_file(), "missing {f}");
     }
     for p in PLOTS {
@@ -140,7 +154,11 @@ overrides = { "optim.schedule" = "cosine" }
             if ext == "png" {
                 assert_eq!(&bytes[..4], b"\x89PNG", "{}", path.display());
             } else {
-                assert!(String::from_utf8_lossy(&bytes).contains("<svg"), "{}", path.display());
+                assert!(
+                    String::from_utf8_lossy(&bytes).contains("<svg"),
+                    "{}",
+                    path.display()
+                );
             }
         }
     }
@@ -150,14 +168,23 @@ overrides = { "optim.schedule" = "cosine" }
 
     // The table's statistics are those of the runs' summary.json files.
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
-    assert!(table.contains("2 seeds (1, 2)") && table.contains("mode: cumulative"), "{table}");
+    assert!(
+        table.contains("2 seeds (1, 2)") && table.contains("mode: cumulative"),
+        "{table}"
+    );
     let mut means = Vec::new();
     for variant in ["baseline", "cosine"] {
-        let runs: Vec<RunSummary> = [1, 2].iter().map(|s| summary(&out.join(format!("runs/{variant}/seed-{s}")))).collect();
+        let runs: Vec<RunSummary> = [1, 2]
+            .iter()
+            .map(|s| summary(&out.join(format!("runs/{variant}/seed-{s}"))))
+            .collect();
         for (s, r) in [1, 2].iter().zip(&runs) {
             // summary.json's final top-1 is the last epoch's validation top-1 in metrics.jsonl.
-            let metrics = std::fs::read_to_string(out.join(format!("runs/{variant}/seed-{s}/metrics.jsonl"))).unwrap();
-            let last: tricks::train::EpochMetrics = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+            let metrics =
+                std::fs::read_to_string(out.join(format!("runs/{variant}/seed-{s}/metrics.jsonl")))
+                    .unwrap();
+            let last: tricks::train::EpochMetrics =
+                serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
             assert_eq!(last.epoch, 2);
             assert_eq!(last.val_top1, Some(r.final_top1));
         }
@@ -169,29 +196,47 @@ overrides = { "optim.schedule" = "cosine" }
         assert_eq!(row[5], "2/2");
         means.push(m1);
     }
-    assert_eq!(table_row(&table, "cosine")[3], format!("{:+.2}", means[1] - means[0]));
+    assert_eq!(
+        table_row(&table, "cosine")[3],
+        format!("{:+.2}", means[1] - means[0])
+    );
 
     // results.csv: a header and one `done` line per run with the summary's numbers.
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
-    assert_eq!(lines[0], "variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status");
+    assert_eq!(
+        lines[0],
+        "variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status"
+    );
     assert_eq!(lines.len(), 5, "{csv}");
     for l in &lines[1..] {
         let cells: Vec<&str> = l.split(',').collect();
         assert_eq!(cells[8], "done", "{l}");
         let s = summary(&out.join(format!("runs/{}/seed-{}", cells[0], cells[1])));
-        assert!((cells[2].parse::<f64>().unwrap() - s.final_top1).abs() < 1e-3, "{l}");
+        assert!(
+            (cells[2].parse::<f64>().unwrap() - s.final_top1).abs() < 1e-3,
+            "{l}"
+        );
         assert_eq!(cells[5], s.best_epoch.to_string());
     }
 
     // A second call trains nothing and leaves every finished run untouched.
     let stamp = |v: &str, s: u64| {
-        std::fs::metadata(out.join(format!("runs/{v}/seed-{s}/summary.json"))).unwrap().modified().unwrap()
+        std::fs::metadata(out.join(format!("runs/{v}/seed-{s}/summary.json")))
+            .unwrap()
+            .modified()
+            .unwrap()
     };
-    let before: Vec<_> = ["baseline", "cosine"].iter().flat_map(|v| [1, 2].map(|s| stamp(v, s))).collect();
+    let before: Vec<_> = ["baseline", "cosine"]
+        .iter()
+        .flat_map(|v| [1, 2].map(|s| stamp(v, s)))
+        .collect();
     let rep2 = experiments::ablate(&study, &out, 1, tch::Device::Cpu, false).unwrap();
     assert_eq!((rep2.trained, rep2.skipped), (0, 4), "{rep2:?}");
-    let after: Vec<_> = ["baseline", "cosine"].iter().flat_map(|v| [1, 2].map(|s| stamp(v, s))).collect();
+    let after: Vec<_> = ["baseline", "cosine"]
+        .iter()
+        .flat_map(|v| [1, 2].map(|s| stamp(v, s)))
+        .collect();
     assert_eq!(before, after);
     assert!(rep2.runs.iter().all(|r| r.status == RunStatus::Done));
 
@@ -201,18 +246,31 @@ overrides = { "optim.schedule" = "cosine" }
     }
     std::fs::remove_file(out.join("table.md")).unwrap();
     experiments::report(&out).unwrap();
-    assert_eq!(std::fs::read_to_string(out.join("table.md")).unwrap(), table);
+    assert_eq!(
+        std::fs::read_to_string(out.join("table.md")).unwrap(),
+        table
+    );
     for p in PLOTS {
-        assert!(std::fs::metadata(out.join(format!("{p}.png"))).unwrap().len() > 1000);
+        assert!(
+            std::fs::metadata(out.join(format!("{p}.png")))
+                .unwrap()
+                .len()
+                > 1000
+        );
     }
 
     // A changed study does not silently reuse runs trained with another config.
     let changed = write_study(
         tmp.path(),
         "changed.toml",
-        &std::fs::read_to_string(&study).unwrap().replace("\"cosine\" }", "\"cosine\", \"optim.lr\" = 0.2 }"),
+        &std::fs::read_to_string(&study)
+            .unwrap()
+            .replace("\"cosine\" }", "\"cosine\", \"optim.lr\" = 0.2 }"),
     );
-    let e = format!("{:#}", experiments::ablate(&changed, &out, 1, tch::Device::Cpu, false).unwrap_err());
+    let e = format!(
+        "{:#}",
+        experiments::ablate(&changed, &out, 1, tch::Device::Cpu, false).unwrap_err()
+    );
     assert!(e.contains("optim.lr") && e.contains("cosine"), "{e}");
 }
 
@@ -242,9 +300,18 @@ overrides = { "train.batch_size" = 1000 }
     let error = std::fs::read_to_string(out.join("runs/huge-batch/seed-7/error.txt")).unwrap();
     assert!(error.contains("train.batch_size"), "{error}");
     let table = std::fs::read_to_string(out.join("table.md")).unwrap();
-    assert!(table.contains("## Failed runs") && table.contains("train.batch_size"), "{table}");
-    assert_eq!(table_row(&table, "baseline")[1].split(' ').nth(1), Some("±"));
-    assert!(table_row(&table, "baseline")[1].ends_with("± 0"), "one seed: {table}");
+    assert!(
+        table.contains("## Failed runs") && table.contains("train.batch_size"),
+        "{table}"
+    );
+    assert_eq!(
+        table_row(&table, "baseline")[1].split(' ').nth(1),
+        Some("±")
+    );
+    assert!(
+        table_row(&table, "baseline")[1].ends_with("± 0"),
+        "one seed: {table}"
+    );
     assert_eq!(table_row(&table, "huge batch")[5], "0/1");
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
     assert!(csv.contains("huge batch,7,,,,,,,failed"), "{csv}");
@@ -274,9 +341,18 @@ overrides = { "loss.label_smothing" = 0.1 }
 "#,
     );
     let out = tmp.path().join("out");
-    let e = format!("{:#}", experiments::ablate(&study, &out, 1, tch::Device::Cpu, false).unwrap_err());
-    assert!(e.contains("variant 3") && e.contains("typo") && e.contains("label_smothing"), "{e}");
-    assert!(!out.join("runs").exists(), "a run started before the study was validated");
+    let e = format!(
+        "{:#}",
+        experiments::ablate(&study, &out, 1, tch::Device::Cpu, false).unwrap_err()
+    );
+    assert!(
+        e.contains("variant 3") && e.contains("typo") && e.contains("label_smothing"),
+        "{e}"
+    );
+    assert!(
+        !out.join("runs").exists(),
+        "a run started before the study was validated"
+    );
 
     // A bad value is caught the same way, and so is an unknown study key.
     let bad_value = write_study(
@@ -284,10 +360,23 @@ overrides = { "loss.label_smothing" = 0.1 }
         "bad_value.toml",
         "base = \"base.toml\"\n[[variants]]\nname = \"a\"\n[[variants]]\nname = \"b\"\noverrides = { \"optim.schedule\" = \"cosin\" }\n",
     );
-    let e = format!("{:#}", experiments::ablate(&bad_value, &out, 1, tch::Device::Cpu, false).unwrap_err());
-    assert!(e.contains("variant 2") && e.contains("optim.schedule"), "{e}");
-    let unknown = write_study(tmp.path(), "unknown.toml", "base = \"base.toml\"\nsedes = [1]\n[[variants]]\nname = \"a\"\n");
-    let e = format!("{:#}", experiments::ablate(&unknown, &out, 1, tch::Device::Cpu, false).unwrap_err());
+    let e = format!(
+        "{:#}",
+        experiments::ablate(&bad_value, &out, 1, tch::Device::Cpu, false).unwrap_err()
+    );
+    assert!(
+        e.contains("variant 2") && e.contains("optim.schedule"),
+        "{e}"
+    );
+    let unknown = write_study(
+        tmp.path(),
+        "unknown.toml",
+        "base = \"base.toml\"\nsedes = [1]\n[[variants]]\nname = \"a\"\n",
+    );
+    let e = format!(
+        "{:#}",
+        experiments::ablate(&unknown, &out, 1, tch::Device::Cpu, false).unwrap_err()
+    );
     assert!(e.contains("sedes"), "{e}");
     assert!(!out.join("runs").exists());
 }
@@ -321,14 +410,33 @@ overrides = {{ "optim.schedule" = "cosine" }}
         assert_eq!(v.config.data.dir, data.display().to_string());
         assert_eq!(v.config.model.name, "cifar_resnet8");
     }
-    assert_eq!(s.variants[0].config.optim.schedule, tricks::config::Schedule::Step);
-    assert_eq!(s.variants[1].config.optim.schedule, tricks::config::Schedule::Cosine);
+    assert_eq!(
+        s.variants[0].config.optim.schedule,
+        tricks::config::Schedule::Step
+    );
+    assert_eq!(
+        s.variants[1].config.optim.schedule,
+        tricks::config::Schedule::Cosine
+    );
     let cfg = s.run_config(1, 2, 3);
     assert_eq!((cfg.seed, cfg.train.threads), (2, 3));
 
     // A missing base config names both places it was looked for.
-    let e = format!("{:#}", Study::load(&write_study(&sub, "nobase.toml", "base = \"nope.toml\"\n[[variants]]\nname = \"a\"\n")).unwrap_err());
-    assert!(e.contains("nope.toml") && e.contains("study file's folder") && e.contains("current folder"), "{e}");
+    let e = format!(
+        "{:#}",
+        Study::load(&write_study(
+            &sub,
+            "nobase.toml",
+            "base = \"nope.toml\"\n[[variants]]\nname = \"a\"\n"
+        ))
+        .unwrap_err()
+    );
+    assert!(
+        e.contains("nope.toml")
+            && e.contains("study file's folder")
+            && e.contains("current folder"),
+        "{e}"
+    );
 
     // An inline base config, top-level overrides, the default seeds and cumulative mode.
     let inline = format!(
@@ -380,10 +488,88 @@ fn every_shipped_study_parses() {
 #[test]
 #[ignore]
 fn run_study_from_env() {
-    let (Some(study), Some(out)) = (std::env::var_os("TRICKS_STUDY"), std::env::var_os("TRICKS_STUDY_OUT")) else {
+    let (Some(study), Some(out)) = (
+        std::env::var_os("TRICKS_STUDY"),
+        std::env::var_os("TRICKS_STUDY_OUT"),
+    ) else {
         panic!("set TRICKS_STUDY and TRICKS_STUDY_OUT");
     };
-    let jobs = std::env::var("TRICKS_STUDY_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(1);
-    let rep = experiments::ablate(Path::new(&study), Path::new(&out), jobs, tch::Device::Cpu, false).unwrap();
+    let jobs = std::env::var("TRICKS_STUDY_JOBS")
+        .ok()
+        .and_then(|j| j.parse().ok())
+        .unwrap_or(1);
+    let rep = experiments::ablate(
+        Path::new(&study),
+        Path::new(&out),
+        jobs,
+        tch::Device::Cpu,
+        false,
+    )
+    .unwrap();
     eprintln!("{}", rep.summary_line());
+}
+
+/// `root/{train,val}/{images,masks}`: blocky 16x16 images whose colour is the class (0..2).
+fn make_segmentation_dataset(root: &Path) {
+    const COLOURS: [[u8; 3]; 3] = [[220, 30, 30], [30, 220, 30], [30, 30, 220]];
+    for (split, n) in [("train", 4u32), ("val", 2u32)] {
+        std::fs::create_dir_all(root.join(split).join("images")).unwrap();
+        std::fs::create_dir_all(root.join(split).join("masks")).unwrap();
+        for i in 0..n {
+            let class = |x: u32, y: u32| ((x / 4) * 7 + (y / 4) * 3 + i) % 3;
+            let img =
+                image::RgbImage::from_fn(16, 16, |x, y| image::Rgb(COLOURS[class(x, y) as usize]));
+            let mask = image::GrayImage::from_fn(16, 16, |x, y| image::Luma([class(x, y) as u8]));
+            img.save(root.join(split).join("images").join(format!("{i}.png")))
+                .unwrap();
+            mask.save(root.join(split).join("masks").join(format!("{i}.png")))
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_segmentation_study_reports_miou() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("seg");
+    make_segmentation_dataset(&data);
+    let study = write_study(
+        tmp.path(),
+        "seg.toml",
+        &format!(
+            r#"
+mode = "independent"
+seeds = [1]
+[base_config]
+task = "segmentation"
+model = {{ name = "cifar_resnet8" }}
+data = {{ dir = {data:?}, workers = 1 }}
+train = {{ epochs = 1, batch_size = 2 }}
+optim = {{ lr = 0.05 }}
+segment = {{ num_classes = 3, crop_size = 16 }}
+[[variants]]
+name = "step"
+[[variants]]
+name = "cosine"
+overrides = {{ "optim.schedule" = "cosine" }}
+"#,
+            data = data.display().to_string()
+        ),
+    );
+    let out = tmp.path().join("out");
+    let rep = experiments::ablate(&study, &out, 1, tch::Device::Cpu, false).unwrap();
+    assert_eq!(rep.trained, 2, "{:?}", rep.failed);
+    let table = std::fs::read_to_string(out.join("table.md")).unwrap();
+    assert!(
+        table.contains("| Variant | mIoU (%) | Pixel acc. (%) | Δ mIoU |"),
+        "{table}"
+    );
+    let s = summary(&out.join("runs/cosine/seed-1"));
+    assert_eq!(
+        table_row(&table, "cosine")[1],
+        format!("{:.2} ± 0", s.final_top1)
+    );
+    for p in PLOTS {
+        assert!(out.join(format!("{p}.png")).is_file());
+    }
 }

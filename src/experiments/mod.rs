@@ -12,6 +12,9 @@
 //!   `configs/<variant>.toml` (each variant's resolved config).
 //!
 //! `report` rewrites the csv, the table and the plots from the runs on disk.
+//!
+//! Segmentation studies (`task = "segmentation"`) work the same way: their runs report mIoU and
+//! pixel accuracy under the names top-1 and top-5, and the table and plots say so.
 
 pub mod plots;
 pub mod results;
@@ -20,7 +23,7 @@ pub mod study;
 pub use results::{RunRecord, RunStatus, VariantRow};
 pub use study::{study_device, Manifest, Mode, Study};
 
-use crate::config::Config;
+use crate::config::{Config, Task};
 use crate::train::{self, RunOptions, RunSummary};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -82,7 +85,11 @@ pub struct StudyReport {
 impl StudyReport {
     /// One line for a person: counts and where the outputs are.
     pub fn summary_line(&self) -> String {
-        let done = self.runs.iter().filter(|r| r.status == RunStatus::Done).count();
+        let done = self
+            .runs
+            .iter()
+            .filter(|r| r.status == RunStatus::Done)
+            .count();
         format!(
             "study {}: {done}/{} runs done ({} trained now, {} already finished, {} failed{}); table, csv and plots in {}",
             self.name,
@@ -97,7 +104,13 @@ impl StudyReport {
 }
 
 /// Runs a study file into `out` (see the module docs); `jobs` trainings at once.
-pub fn ablate(study: &Path, out: &Path, jobs: usize, device: Device, progress: bool) -> Result<StudyReport> {
+pub fn ablate(
+    study: &Path,
+    out: &Path,
+    jobs: usize,
+    device: Device,
+    progress: bool,
+) -> Result<StudyReport> {
     let mut opts = AblateOptions::new(jobs, device);
     opts.progress = progress;
     ablate_with(study, out, &opts)
@@ -122,7 +135,9 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
     let log = |m: &str| (opts.log)(m);
     let jobs = opts.jobs.max(1);
     let study = Study::load(study_path)?;
-    study.check_inputs().with_context(|| format!("study {}", study_path.display()))?;
+    study
+        .check_inputs()
+        .with_context(|| format!("study {}", study_path.display()))?;
     for (i, v) in study.variants.iter().enumerate() {
         train::precision::check_supported(v.config.train.precision, opts.device)
             .with_context(|| format!("variant {} (`{}`): key `train.precision`", i + 1, v.name))?;
@@ -137,12 +152,19 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
             all.push((vi, seed, results::run_dir(out, &v.dir, seed)));
         }
     }
-    let to_train = all.iter().filter(|(_, _, d)| !d.join("summary.json").exists()).count();
+    let to_train = all
+        .iter()
+        .filter(|(_, _, d)| !d.join("summary.json").exists())
+        .count();
     let workers = jobs.min(to_train.max(1));
     let threads = (num_cpus::get() / workers).max(1);
     for (vi, seed, dir) in all {
         let mut cfg = study.run_config(vi, seed, threads);
-        let label = format!("run {} (variant `{}`, seed {seed})", dir.display(), study.variants[vi].name);
+        let label = format!(
+            "run {} (variant `{}`, seed {seed})",
+            dir.display(),
+            study.variants[vi].name
+        );
         if let Some(old) = previous_config(&dir).with_context(|| label.clone())? {
             let diff = config_diff(&old, &cfg)?;
             if !diff.is_empty() {
@@ -159,13 +181,22 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
             results::read_run(&study.variants[vi].name, seed, &dir)?;
             skipped += 1;
         } else {
-            pending.push(Job { variant: vi, seed, dir, cfg });
+            pending.push(Job {
+                variant: vi,
+                seed,
+                dir,
+                cfg,
+            });
         }
     }
 
-    std::fs::create_dir_all(out.join("configs")).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    std::fs::create_dir_all(out.join("configs"))
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
     write(&out.join("study.toml"), &study.text)?;
-    write(&out.join("study.json"), &serde_json::to_string_pretty(&study.manifest())?)?;
+    write(
+        &out.join("study.json"),
+        &serde_json::to_string_pretty(&study.manifest())?,
+    )?;
     let seeds: Vec<String> = study.seeds.iter().map(|s| s.to_string()).collect();
     for (vi, v) in study.variants.iter().enumerate() {
         let cfg = study.run_config(vi, study.seeds[0], threads);
@@ -196,7 +227,8 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
     ));
 
     let next = AtomicUsize::new(0);
-    let outcomes: Mutex<Vec<Option<Outcome>>> = Mutex::new((0..pending.len()).map(|_| None).collect());
+    let outcomes: Mutex<Vec<Option<Outcome>>> =
+        Mutex::new((0..pending.len()).map(|_| None).collect());
     let total = pending.len();
     std::thread::scope(|scope| {
         for _ in 0..workers {
@@ -232,7 +264,11 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
     for (job, outcome) in pending.iter().zip(&outcomes) {
         match outcome {
             Some(Outcome::Trained(_)) => trained += 1,
-            Some(Outcome::Failed(e)) => failed.push((study.variants[job.variant].name.clone(), job.seed, e.clone())),
+            Some(Outcome::Failed(e)) => failed.push((
+                study.variants[job.variant].name.clone(),
+                job.seed,
+                e.clone(),
+            )),
             Some(Outcome::Interrupted) | None => interrupted = true,
         }
     }
@@ -250,7 +286,6 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
         failed,
         interrupted,
     };
-    log(&report.summary_line());
     Ok(report)
 }
 
@@ -263,9 +298,13 @@ pub fn report(dir: &Path) -> Result<()> {
 pub fn load_results(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<VariantRow>)> {
     let path = dir.join("study.json");
     let text = std::fs::read_to_string(&path).with_context(|| {
-        format!("{} is not a study output folder (no study.json; `tricks ablate` writes it)", dir.display())
+        format!(
+            "{} is not a study output folder (no study.json; `tricks ablate` writes it)",
+            dir.display()
+        )
     })?;
-    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
+    let manifest: Manifest =
+        serde_json::from_str(&text).with_context(|| format!("{} is damaged", path.display()))?;
     let runs = results::read_runs(dir, &manifest)?;
     let rows = results::rows(&manifest, &runs);
     Ok((manifest, runs, rows))
@@ -274,13 +313,19 @@ pub fn load_results(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<Variant
 fn write_outputs(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<VariantRow>)> {
     let (manifest, runs, rows) = load_results(dir)?;
     write(&dir.join("results.csv"), &results::results_csv(&runs))?;
-    write(&dir.join("table.md"), &results::table_md(&manifest, &rows, &runs))?;
+    write(
+        &dir.join("table.md"),
+        &results::table_md(&manifest, &rows, &runs),
+    )?;
     let configs: Vec<Option<Config>> = manifest
         .variants
         .iter()
         .map(|v| {
             let resolved = dir.join("configs").join(format!("{}.toml", v.dir));
-            let first_run = manifest.seeds.iter().map(|&s| results::run_dir(dir, &v.dir, s).join("config.toml"));
+            let first_run = manifest
+                .seeds
+                .iter()
+                .map(|&s| results::run_dir(dir, &v.dir, s).join("config.toml"));
             std::iter::once(resolved)
                 .chain(first_run)
                 .filter(|p| p.exists())
@@ -308,7 +353,11 @@ fn run_job(job: &Job, name: &str, opts: &AblateOptions, single: bool) -> Outcome
     let log_path = job.dir.join("train.log");
     ro.log = Arc::new(move |m: &str| {
         sink(&format!("{prefix}{m}"));
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+        {
             let _ = writeln!(f, "{m}");
         }
     });
@@ -316,8 +365,15 @@ fn run_job(job: &Job, name: &str, opts: &AblateOptions, single: bool) -> Outcome
     let result = std::fs::create_dir_all(&job.dir)
         .with_context(|| format!("cannot create {}", job.dir.display()))
         .and_then(|_| {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| train::train(&job.cfg, &ro)))
-                .unwrap_or_else(|p| Err(anyhow::anyhow!("training panicked: {}", panic_text(&p))))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.cfg.task {
+                Task::Classification => train::train(&job.cfg, &ro),
+                // Segmentation runs write the same files, mIoU and pixel accuracy under the
+                // names top-1 and top-5.
+                Task::Segmentation => {
+                    crate::segment::train(&job.cfg, &ro).map(|s| s.to_run_summary())
+                }
+            }))
+            .unwrap_or_else(|p| Err(anyhow::anyhow!("training panicked: {}", panic_text(&p))))
         });
     match result {
         Ok(s) if s.stopped_early => Outcome::Interrupted,
@@ -326,7 +382,10 @@ fn run_job(job: &Job, name: &str, opts: &AblateOptions, single: bool) -> Outcome
             let text = format!("{e:#}");
             let _ = std::fs::write(
                 &error_path,
-                format!("{text}\n(after {:.1}s; rerun the study to retry this run)\n", started.elapsed().as_secs_f64()),
+                format!(
+                    "{text}\n(after {:.1}s; rerun the study to retry this run)\n",
+                    started.elapsed().as_secs_f64()
+                ),
             );
             Outcome::Failed(text)
         }
@@ -349,9 +408,12 @@ fn previous_config(dir: &Path) -> Result<Option<Config>> {
     if !path.exists() {
         return Ok(None);
     }
-    Config::load(&path, &[])
-        .map(Some)
-        .with_context(|| format!("{} cannot be read as a config (delete the run folder to start it again)", path.display()))
+    Config::load(&path, &[]).map(Some).with_context(|| {
+        format!(
+            "{} cannot be read as a config (delete the run folder to start it again)",
+            path.display()
+        )
+    })
 }
 
 /// Dotted keys whose values differ between two configs (`train.threads` aside).
@@ -360,7 +422,11 @@ fn config_diff(a: &Config, b: &Config) -> Result<Vec<String>> {
         match v {
             toml::Value::Table(t) => {
                 for (k, v) in t {
-                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
                     flat(&key, v, out);
                 }
             }
@@ -378,6 +444,12 @@ fn config_diff(a: &Config, b: &Config) -> Result<Vec<String>> {
     Ok(keys
         .into_iter()
         .filter(|k| k.as_str() != "train.threads" && fa.get(*k) != fb.get(*k))
-        .map(|k| format!("`{k}`: {} → {}", fa.get(k).map_or("unset", |s| s), fb.get(k).map_or("unset", |s| s)))
+        .map(|k| {
+            format!(
+                "`{k}`: {} → {}",
+                fa.get(k).map_or("unset", |s| s),
+                fb.get(k).map_or("unset", |s| s)
+            )
+        })
         .collect())
 }

@@ -1,4 +1,5 @@
-//! The study's plots, each written as PNG and SVG: validation top-1 and training loss per epoch
+//! The study's plots, each written as PNG and SVG: validation top-1 (mIoU for segmentation)
+//! and training loss per epoch
 //! (mean over seeds with a min–max band), the learning-rate schedule of every variant, and the
 //! Δ top-1 of every variant against the first one.
 //!
@@ -6,7 +7,7 @@
 //! `assets/DejaVuSans-LICENSE.txt`) embedded in the binary: plotters' `ab_glyph` font backend
 //! needs a registered font and the build has no system-font lookup.
 
-use super::results::{RunRecord, RunStatus, VariantRow};
+use super::results::{metric_names, RunRecord, RunStatus, VariantRow};
 use super::study::Manifest;
 use crate::config::Config;
 use crate::train::schedule::LrSchedule;
@@ -58,7 +59,9 @@ fn register_font() -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(anyhow!("the embedded plot font (assets/DejaVuSans.ttf) is not a valid TrueType font"))
+        Err(anyhow!(
+            "the embedded plot font (assets/DejaVuSans.ttf) is not a valid TrueType font"
+        ))
     }
 }
 
@@ -131,7 +134,12 @@ impl Figure {
             Figure::Bars(b) => (&b.title, &b.subtitle),
         };
         let area = root.titled(title, (FAMILY, 26)).map_err(err)?;
-        let area = area.titled(subtitle, (FAMILY, 14).into_font().color(&RGBColor(90, 90, 90))).map_err(err)?;
+        let area = area
+            .titled(
+                subtitle,
+                (FAMILY, 14).into_font().color(&RGBColor(90, 90, 90)),
+            )
+            .map_err(err)?;
         match self {
             Figure::Lines(l) => draw_lines(&area, l),
             Figure::Bars(b) => draw_bars(&area, b),
@@ -141,7 +149,11 @@ impl Figure {
 
 fn padded(lo: f64, hi: f64, frac: f64, min_pad: f64) -> (f64, f64) {
     let span = hi - lo;
-    let pad = if span > 0.0 { span * frac } else { min_pad.max(lo.abs() * 0.05) };
+    let pad = if span > 0.0 {
+        span * frac
+    } else {
+        min_pad.max(lo.abs() * 0.05)
+    };
     (lo - pad, hi + pad)
 }
 
@@ -177,9 +189,15 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Lines) -> R
         // Nothing to plot: an empty frame with the labels and a note.
         (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
     }
-    let (x0, x1) = if x1 > x0 { (x0, x1) } else { (x0 - 0.5, x1 + 0.5) };
+    let (x0, x1) = if x1 > x0 {
+        (x0, x1)
+    } else {
+        (x0 - 0.5, x1 + 0.5)
+    };
     let (y0, y1) = padded(y0, y1, 0.06, 0.5);
     let (y0, y1) = (y0.max(l.y_limits.0), y1.min(l.y_limits.1));
+    // Whole epochs as ticks on short runs, at most a dozen ticks on long ones.
+    let x_ticks = ((x1 - x0).round() as usize + 1).clamp(2, 12);
     let mut chart = ChartBuilder::on(area)
         .margin(15)
         .x_label_area_size(50)
@@ -192,6 +210,7 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Lines) -> R
         .y_desc(l.y_label.as_str())
         .axis_desc_style((FAMILY, 18))
         .label_style((FAMILY, 14))
+        .x_labels(x_ticks)
         .x_label_formatter(&tick)
         .y_label_formatter(&tick_small)
         .light_line_style(RGBColor(235, 235, 235))
@@ -217,23 +236,36 @@ fn draw_lines<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, l: &Lines) -> R
             if s.points.len() >= 2 {
                 let mut poly: Vec<(f64, f64)> = s.points.iter().map(|p| (p.0, p.3)).collect();
                 poly.extend(s.points.iter().rev().map(|p| (p.0, p.2)));
-                chart.draw_series(std::iter::once(Polygon::new(poly, c.mix(0.18).filled()))).map_err(err)?;
+                chart
+                    .draw_series(std::iter::once(Polygon::new(poly, c.mix(0.18).filled())))
+                    .map_err(err)?;
             }
             // Whiskers show the spread where a band cannot (a single epoch).
             if s.points.len() < 2 {
                 chart
-                    .draw_series(s.points.iter().map(|p| PathElement::new(vec![(p.0, p.2), (p.0, p.3)], c.stroke_width(2))))
+                    .draw_series(
+                        s.points.iter().map(|p| {
+                            PathElement::new(vec![(p.0, p.2), (p.0, p.3)], c.stroke_width(2))
+                        }),
+                    )
                     .map_err(err)?;
             }
         }
         chart
-            .draw_series(LineSeries::new(s.points.iter().map(|p| (p.0, p.1)), c.stroke_width(s.width)))
+            .draw_series(LineSeries::new(
+                s.points.iter().map(|p| (p.0, p.1)),
+                c.stroke_width(s.width),
+            ))
             .map_err(err)?
             .label(s.name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], c.stroke_width(3)));
         if l.markers && s.points.len() <= 60 {
             chart
-                .draw_series(s.points.iter().map(|p| Circle::new((p.0, p.1), 3, c.filled())))
+                .draw_series(
+                    s.points
+                        .iter()
+                        .map(|p| Circle::new((p.0, p.1), 3, c.filled())),
+                )
                 .map_err(err)?;
         }
     }
@@ -268,7 +300,12 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, b: &Bars) -> Res
     let span = hi - lo;
     // Room on the right for the value labels.
     let (x0, x1) = (lo - 0.05 * span, hi + 0.35 * span);
-    let longest = b.bars.iter().map(|x| x.name.chars().count()).max().unwrap_or(4);
+    let longest = b
+        .bars
+        .iter()
+        .map(|x| x.name.chars().count())
+        .max()
+        .unwrap_or(4);
     let y_area = (longest as u32 * 9 + 30).clamp(80, 420);
     // The first variant on top: bar i sits in segment n - 1 - i.
     let names: Vec<String> = b.bars.iter().map(|x| x.name.clone()).collect();
@@ -312,7 +349,10 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, b: &Bars) -> Res
         match bar.value {
             Some((d, s)) => {
                 let mut rect = Rectangle::new(
-                    [(0.0, SegmentValue::Exact(k)), (d, SegmentValue::Exact(k + 1))],
+                    [
+                        (0.0, SegmentValue::Exact(k)),
+                        (d, SegmentValue::Exact(k + 1)),
+                    ],
                     c.mix(0.85).filled(),
                 );
                 let gap = (area.dim_in_pixel().1 / (5 * n as u32)).min(40);
@@ -321,25 +361,41 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, b: &Bars) -> Res
                 if s > 0.0 {
                     let whisker = BLACK.stroke_width(2);
                     chart
-                        .draw_series(std::iter::once(PathElement::new(vec![centre(d - s), centre(d + s)], whisker)))
+                        .draw_series(std::iter::once(PathElement::new(
+                            vec![centre(d - s), centre(d + s)],
+                            whisker,
+                        )))
                         .map_err(err)?;
                     for end in [d - s, d + s] {
                         chart
                             .draw_series(std::iter::once(
-                                EmptyElement::at(centre(end)) + PathElement::new(vec![(0, -9), (0, 9)], whisker),
+                                EmptyElement::at(centre(end))
+                                    + PathElement::new(vec![(0, -9), (0, 9)], whisker),
                             ))
                             .map_err(err)?;
                     }
                 }
-                let label = if s > 0.0 { format!("{d:+.2} ± {s:.2}") } else { format!("{d:+.2}") };
+                let label = if s > 0.0 {
+                    format!("{d:+.2} ± {s:.2}")
+                } else {
+                    format!("{d:+.2}")
+                };
                 let at = (d + s).max(d).max(0.0) + 0.02 * span;
                 chart
-                    .draw_series(std::iter::once(Text::new(label, centre(at), label_style(16))))
+                    .draw_series(std::iter::once(Text::new(
+                        label,
+                        centre(at),
+                        label_style(16),
+                    )))
                     .map_err(err)?;
             }
             None => {
                 chart
-                    .draw_series(std::iter::once(Text::new("no finished runs", centre(0.02 * span), label_style(16))))
+                    .draw_series(std::iter::once(Text::new(
+                        "no finished runs",
+                        centre(0.02 * span),
+                        label_style(16),
+                    )))
                     .map_err(err)?;
             }
         }
@@ -348,7 +404,10 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, b: &Bars) -> Res
 }
 
 /// `(epoch, mean, min, max)` over the runs of one variant, for epochs where some run has a value.
-fn epoch_band(runs: &[&RunRecord], value: fn(&EpochMetrics) -> Option<f64>) -> Vec<(f64, f64, f64, f64)> {
+fn epoch_band(
+    runs: &[&RunRecord],
+    value: fn(&EpochMetrics) -> Option<f64>,
+) -> Vec<(f64, f64, f64, f64)> {
     let mut by_epoch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
     for r in runs {
         for m in &r.metrics {
@@ -404,10 +463,20 @@ pub fn write_plots(
     rows: &[VariantRow],
     configs: &[Option<Config>],
 ) -> Result<()> {
+    let m1 = match metric_names(manifest.task).0 {
+        "Top-1" => "top-1",
+        other => other,
+    };
     let seeds: Vec<String> = manifest.seeds.iter().map(|s| s.to_string()).collect();
-    let seeds = format!("seed{} {}", if seeds.len() == 1 { "" } else { "s" }, seeds.join(", "));
+    let seeds = format!(
+        "seed{} {}",
+        if seeds.len() == 1 { "" } else { "s" },
+        seeds.join(", ")
+    );
     let by_variant = |name: &str| -> Vec<&RunRecord> {
-        runs.iter().filter(|r| r.variant == name && r.status != RunStatus::Pending).collect()
+        runs.iter()
+            .filter(|r| r.variant == name && r.status != RunStatus::Pending)
+            .collect()
     };
     let band_series = |value: fn(&EpochMetrics) -> Option<f64>| -> Vec<Series> {
         manifest
@@ -424,10 +493,13 @@ pub fn write_plots(
     };
 
     Figure::Lines(Lines {
-        title: format!("{}: validation top-1 per epoch", manifest.name),
-        subtitle: format!("line: mean over {seeds}; band: min–max over the seeds; {} mode", manifest.mode.as_str()),
+        title: format!("{}: validation {m1} per epoch", manifest.name),
+        subtitle: format!(
+            "line: mean over {seeds}; band: min–max over the seeds; {} mode",
+            manifest.mode.as_str()
+        ),
         x_label: "epoch".into(),
-        y_label: "validation top-1 (%)".into(),
+        y_label: format!("validation {m1} (%)"),
         series: band_series(|m| m.val_top1),
         band: true,
         markers: true,
@@ -452,7 +524,12 @@ pub fn write_plots(
     .save(out, "train_loss")?;
 
     let n = manifest.variants.len();
-    let max_epochs = configs.iter().flatten().map(|c| c.train.epochs).max().unwrap_or(1);
+    let max_epochs = configs
+        .iter()
+        .flatten()
+        .map(|c| c.train.epochs)
+        .max()
+        .unwrap_or(1);
     let ipe = lr_plot_iters_per_epoch(max_epochs);
     let lr_series: Vec<Series> = manifest
         .variants
@@ -466,14 +543,19 @@ pub fn write_plots(
             points: configs
                 .get(i)
                 .and_then(|c| c.as_ref())
-                .map(|c| lr_curve(c, ipe).into_iter().map(|(x, y)| (x, y, y, y)).collect())
+                .map(|c| {
+                    lr_curve(c, ipe)
+                        .into_iter()
+                        .map(|(x, y)| (x, y, y, y))
+                        .collect()
+                })
                 .unwrap_or_default(),
         })
         .collect();
     Figure::Lines(Lines {
         title: format!("{}: learning-rate schedule", manifest.name),
         subtitle: format!(
-            "computed from each variant's config, per iteration, with a fixed {ipe} iterations per epoch, not the dataset's (the shape does not depend on it)"
+            "computed per iteration at {ipe} iterations/epoch (not the dataset's: same shape); equal schedules overlap, earlier rows thicker"
         ),
         x_label: "epoch (iterations done / iterations per epoch)".into(),
         y_label: "learning rate".into(),
@@ -485,7 +567,11 @@ pub fn write_plots(
     })
     .save(out, "lr_schedule")?;
 
-    let first = manifest.variants.first().map(|v| v.name.clone()).unwrap_or_default();
+    let first = manifest
+        .variants
+        .first()
+        .map(|v| v.name.clone())
+        .unwrap_or_default();
     let bars = rows
         .iter()
         .enumerate()
@@ -499,11 +585,11 @@ pub fn write_plots(
         })
         .collect();
     Figure::Bars(Bars {
-        title: format!("{}: Δ top-1 vs {first}", manifest.name),
+        title: format!("{}: Δ {m1} vs {first}", manifest.name),
         subtitle: format!(
-            "bar: mean final top-1 minus that of `{first}` over {seeds}; error bar: ± sample std of the variant's top-1"
+            "bar: mean final {m1} minus that of `{first}` over {seeds}; error bar: ± sample std of the variant's {m1}"
         ),
-        x_label: "Δ validation top-1 (percentage points)".into(),
+        x_label: format!("Δ validation {m1} (percentage points)"),
         bars,
     })
     .save(out, "delta_top1")?;
@@ -528,6 +614,6 @@ mod tests {
         assert_eq!(pts.last().unwrap().0, 4.0);
         cfg.train.epochs = 400;
         let pts = lr_curve(&cfg, 100);
-        assert!(pts.len() < 3000, "{}", pts.len());
+        assert!(pts.len() < 6000, "{}", pts.len());
     }
 }

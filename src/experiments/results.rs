@@ -2,6 +2,7 @@
 //! statistics over seeds, and the `results.csv` / `table.md` written from them.
 
 use super::study::{Manifest, Mode};
+use crate::config::Task;
 use crate::train::{EpochMetrics, RunSummary};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -67,9 +68,23 @@ pub struct VariantRow {
     pub images_per_second_mean: Option<f64>,
 }
 
+/// What `top1` / `top5` measure for a task: (short name of top-1, of top-5, a sentence).
+pub fn metric_names(task: Task) -> (&'static str, &'static str, &'static str) {
+    match task {
+        Task::Classification => ("Top-1", "Top-5", "Top-1 and top-5 are the validation accuracy (%)"),
+        Task::Segmentation => (
+            "mIoU",
+            "Pixel acc.",
+            "mIoU and pixel accuracy (%) are measured on the validation split (results.csv keeps them as top1 and top5)",
+        ),
+    }
+}
+
 /// Where a run of a variant and seed lives.
 pub fn run_dir(out: &Path, variant_dir: &str, seed: u64) -> PathBuf {
-    out.join("runs").join(variant_dir).join(format!("seed-{seed}"))
+    out.join("runs")
+        .join(variant_dir)
+        .join(format!("seed-{seed}"))
 }
 
 /// Reads one run's state from its folder.
@@ -78,7 +93,10 @@ pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
     let summary: Option<RunSummary> = if summary_path.exists() {
         let text = std::fs::read_to_string(&summary_path)
             .with_context(|| format!("cannot read {}", summary_path.display()))?;
-        Some(serde_json::from_str(&text).with_context(|| format!("{} is not a run summary", summary_path.display()))?)
+        Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a run summary", summary_path.display()))?,
+        )
     } else {
         None
     };
@@ -99,7 +117,11 @@ pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
         dir: dir.to_path_buf(),
         status,
         summary,
-        error: if status == RunStatus::Failed { error } else { None },
+        error: if status == RunStatus::Failed {
+            error
+        } else {
+            None
+        },
         metrics,
     })
 }
@@ -114,7 +136,9 @@ pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -188,7 +212,9 @@ fn opt(v: Option<f64>, digits: usize) -> String {
 
 /// `results.csv`: one line per run.
 pub fn results_csv(runs: &[RunRecord]) -> String {
-    let mut s = String::from("variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status\n");
+    let mut s = String::from(
+        "variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status\n",
+    );
     for r in runs {
         let m = r.summary.as_ref();
         let _ = writeln!(
@@ -253,19 +279,25 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
     let seeds: Vec<String> = manifest.seeds.iter().map(|x| x.to_string()).collect();
     let mode = match manifest.mode {
         Mode::Independent => "independent (each row is the base config plus that row's overrides)",
-        Mode::Cumulative => "cumulative (each row adds its overrides to those of every row above it)",
+        Mode::Cumulative => {
+            "cumulative (each row adds its overrides to those of every row above it)"
+        }
     };
+    let (m1, m5, what) = metric_names(manifest.task);
     let _ = writeln!(
         s,
-        "{} seed{} ({}); mode: {mode}. Top-1 and top-5 are the validation accuracy (%) after the last epoch, \
-         mean ± sample standard deviation (n − 1) over the seeds; Δ is the mean top-1 minus that of the first row \
+        "{} seed{} ({}); mode: {mode}. {what} after the last epoch, \
+         mean ± sample standard deviation (n − 1) over the seeds; Δ is the mean {m1} minus that of the first row \
          (percentage points); time is the mean training time per run (evaluation excluded). Base config: {}.\n",
         manifest.seeds.len(),
         if manifest.seeds.len() == 1 { "" } else { "s" },
         seeds.join(", "),
         manifest.base
     );
-    let _ = writeln!(s, "| Variant | Top-1 (%) | Top-5 (%) | Δ Top-1 | Time | Runs |");
+    let _ = writeln!(
+        s,
+        "| Variant | {m1} (%) | {m5} (%) | Δ {m1} | Time | Runs |"
+    );
     let _ = writeln!(s, "|:--|--:|--:|--:|--:|--:|");
     for (i, r) in rows.iter().enumerate() {
         let top1 = match (r.top1_mean, r.top1_std) {
@@ -282,9 +314,13 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
             "| {} | {} | {} | {} | {} | {}/{} |",
             escape_md(&r.name),
             top1,
-            r.top5_mean.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into()),
+            r.top5_mean
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "–".into()),
             delta,
-            r.train_seconds_mean.map(format_duration).unwrap_or_else(|| "–".into()),
+            r.train_seconds_mean
+                .map(format_duration)
+                .unwrap_or_else(|| "–".into()),
             r.n,
             r.runs
         );
@@ -294,19 +330,38 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
         let ov = if v.overrides.is_empty() {
             "no overrides".to_string()
         } else {
-            v.overrides.iter().map(|o| format!("`{o}`")).collect::<Vec<_>>().join(", ")
+            v.overrides
+                .iter()
+                .map(|o| format!("`{o}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        let desc = v.description.as_deref().map(|d| format!(" — {d}")).unwrap_or_default();
+        let desc = v
+            .description
+            .as_deref()
+            .map(|d| format!(" — {d}"))
+            .unwrap_or_default();
         let _ = writeln!(s, "- **{}**: {ov}{desc}", escape_md(&v.name));
     }
-    let failed: Vec<&RunRecord> = runs.iter().filter(|r| r.status == RunStatus::Failed).collect();
-    let unfinished: Vec<&RunRecord> =
-        runs.iter().filter(|r| matches!(r.status, RunStatus::Incomplete | RunStatus::Pending)).collect();
+    let failed: Vec<&RunRecord> = runs
+        .iter()
+        .filter(|r| r.status == RunStatus::Failed)
+        .collect();
+    let unfinished: Vec<&RunRecord> = runs
+        .iter()
+        .filter(|r| matches!(r.status, RunStatus::Incomplete | RunStatus::Pending))
+        .collect();
     if !failed.is_empty() {
         let _ = writeln!(s, "\n## Failed runs\n");
         for r in failed {
             let err = r.error.as_deref().unwrap_or("").trim();
-            let _ = writeln!(s, "- {} seed {}: {}", escape_md(&r.variant), r.seed, err.replace('\n', " "));
+            let _ = writeln!(
+                s,
+                "- {} seed {}: {}",
+                escape_md(&r.variant),
+                r.seed,
+                err.replace('\n', " ")
+            );
         }
     }
     if !unfinished.is_empty() {

@@ -5,7 +5,7 @@
 //! study key, a bad override key or value in any variant, a missing base config or data folder
 //! all fail at once, naming the variant and the key.
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Task};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -102,6 +102,9 @@ pub struct Study {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub name: String,
+    /// Classification (top-1/top-5) or segmentation (mIoU/pixel accuracy under those names).
+    #[serde(default)]
+    pub task: Task,
     pub description: Option<String>,
     pub mode: Mode,
     pub seeds: Vec<u64>,
@@ -137,15 +140,20 @@ impl Study {
     pub fn from_toml_str(text: &str, study_dir: &Path, default_name: &str) -> Result<Study> {
         let file: StudyFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (base_table, base) = match (&file.base, &file.base_config) {
-            (Some(_), Some(_)) => bail!("give either `base` (a config file) or `[base_config]`, not both"),
-            (None, None) => bail!("missing `base` (a config file) or `[base_config]` (an inline config)"),
+            (Some(_), Some(_)) => {
+                bail!("give either `base` (a config file) or `[base_config]`, not both")
+            }
+            (None, None) => {
+                bail!("missing `base` (a config file) or `[base_config]` (an inline config)")
+            }
             (None, Some(t)) => (t.clone(), "inline [base_config]".to_string()),
             (Some(b), None) => {
                 let path = find_file(study_dir, b, "base config")?;
                 let text = std::fs::read_to_string(&path)
                     .with_context(|| format!("cannot read base config {}", path.display()))?;
-                let table: toml::Table = toml::from_str(&text)
-                    .map_err(|e| anyhow::anyhow!("base config {}: {}", path.display(), e.message()))?;
+                let table: toml::Table = toml::from_str(&text).map_err(|e| {
+                    anyhow::anyhow!("base config {}: {}", path.display(), e.message())
+                })?;
                 (table, path.display().to_string())
             }
         };
@@ -181,7 +189,8 @@ impl Study {
             config::set_dotted(&mut common, k, v.clone()).context("key `overrides`")?;
             sets_threads |= k == "train.threads";
         }
-        to_config(&common).context("the base config with the study's `data`, `epochs` and `overrides`")?;
+        to_config(&common)
+            .context("the base config with the study's `data`, `epochs` and `overrides`")?;
 
         let mut variants: Vec<Variant> = Vec::new();
         let mut acc = common.clone();
@@ -215,8 +224,20 @@ impl Study {
             }
             let cfg = to_config(&table).with_context(|| {
                 let keys: Vec<&str> = own.iter().map(|(k, _)| k.as_str()).collect();
-                format!("{label} (its overrides: {})", if keys.is_empty() { "none".into() } else { keys.join(", ") })
+                format!(
+                    "{label} (its overrides: {})",
+                    if keys.is_empty() {
+                        "none".into()
+                    } else {
+                        keys.join(", ")
+                    }
+                )
             })?;
+            if let Some(first) = variants.first() {
+                if first.config.task != cfg.task {
+                    bail!("{label}: key `task` differs from the first variant's: a study compares runs of one task");
+                }
+            }
             if file.mode == Mode::Cumulative {
                 acc = table;
                 acc_threads = threads;
@@ -231,7 +252,10 @@ impl Study {
             });
         }
         Ok(Study {
-            name: file.name.clone().unwrap_or_else(|| default_name.to_string()),
+            name: file
+                .name
+                .clone()
+                .unwrap_or_else(|| default_name.to_string()),
             description: file.description.clone(),
             mode: file.mode,
             seeds,
@@ -264,6 +288,15 @@ impl Study {
                     cfg.distill.teacher
                 );
             }
+            if cfg.task == Task::Segmentation
+                && !cfg.segment.backbone.is_empty()
+                && !Path::new(&cfg.segment.backbone).is_file()
+            {
+                bail!(
+                    "{label}: key `segment.backbone`: backbone checkpoint {} does not exist (train it first)",
+                    cfg.segment.backbone
+                );
+            }
         }
         Ok(())
     }
@@ -282,6 +315,11 @@ impl Study {
     pub fn manifest(&self) -> Manifest {
         Manifest {
             name: self.name.clone(),
+            task: self
+                .variants
+                .first()
+                .map(|v| v.config.task)
+                .unwrap_or_default(),
             description: self.description.clone(),
             mode: self.mode,
             seeds: self.seeds.clone(),
@@ -293,7 +331,11 @@ impl Study {
                     name: v.name.clone(),
                     dir: v.dir.clone(),
                     description: v.description.clone(),
-                    overrides: v.overrides.iter().map(|(k, val)| format!("{k} = {val}")).collect(),
+                    overrides: v
+                        .overrides
+                        .iter()
+                        .map(|(k, val)| format!("{k} = {val}"))
+                        .collect(),
                 })
                 .collect(),
         }
@@ -304,7 +346,8 @@ impl Study {
 pub fn study_device(path: &Path) -> Result<Option<String>> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read study file {}", path.display()))?;
-    let file: StudyFile = toml::from_str(&text).map_err(|e| anyhow::anyhow!("invalid study {}: {e}", path.display()))?;
+    let file: StudyFile = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("invalid study {}: {e}", path.display()))?;
     Ok(file.device)
 }
 
@@ -317,7 +360,11 @@ fn to_config(table: &toml::Table) -> Result<Config> {
 fn flatten(table: &toml::Table) -> Vec<(String, toml::Value)> {
     fn walk(prefix: &str, t: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
         for (k, v) in t {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(inner) => walk(&key, inner, out),
                 other => out.push((key, other.clone())),
@@ -348,7 +395,13 @@ pub fn dir_name(name: &str) -> String {
     let s: String = name
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || "-_.+".contains(c) { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.+".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
     let s = s.trim_matches('.').to_string();
     if s.is_empty() {

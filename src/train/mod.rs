@@ -15,6 +15,10 @@ pub mod schedule;
 pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
 pub(crate) use run::{model_tensors, progress_bar, save_weights, to_device_input};
 
+/// libtorch's random generator is process-wide: trainings started together in one process
+/// (`ablate --jobs N`) take this lock around seeding and weight initialisation.
+pub(crate) static MODEL_INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A 64-bit seed for a named random stream at a given position, so that every random choice is a
 /// pure function of (seed, stream, epoch, step) and resuming a run replays it exactly.
 pub fn derive_seed(seed: u64, stream: &str, a: u64, b: u64) -> u64 {

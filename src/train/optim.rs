@@ -172,7 +172,7 @@ mod tests {
         tch::no_grad(|| {
             for (_, mut v) in vs.variables() {
                 if v.requires_grad() {
-                    let _ = v.copy_(&Tensor::randn(v.size(), (Kind::Float, Device::Cpu)));
+                    v.copy_(&Tensor::randn(v.size(), (Kind::Float, Device::Cpu)));
                 }
             }
         });

@@ -243,9 +243,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         bail!("key `model.num_classes` is {num_classes} but the dataset has {} classes", classes.len());
     }
     let spec = model::ModelSpec::from_config(&cfg.model)?;
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let net = ResNet::new(&vs.root(), &spec, num_classes);
+    // libtorch's generator is process-wide: runs started together (ablate --jobs N) would
+    // interleave their draws, so seeding and initialisation happen under one lock.
+    let (vs, net) = {
+        let _guard = super::MODEL_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net = ResNet::new(&vs.root(), &spec, num_classes);
+        (vs, net)
+    };
     let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
     let mut state = TrainState {
@@ -277,7 +283,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             None => log("no checkpoint to resume from: starting from scratch"),
         }
-    } else if checkpoint::list_epoch_checkpoints(&ckpt_dir).first().is_some() {
+    } else if !checkpoint::list_epoch_checkpoints(&ckpt_dir).is_empty() {
         bail!(
             "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
             out.display()

@@ -20,7 +20,7 @@ pub fn image_folder(
             for i in 0..n {
                 let img = image::RgbImage::from_fn(size, size, |x, y| {
                     let stripe = if c % 2 == 0 { x } else { y };
-                    let on = (stripe / 2 + i as u32) % 2 == 0;
+                    let on = (stripe / 2 + i as u32).is_multiple_of(2);
                     let base = [
                         (c * 80 % 256) as u8,
                         (255 - c * 60 % 256) as u8,

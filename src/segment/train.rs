@@ -244,9 +244,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     let (train_ds, val_ds) = dataset::open_train_val(cfg)?;
     let classes = super::class_names(cfg);
     let ignore = cfg.segment.ignore_index;
-    tch::manual_seed(cfg.seed as i64);
-    let vs = nn::VarStore::new(device);
-    let net = SegModel::new(&vs.root(), cfg)?;
+    let (vs, net) = {
+        let _guard = crate::train::MODEL_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(cfg.seed as i64);
+        let vs = nn::VarStore::new(device);
+        let net = SegModel::new(&vs.root(), cfg)?;
+        (vs, net)
+    };
     let mut opt = Sgd::new(&vs, &cfg.optim);
     if cfg.segment.backbone_lr_mult != 1.0 {
         opt.set_lr_scale(

@@ -254,6 +254,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
+    if !cfg.finetune.from.is_empty() && cfg.finetune.backbone_lr_mult != 1.0 {
+        opt.set_lr_scale(|name| !name.starts_with("fc."), cfg.finetune.backbone_lr_mult);
+    }
     let mut state = TrainState {
         loss_scale: 1.0,
         ..Default::default()

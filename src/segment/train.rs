@@ -22,8 +22,8 @@ use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
-    clip, derive_seed, model_tensors, progress_bar, save_weights, to_device_input, RunOptions,
-    RunSummary,
+    derive_seed, optimizer_step, progress_bar, save_training_checkpoint, save_weights, to_device_input, RunOptions,
+    RunSummary, StepPosition,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -381,31 +381,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 let loss = pixel_ce_sum(&logits, &y, ignore) / n_labelled.max(1) as f64;
                 (logits, loss)
             };
-            let loss_value = f64::try_from(&loss)?;
-            if !loss_value.is_finite() && !scaler.enabled {
-                let last = checkpoint::list_epoch_checkpoints(&ckpt_dir)
-                    .first()
-                    .map(|(_, p)| p.display().to_string())
-                    .unwrap_or_else(|| "none yet".into());
-                bail!(
-                    "the loss became {loss_value} at epoch {epoch}, step {} (global step {}); training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)",
-                    step_in_epoch + 1,
-                    state.global_step + 1
-                );
-            }
-            opt.zero_grad();
-            scaler.scale_loss(&loss).backward();
-            let finite = scaler.unscale(&params);
-            if finite {
-                if cfg.optim.clip_grad_value > 0.0 {
-                    clip::clip_grad_value(&params, cfg.optim.clip_grad_value);
-                }
-                if cfg.optim.clip_grad_norm > 0.0 {
-                    clip::clip_grad_norm(&params, cfg.optim.clip_grad_norm);
-                }
-                opt.step(lr);
-            }
-            scaler.update(!finite);
+            let at = StepPosition { epoch, step_in_epoch, global_step: state.global_step };
+            let loss_value = optimizer_step(&loss, &mut opt, &mut scaler, &params, &cfg.optim, lr, &ckpt_dir, at)?;
             state.global_step += 1;
             loss_sum += loss_value * b as f64;
             seen += b;
@@ -456,9 +433,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             state.loss_scale = scaler.scale;
             state.loss_scale_good_steps = scaler.good_steps;
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            let mut tensors = model_tensors(&vs);
-            tensors.extend(opt.state_tensors());
-            checkpoint::save(&path, &tensors, Some(cfg), &classes, Some(&state))?;
+            save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
                 path.display()
@@ -512,15 +487,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        let mut tensors = model_tensors(&vs);
-        tensors.extend(opt.state_tensors());
-        checkpoint::save(
-            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
-            &tensors,
-            Some(cfg),
-            &classes,
-            Some(&state),
-        )?;
+        save_training_checkpoint(&checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch), &vs, &opt, cfg, &classes, &state)?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
         let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
         if stopped_early {

@@ -13,7 +13,10 @@ mod run;
 pub mod schedule;
 
 pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
-pub(crate) use run::{model_tensors, progress_bar, save_weights, to_device_input};
+pub(crate) use run::{
+    optimizer_step, progress_bar, save_training_checkpoint, save_weights, to_device_input,
+    StepPosition,
+};
 
 /// libtorch's random generator is process-wide: trainings started together in one process
 /// (`ablate --jobs N`) take this lock around seeding and weight initialisation.

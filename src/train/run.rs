@@ -382,31 +382,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 };
                 (logits, loss)
             };
-            let loss_value = f64::try_from(&loss)?;
-            if !loss_value.is_finite() && !scaler.enabled {
-                let last = checkpoint::list_epoch_checkpoints(&ckpt_dir)
-                    .first()
-                    .map(|(_, p)| p.display().to_string())
-                    .unwrap_or_else(|| "none yet".into());
-                bail!(
-                    "the loss became {loss_value} at epoch {epoch}, step {} (global step {}); training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)",
-                    step_in_epoch + 1,
-                    state.global_step + 1
-                );
-            }
-            opt.zero_grad();
-            scaler.scale_loss(&loss).backward();
-            let finite = scaler.unscale(&params);
-            if finite {
-                if cfg.optim.clip_grad_value > 0.0 {
-                    clip::clip_grad_value(&params, cfg.optim.clip_grad_value);
-                }
-                if cfg.optim.clip_grad_norm > 0.0 {
-                    clip::clip_grad_norm(&params, cfg.optim.clip_grad_norm);
-                }
-                opt.step(lr);
-            }
-            scaler.update(!finite);
+            let at = StepPosition { epoch, step_in_epoch, global_step: state.global_step };
+            let loss_value = optimizer_step(&loss, &mut opt, &mut scaler, &params, &cfg.optim, lr, &ckpt_dir, at)?;
             state.global_step += 1;
             loss_sum += loss_value * b as f64;
             correct += topk_correct(&logits.to_kind(Kind::Float), &y, 1).0;
@@ -444,9 +421,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             state.loss_scale = scaler.scale;
             state.loss_scale_good_steps = scaler.good_steps;
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            let mut tensors = model_tensors(&vs);
-            tensors.extend(opt.state_tensors());
-            checkpoint::save(&path, &tensors, Some(cfg), &classes, Some(&state))?;
+            save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
                 path.display()
@@ -491,15 +466,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        let mut tensors = model_tensors(&vs);
-        tensors.extend(opt.state_tensors());
-        checkpoint::save(
-            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
-            &tensors,
-            Some(cfg),
-            &classes,
-            Some(&state),
-        )?;
+        save_training_checkpoint(&checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch), &vs, &opt, cfg, &classes, &state)?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
         let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
         if stopped_early {
@@ -529,10 +496,75 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 }
 
 /// Model tensors (parameters and BN statistics) in NCHW-contiguous layout.
-pub(crate) fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
     let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.detach().contiguous())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Where a step sits in the run (for error messages).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StepPosition {
+    pub epoch: usize,
+    pub step_in_epoch: usize,
+    pub global_step: usize,
+}
+
+/// One optimisation step on a computed loss, shared by every task: stop on a non-finite loss
+/// (naming the step and the last good checkpoint), backward through the loss scaler, skip the
+/// step on inf/NaN gradients (f16), clip, SGD step. Returns the loss value.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn optimizer_step(
+    loss: &Tensor,
+    opt: &mut Sgd,
+    scaler: &mut LossScaler,
+    params: &[Tensor],
+    optim: &crate::config::OptimConfig,
+    lr: f64,
+    ckpt_dir: &Path,
+    at: StepPosition,
+) -> Result<f64> {
+    let loss_value = f64::try_from(loss)?;
+    if !loss_value.is_finite() && !scaler.enabled {
+        let last = checkpoint::list_epoch_checkpoints(ckpt_dir)
+            .first()
+            .map(|(_, p)| p.display().to_string())
+            .unwrap_or_else(|| "none yet".into());
+        bail!(
+            "the loss became {loss_value} at epoch {}, step {} (global step {}); training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)",
+            at.epoch,
+            at.step_in_epoch + 1,
+            at.global_step + 1
+        );
+    }
+    opt.zero_grad();
+    scaler.scale_loss(loss).backward();
+    let finite = scaler.unscale(params);
+    if finite {
+        if optim.clip_grad_value > 0.0 {
+            clip::clip_grad_value(params, optim.clip_grad_value);
+        }
+        if optim.clip_grad_norm > 0.0 {
+            clip::clip_grad_norm(params, optim.clip_grad_norm);
+        }
+        opt.step(lr);
+    }
+    scaler.update(!finite);
+    Ok(loss_value)
+}
+
+/// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state.
+pub(crate) fn save_training_checkpoint(
+    path: &Path,
+    vs: &nn::VarStore,
+    opt: &Sgd,
+    cfg: &Config,
+    classes: &[String],
+    state: &TrainState,
+) -> Result<()> {
+    let mut tensors = model_tensors(vs);
+    tensors.extend(opt.state_tensors());
+    checkpoint::save(path, &tensors, Some(cfg), classes, Some(state))
 }
 
 /// Writes a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).

@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 #include <c10/core/ScalarType.h>
+#include <torch/headeronly/version.h>
 
 extern "C" {
 
@@ -28,5 +29,12 @@ int tricks_autocast_decrement_nesting() { return at::autocast::decrement_nesting
 // cuDNN autotuner: picks the fastest convolution algorithm for fixed shapes.
 void tricks_set_cudnn_benchmark(bool enabled) { at::globalContext().setBenchmarkCuDNN(enabled); }
 
+
+// The libtorch version whose headers this binary was built against.
+void tricks_torch_version(int* major, int* minor, int* patch) {
+  *major = TORCH_VERSION_MAJOR;
+  *minor = TORCH_VERSION_MINOR;
+  *patch = TORCH_VERSION_PATCH;
+}
 
 }  // extern "C"

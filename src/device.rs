@@ -51,9 +51,11 @@ pub fn describe() -> Vec<(String, String)> {
     ]
 }
 
+/// The libtorch version of the headers the binary was built against.
 fn libtorch_version() -> String {
-    // The version tch-rs was built against (checked at build time by torch-sys).
-    "2.11.0".to_string()
+    let (mut major, mut minor, mut patch) = (0, 0, 0);
+    unsafe { crate::ffi::tricks_torch_version(&mut major, &mut minor, &mut patch) };
+    format!("{major}.{minor}.{patch}")
 }
 
 /// tch has no memory-format API: permute to NHWC, make contiguous, permute back gives a

@@ -8,4 +8,5 @@ extern "C" {
     pub fn tricks_autocast_increment_nesting() -> i32;
     pub fn tricks_autocast_decrement_nesting() -> i32;
     pub fn tricks_set_cudnn_benchmark(enabled: bool);
+    pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
 }

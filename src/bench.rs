@@ -45,7 +45,11 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         ..Default::default()
     };
     let mspec = ModelSpec::from_config(&mcfg)?;
-    let classes = if spec.model.starts_with("cifar_") { 10 } else { 1000 };
+    let classes = if spec.model.starts_with("cifar_") {
+        10
+    } else {
+        1000
+    };
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
     let net = ResNet::new(&vs.root(), &mspec, classes);

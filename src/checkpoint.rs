@@ -65,7 +65,9 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Model tensors only (without optimizer state).
     pub fn model_tensors(&self) -> impl Iterator<Item = (&String, &Tensor)> {
-        self.tensors.iter().filter(|(k, _)| !k.starts_with("optim."))
+        self.tensors
+            .iter()
+            .filter(|(k, _)| !k.starts_with("optim."))
     }
 }
 
@@ -118,13 +120,20 @@ fn digest<'a>(items: impl Iterator<Item = (&'a str, &'a [u8])>) -> String {
 /// then renamed over the target. A crash or a full disk leaves the previous file intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().context("checkpoint path has no file name")?.to_string_lossy();
+    let name = path
+        .file_name()
+        .context("checkpoint path has no file name")?
+        .to_string_lossy();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        f.write_all(bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("cannot flush {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        let mut f = std::fs::File::create(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        f.write_all(bytes)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        f.sync_all()
+            .with_context(|| format!("cannot flush {}", tmp.display()))?;
+        std::fs::rename(&tmp, path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
@@ -144,10 +153,16 @@ pub fn save(
     classes: &[String],
     state: Option<&TrainState>,
 ) -> Result<()> {
-    let mut named: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> = Vec::with_capacity(tensors.len());
+    let mut named: Vec<(String, Vec<u8>, safetensors::Dtype, Vec<usize>)> =
+        Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        named.push((name.clone(), tensor_bytes(t), kind_to_dtype(t.kind())?, shape));
+        named.push((
+            name.clone(),
+            tensor_bytes(t),
+            kind_to_dtype(t.kind())?,
+            shape,
+        ));
     }
     named.sort_by(|a, b| a.0.cmp(&b.0));
     let checksum = digest(named.iter().map(|(n, b, _, _)| (n.as_str(), b.as_slice())));
@@ -163,7 +178,12 @@ pub fn save(
     }
     let views: Vec<(String, safetensors::tensor::TensorView)> = named
         .iter()
-        .map(|(n, b, d, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .map(|(n, b, d, s)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, &Some(meta))?;
     write_atomic(path, &bytes).with_context(|| format!("cannot save checkpoint {}", path.display()))
@@ -171,9 +191,14 @@ pub fn save(
 
 /// Reads and verifies a checkpoint (or any safetensors file, e.g. converted timm weights).
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read checkpoint {}", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file (truncated or corrupt?): {e}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{}: not a valid safetensors file (truncated or corrupt?): {e}",
+            path.display()
+        )
+    })?;
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| anyhow::anyhow!("{}: unreadable header: {e}", path.display()))?;
     let meta = header.metadata().clone().unwrap_or_default();
@@ -182,27 +207,40 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     if let Some(expected) = meta.get("sha256") {
         let actual = digest(items.iter().map(|(n, v)| (n.as_str(), v.data())));
         if &actual != expected {
-            bail!("{}: checksum mismatch (the file is corrupt)", path.display());
+            bail!(
+                "{}: checksum mismatch (the file is corrupt)",
+                path.display()
+            );
         }
     }
     let mut tensors = BTreeMap::new();
     for (name, view) in &items {
-        let kind = dtype_to_kind(view.dtype()).with_context(|| format!("{}: tensor {name}", path.display()))?;
+        let kind = dtype_to_kind(view.dtype())
+            .with_context(|| format!("{}: tensor {name}", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        tensors.insert(name.clone(), Tensor::from_data_size(view.data(), &shape, kind));
+        tensors.insert(
+            name.clone(),
+            Tensor::from_data_size(view.data(), &shape, kind),
+        );
     }
     let config = match meta.get("config") {
         Some(text) => Some(
-            Config::from_toml_str(text, &[]).with_context(|| format!("{}: embedded config", path.display()))?,
+            Config::from_toml_str(text, &[])
+                .with_context(|| format!("{}: embedded config", path.display()))?,
         ),
         None => None,
     };
     let classes = match meta.get("classes") {
-        Some(c) => serde_json::from_str(c).with_context(|| format!("{}: class list", path.display()))?,
+        Some(c) => {
+            serde_json::from_str(c).with_context(|| format!("{}: class list", path.display()))?
+        }
         None => Vec::new(),
     };
     let state = match meta.get("state") {
-        Some(s) => Some(serde_json::from_str(s).with_context(|| format!("{}: training state", path.display()))?),
+        Some(s) => Some(
+            serde_json::from_str(s)
+                .with_context(|| format!("{}: training state", path.display()))?,
+        ),
         None => None,
     };
     Ok(Checkpoint {
@@ -221,7 +259,12 @@ fn ignorable(name: &str) -> bool {
 
 /// Copies tensors into a VarStore by name. Every variable must be present with the same shape;
 /// `skip` names a prefix left untouched (e.g. "fc." when fine-tuning onto new classes).
-pub fn copy_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>, source: &Path, skip: Option<&str>) -> Result<()> {
+pub fn copy_into(
+    vs: &nn::VarStore,
+    tensors: &BTreeMap<String, Tensor>,
+    source: &Path,
+    skip: Option<&str>,
+) -> Result<()> {
     let vars = vs.variables();
     let mut missing = Vec::new();
     for (name, var) in &vars {
@@ -248,12 +291,19 @@ pub fn copy_into(vs: &nn::VarStore, tensors: &BTreeMap<String, Tensor>, source: 
             "{}: {} model tensor(s) missing, e.g. {} (is it a checkpoint of another architecture?)",
             source.display(),
             missing.len(),
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            missing
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let unexpected: Vec<&String> = tensors
         .keys()
-        .filter(|k| !ignorable(k) && !vars.contains_key(*k) && !skip.is_some_and(|s| k.starts_with(s)))
+        .filter(|k| {
+            !ignorable(k) && !vars.contains_key(*k) && !skip.is_some_and(|s| k.starts_with(s))
+        })
         .collect();
     if !unexpected.is_empty() {
         bail!(
@@ -281,7 +331,11 @@ pub fn list_epoch_checkpoints(dir: &Path) -> Vec<(usize, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().to_string();
-            let n = name.strip_prefix("epoch-")?.strip_suffix(".safetensors")?.parse().ok()?;
+            let n = name
+                .strip_prefix("epoch-")?
+                .strip_suffix(".safetensors")?
+                .parse()
+                .ok()?;
             Some((n, e.path()))
         })
         .collect();
@@ -334,9 +388,15 @@ mod tests {
 
     fn sample() -> Vec<(String, Tensor)> {
         vec![
-            ("a.weight".into(), Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2])),
+            (
+                "a.weight".into(),
+                Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).view([2, 2]),
+            ),
             ("b.bias".into(), Tensor::from_slice(&[5.0f32])),
-            ("optim.momentum.a.weight".into(), Tensor::from_slice(&[0.5f32, 0.5, 0.5, 0.5]).view([2, 2])),
+            (
+                "optim.momentum.a.weight".into(),
+                Tensor::from_slice(&[0.5f32, 0.5, 0.5, 0.5]).view([2, 2]),
+            ),
         ]
     }
 
@@ -358,7 +418,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.safetensors");
         let cfg = Config::default();
-        save(&p, &sample(), Some(&cfg), &["x".into(), "y".into()], Some(&state())).unwrap();
+        save(
+            &p,
+            &sample(),
+            Some(&cfg),
+            &["x".into(), "y".into()],
+            Some(&state()),
+        )
+        .unwrap();
         let c = load(&p).unwrap();
         assert!(c.tensors["a.weight"].equal(&sample()[0].1));
         assert_eq!(c.config.unwrap(), cfg);
@@ -382,7 +449,10 @@ mod tests {
         bytes[n - 1] ^= 0xff;
         std::fs::write(&p2, &bytes).unwrap();
         let err = load(&p2).err().unwrap().to_string();
-        assert!(err.contains("checksum mismatch") && err.contains("epoch-0002"), "{err}");
+        assert!(
+            err.contains("checksum mismatch") && err.contains("epoch-0002"),
+            "{err}"
+        );
         // Truncate.
         std::fs::write(&p2, &bytes[..n / 2]).unwrap();
         let err = format!("{:#}", load(&p2).err().unwrap());
@@ -400,16 +470,28 @@ mod tests {
         let _ = (vs.root() / "b").zeros("bias", &[1]);
         let tensors: BTreeMap<String, Tensor> = sample().into_iter().collect();
         copy_into(&vs, &tensors, Path::new("x"), None).unwrap();
-        assert_eq!(f64::try_from(vs.variables()["b.bias"].sum(Kind::Float)).unwrap(), 5.0);
+        assert_eq!(
+            f64::try_from(vs.variables()["b.bias"].sum(Kind::Float)).unwrap(),
+            5.0
+        );
 
         let vs2 = nn::VarStore::new(Device::Cpu);
         let _ = (vs2.root() / "a").zeros("weight", &[3, 2]);
-        let err = copy_into(&vs2, &tensors, Path::new("t.safetensors"), None).err().unwrap().to_string();
-        assert!(err.contains("a.weight") && err.contains("[2, 2]") && err.contains("[3, 2]"), "{err}");
+        let err = copy_into(&vs2, &tensors, Path::new("t.safetensors"), None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("a.weight") && err.contains("[2, 2]") && err.contains("[3, 2]"),
+            "{err}"
+        );
 
         let vs3 = nn::VarStore::new(Device::Cpu);
         let _ = (vs3.root() / "c").zeros("weight", &[1]);
-        let err = copy_into(&vs3, &tensors, Path::new("t.safetensors"), None).err().unwrap().to_string();
+        let err = copy_into(&vs3, &tensors, Path::new("t.safetensors"), None)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("missing") && err.contains("c.weight"), "{err}");
     }
 
@@ -417,10 +499,20 @@ mod tests {
     fn prune_keeps_the_newest() {
         let dir = tempfile::tempdir().unwrap();
         for e in 1..=4 {
-            save(&epoch_checkpoint_path(dir.path(), e), &sample(), None, &[], Some(&state())).unwrap();
+            save(
+                &epoch_checkpoint_path(dir.path(), e),
+                &sample(),
+                None,
+                &[],
+                Some(&state()),
+            )
+            .unwrap();
         }
         prune(dir.path(), 2);
-        let left: Vec<usize> = list_epoch_checkpoints(dir.path()).into_iter().map(|(e, _)| e).collect();
+        let left: Vec<usize> = list_epoch_checkpoints(dir.path())
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
         assert_eq!(left, vec![4, 3]);
     }
 }

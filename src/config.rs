@@ -406,12 +406,14 @@ impl Config {
     /// its keys are merged over the other file's, table by table.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
         let doc = load_table(path, 0)?;
-        Self::from_table(doc, overrides).with_context(|| format!("invalid config {}", path.display()))
+        Self::from_table(doc, overrides)
+            .with_context(|| format!("invalid config {}", path.display()))
     }
 
     /// Parses TOML text, applies `key=value` overrides and validates.
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
-        let doc: toml::Table = toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        let doc: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
         Self::from_table(doc, overrides)
     }
 
@@ -519,7 +521,12 @@ impl Config {
             0.0,
             f64::MAX,
         )?;
-        in_range("finetune.backbone_lr_mult", self.finetune.backbone_lr_mult, 0.0, f64::MAX)?;
+        in_range(
+            "finetune.backbone_lr_mult",
+            self.finetune.backbone_lr_mult,
+            0.0,
+            f64::MAX,
+        )?;
         let [a0, a1] = self.data.rrc_area;
         if !(0.0 < a0 && a0 <= a1 && a1 <= 1.0) {
             bail!("key `data.rrc_area` must satisfy 0 < min <= max <= 1, got [{a0}, {a1}]");
@@ -562,9 +569,10 @@ pub fn load_table(path: &Path, depth: usize) -> Result<toml::Table> {
     if depth > 8 {
         bail!("{}: `extends` chain is too deep (a cycle?)", path.display());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
-    let mut doc: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let mut doc: toml::Table = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.message()))?;
     match doc.remove("extends") {
         None => Ok(doc),
         Some(toml::Value::String(parent)) => {
@@ -574,7 +582,10 @@ pub fn load_table(path: &Path, depth: usize) -> Result<toml::Table> {
             merge(&mut base, doc);
             Ok(base)
         }
-        Some(_) => bail!("{}: key `extends` must be a file path string", path.display()),
+        Some(_) => bail!(
+            "{}: key `extends` must be a file path string",
+            path.display()
+        ),
     }
 }
 
@@ -735,7 +746,11 @@ mod tests {
     #[test]
     fn extends_merges_tables_and_every_shipped_config_is_valid() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("base.toml"), "[optim]\nlr = 0.3\nmomentum = 0.8\n").unwrap();
+        std::fs::write(
+            dir.path().join("base.toml"),
+            "[optim]\nlr = 0.3\nmomentum = 0.8\n",
+        )
+        .unwrap();
         std::fs::write(
             dir.path().join("child.toml"),
             "extends = \"base.toml\"\n[optim]\nlr = 0.5\n",

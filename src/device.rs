@@ -9,7 +9,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "cpu" => Ok(Device::Cpu),
         "auto" => Ok(Device::cuda_if_available()),
         "cuda" => cuda(0),
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => cuda(n),
             None => bail!("unknown device {spec:?}; expected cpu, cuda, cuda:N or auto"),
         },
@@ -29,7 +32,11 @@ fn cuda(index: usize) -> Result<Device> {
 
 /// Sets libtorch's intra-op thread count (0 = all cores) and cuDNN autotuning.
 pub fn configure(threads: usize, device: Device) {
-    let n = if threads == 0 { num_cpus::get() } else { threads };
+    let n = if threads == 0 {
+        num_cpus::get()
+    } else {
+        threads
+    };
     tch::set_num_threads(n as i32);
     if device.is_cuda() {
         // Fixed input shapes: let cuDNN pick the fastest algorithms once.
@@ -45,9 +52,26 @@ pub fn describe() -> Vec<(String, String)> {
         ("libtorch".into(), libtorch_version()),
         ("threads".into(), tch::get_num_threads().to_string()),
         ("cpu cores".into(), num_cpus::get().to_string()),
-        ("cuda".into(), if cuda { format!("yes, {} device(s)", tch::Cuda::device_count()) } else { "no".into() }),
-        ("cudnn".into(), if tch::Cuda::cudnn_is_available() { "yes".into() } else { "no".into() }),
-        ("cpu bf16 autocast".into(), crate::train::precision::cpu_bf16_supported().to_string()),
+        (
+            "cuda".into(),
+            if cuda {
+                format!("yes, {} device(s)", tch::Cuda::device_count())
+            } else {
+                "no".into()
+            },
+        ),
+        (
+            "cudnn".into(),
+            if tch::Cuda::cudnn_is_available() {
+                "yes".into()
+            } else {
+                "no".into()
+            },
+        ),
+        (
+            "cpu bf16 autocast".into(),
+            crate::train::precision::cpu_bf16_supported().to_string(),
+        ),
     ]
 }
 
@@ -73,4 +97,3 @@ pub fn weights_to_channels_last(vs: &nn::VarStore) {
         }
     });
 }
-

@@ -9,7 +9,11 @@ use tricks::config::Config;
 use tricks::{data, device, train};
 
 #[derive(Parser)]
-#[command(name = "tricks", version, about = "Train ResNet image classifiers with the Bag of Tricks (He et al. 2019)")]
+#[command(
+    name = "tricks",
+    version,
+    about = "Train ResNet image classifiers with the Bag of Tricks (He et al. 2019)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -162,20 +166,33 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Train(a) => cmd_train(a),
-        Command::Finetune { from, linear_probe, mut train } => {
-            train.overrides.insert(0, format!("finetune.from={}", toml::Value::String(from)));
+        Command::Finetune {
+            from,
+            linear_probe,
+            mut train,
+        } => {
+            train
+                .overrides
+                .insert(0, format!("finetune.from={}", toml::Value::String(from)));
             if linear_probe {
-                train.overrides.insert(1, "finetune.mode=\"linear_probe\"".to_string());
+                train
+                    .overrides
+                    .insert(1, "finetune.mode=\"linear_probe\"".to_string());
             }
             cmd_train(train)
         }
         Command::Eval(a) => cmd_eval(a),
         Command::Predict(a) => cmd_predict(a),
         Command::Info => cmd_info(),
-        Command::Download { dataset, out } => data::download::download_cifar(&dataset, &out).map(|dir| {
-            println!("CIFAR binary files are in {}", dir.display());
-            println!("train with: tricks train --config configs/cifar10/resnet20.toml --data {}", dir.display());
-        }),
+        Command::Download { dataset, out } => {
+            data::download::download_cifar(&dataset, &out).map(|dir| {
+                println!("CIFAR binary files are in {}", dir.display());
+                println!(
+                    "train with: tricks train --config configs/cifar10/resnet20.toml --data {}",
+                    dir.display()
+                );
+            })
+        }
         Command::Bench(a) => tricks::bench::run(&tricks::bench::BenchSpec {
             model: a.model,
             variant: a.variant,
@@ -207,7 +224,8 @@ fn stop_flag() -> Result<Arc<AtomicBool>> {
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
             .context("cannot install the signal handler")?;
-        signal_hook::flag::register(sig, stop.clone()).context("cannot install the signal handler")?;
+        signal_hook::flag::register(sig, stop.clone())
+            .context("cannot install the signal handler")?;
     }
     Ok(stop)
 }
@@ -228,7 +246,12 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a)?;
     let device = device::parse_device(&a.device)?;
     let out = a.out.clone().unwrap_or_else(|| {
-        Path::new("runs").join(a.config.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_else(|| "run".into()))
+        Path::new("runs").join(
+            a.config
+                .file_stem()
+                .map(|s| s.to_string_lossy().to_string())
+                .unwrap_or_else(|| "run".into()),
+        )
     });
     if a.check {
         return check(&cfg, device);
@@ -250,7 +273,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     );
     let s = train::train(&cfg, &opts)?;
     if s.stopped_early {
-        eprintln!("stopped early after {} epoch(s); outputs in {}", s.epochs, out.display());
+        eprintln!(
+            "stopped early after {} epoch(s); outputs in {}",
+            s.epochs,
+            out.display()
+        );
     } else {
         println!(
             "done: {} epochs, final top-1 {:.2}% top-5 {:.2}%, best top-1 {:.2}% (epoch {}), {:.0} img/s, {:.0}s training; outputs in {}",
@@ -271,15 +298,28 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     train::precision::check_supported(cfg.train.precision, device)?;
     if cfg.task == tricks::config::Task::Segmentation {
-        tricks::segment::check(cfg)?.iter().for_each(|l| println!("{l}"));
+        tricks::segment::check(cfg)?
+            .iter()
+            .for_each(|l| println!("{l}"));
         return Ok(());
     }
     let spec = tricks::model::ModelSpec::from_config(&cfg.model)?;
-    println!("config: ok ({} variant {}, peak lr {})", spec.name, cfg.model.variant, cfg.peak_lr());
+    println!(
+        "config: ok ({} variant {}, peak lr {})",
+        spec.name,
+        cfg.model.variant,
+        cfg.peak_lr()
+    );
     if !cfg.distill.teacher.is_empty() {
-        let (_, _, tcfg, _) = tricks::model::load_model(Path::new(&cfg.distill.teacher), tch::Device::Cpu)
-            .with_context(|| format!("key `distill.teacher`: cannot load {}", cfg.distill.teacher))?;
-        println!("teacher: ok ({} variant {})", tcfg.model.name, tcfg.model.variant);
+        let (_, _, tcfg, _) =
+            tricks::model::load_model(Path::new(&cfg.distill.teacher), tch::Device::Cpu)
+                .with_context(|| {
+                    format!("key `distill.teacher`: cannot load {}", cfg.distill.teacher)
+                })?;
+        println!(
+            "teacher: ok ({} variant {})",
+            tcfg.model.name, tcfg.model.variant
+        );
     }
     if cfg.data.dir.is_empty() {
         println!("data: not given (pass --data DIR or set data.dir)");
@@ -298,10 +338,16 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
 
 fn train_segmentation(cfg: &Config, opts: &train::RunOptions) -> Result<()> {
     let out = opts.out_dir.display();
-    eprintln!("training FCN on {} (variant {}), segmentation of {} → {out}", cfg.model.name, cfg.model.variant, cfg.data.dir);
+    eprintln!(
+        "training FCN on {} (variant {}), segmentation of {} → {out}",
+        cfg.model.name, cfg.model.variant, cfg.data.dir
+    );
     let s = tricks::segment::train(cfg, opts)?;
     if s.stopped_early {
-        eprintln!("stopped early after {} epoch(s); outputs in {out}", s.epochs);
+        eprintln!(
+            "stopped early after {} epoch(s); outputs in {out}",
+            s.epochs
+        );
     } else {
         println!(
             "done: {} epochs, final mIoU {:.2}% pixel accuracy {:.2}%, best mIoU {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
@@ -315,20 +361,46 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     let (p, names) = tricks::segment::predict_image(&a.checkpoint, &a.image, &a.out, device)?;
     let total = (p.width as usize * p.height as usize).max(1);
-    let mut shares: Vec<(usize, &String)> = p.counts.iter().copied().zip(names.iter()).filter(|(n, _)| *n > 0).collect();
-    shares.sort_by(|x, y| y.0.cmp(&x.0));
-    let top: Vec<String> = shares.iter().take(5).map(|(n, c)| format!("{c} {:.1}%", 100.0 * *n as f64 / total as f64)).collect();
-    println!("{}: {}x{} segmented → {} ({})", a.image.display(), p.width, p.height, a.out.display(), top.join(", "));
+    let mut shares: Vec<(usize, &String)> = p
+        .counts
+        .iter()
+        .copied()
+        .zip(names.iter())
+        .filter(|(n, _)| *n > 0)
+        .collect();
+    shares.sort_by_key(|s| std::cmp::Reverse(s.0));
+    let top: Vec<String> = shares
+        .iter()
+        .take(5)
+        .map(|(n, c)| format!("{c} {:.1}%", 100.0 * *n as f64 / total as f64))
+        .collect();
+    println!(
+        "{}: {}x{} segmented → {} ({})",
+        a.image.display(),
+        p.width,
+        p.height,
+        a.out.display(),
+        top.join(", ")
+    );
     Ok(())
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
-        let (e, cfg) = tricks::segment::evaluate_checkpoint(&a.checkpoint, a.data.as_deref(), device, a.batch_size)?;
+        let (e, cfg) = tricks::segment::evaluate_checkpoint(
+            &a.checkpoint,
+            a.data.as_deref(),
+            device,
+            a.batch_size,
+        )?;
         let names = tricks::segment::class_names(&cfg);
-        let per_class: Vec<String> =
-            e.iou.iter().zip(&names).map(|(v, n)| format!("{n} {}", v.map_or("-".into(), |v| format!("{v:.1}")))).collect();
+        let per_class: Vec<String> = e
+            .iou
+            .iter()
+            .zip(&names)
+            .map(|(v, n)| format!("{n} {}", v.map_or("-".into(), |v| format!("{v:.1}"))))
+            .collect();
         println!(
             "{}: pixel accuracy {:.2}%  mIoU {:.2}%  loss {:.4}  ({} images)\nIoU per class (%): {}",
             a.checkpoint.display(),
@@ -356,7 +428,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     device::configure(cfg.train.threads, device);
     let loader = data::Loader::eval(ds, &cfg.data, a.batch_size);
-    let r = train::evaluate(&model, loader, device, tricks::config::Precision::Fp32, false)?;
+    let r = train::evaluate(
+        &model,
+        loader,
+        device,
+        tricks::config::Precision::Fp32,
+        false,
+    )?;
     println!(
         "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images)",
         a.checkpoint.display(),
@@ -385,7 +463,10 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
         for (variant, seed, err) in &report.failed {
             eprintln!("failed: {variant} seed {seed}: {err}");
         }
-        anyhow::bail!("{} run(s) failed (see error.txt in their folders)", report.failed.len());
+        anyhow::bail!(
+            "{} run(s) failed (see error.txt in their folders)",
+            report.failed.len()
+        );
     }
     Ok(())
 }

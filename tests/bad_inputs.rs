@@ -13,7 +13,10 @@ fn fails_with(args: &[&str], needles: &[&str]) -> String {
     assert!(!o.status.success(), "{args:?} should fail; stderr: {e}");
     assert_eq!(o.status.code(), Some(1), "{args:?}: {e}");
     assert!(e.lines().any(|l| l.starts_with("error: ")), "{args:?}: {e}");
-    assert!(!e.contains("panicked") && !e.contains("backtrace") && !e.contains("RUST_BACKTRACE"), "{e}");
+    assert!(
+        !e.contains("panicked") && !e.contains("backtrace") && !e.contains("RUST_BACKTRACE"),
+        "{e}"
+    );
     for n in needles {
         assert!(e.contains(n), "{args:?}: expected {n:?} in: {e}");
     }
@@ -32,10 +35,17 @@ impl Case {
         let dir = tmp.path().to_path_buf();
         let data = dir.join("data");
         image_folder(&data, 2, 4, 2, 16);
-        Case { _tmp: tmp, dir, data }
+        Case {
+            _tmp: tmp,
+            dir,
+            data,
+        }
     }
     fn config(&self, extra: &str) -> String {
-        tiny_config(&self.dir, &self.data, 1, extra).to_str().unwrap().to_string()
+        tiny_config(&self.dir, &self.data, 1, extra)
+            .to_str()
+            .unwrap()
+            .to_string()
     }
     fn out(&self) -> String {
         self.dir.join("run").to_str().unwrap().to_string()
@@ -108,7 +118,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= b as u32;
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -120,7 +134,14 @@ fn skip_bad_images_skips_and_counts() {
     c.bad_image("empty.jpg", b"");
     c.bad_image("notes.jpg", b"text");
     let (cfg, out) = (c.config(""), c.out());
-    let o = run(&["train", "--config", &cfg, "--out", &out, "--skip-bad-images"]);
+    let o = run(&[
+        "train",
+        "--config",
+        &cfg,
+        "--out",
+        &out,
+        "--skip-bad-images",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let metrics = std::fs::read_to_string(Path::new(&out).join("metrics.jsonl")).unwrap();
     assert!(metrics.contains("\"skipped_images\":2"), "{metrics}");
@@ -129,13 +150,18 @@ fn skip_bad_images_skips_and_counts() {
 #[test]
 fn odd_png_bit_depths_and_greyscale_are_converted_not_refused() {
     let c = Case::new();
-    let grey16 = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(16, 16, image::Luma([40000]));
+    let grey16 =
+        image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::from_pixel(16, 16, image::Luma([40000]));
     grey16.save(c.data.join("train/class0/grey16.png")).unwrap();
     let rgba = image::RgbaImage::from_pixel(16, 16, image::Rgba([1, 2, 3, 100]));
     rgba.save(c.data.join("train/class0/rgba.png")).unwrap();
     let la = image::GrayAlphaImage::from_pixel(16, 16, image::LumaA([7, 9]));
     la.save(c.data.join("train/class1/la.png")).unwrap();
-    std::fs::write(c.data.join("train/class1/README.txt"), "not an image, ignored").unwrap();
+    std::fs::write(
+        c.data.join("train/class1/README.txt"),
+        "not an image, ignored",
+    )
+    .unwrap();
     let (cfg, out) = (c.config(""), c.out());
     let o = run(&["train", "--config", &cfg, "--out", &out]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -146,7 +172,11 @@ fn odd_png_bit_depths_and_greyscale_are_converted_not_refused() {
 #[test]
 fn missing_data_folder() {
     let c = Case::new();
-    c.train("", &["--data", "/nonexistent/data/root"], &["/nonexistent/data/root"]);
+    c.train(
+        "",
+        &["--data", "/nonexistent/data/root"],
+        &["/nonexistent/data/root"],
+    );
 }
 
 #[test]
@@ -184,7 +214,11 @@ fn cifar_file_of_the_wrong_size() {
     let root = c.dir.join("cifar");
     std::fs::create_dir_all(&root).unwrap();
     for i in 1..=5 {
-        std::fs::write(root.join(format!("data_batch_{i}.bin")), vec![0u8; 3073 * 2]).unwrap();
+        std::fs::write(
+            root.join(format!("data_batch_{i}.bin")),
+            vec![0u8; 3073 * 2],
+        )
+        .unwrap();
     }
     std::fs::write(root.join("test_batch.bin"), vec![0u8; 3073 + 5]).unwrap();
     c.train("", &["--data", root.to_str().unwrap()], &["test_batch.bin"]);
@@ -199,7 +233,11 @@ fn unknown_key() {
 
 #[test]
 fn wrong_type() {
-    Case::new().train("", &["--set", "train.batch_size=\"eight\""], &["train.batch_size"]);
+    Case::new().train(
+        "",
+        &["--set", "train.batch_size=\"eight\""],
+        &["train.batch_size"],
+    );
 }
 
 #[test]
@@ -224,12 +262,20 @@ fn unknown_variant() {
 
 #[test]
 fn impossible_depth() {
-    Case::new().train("", &["--set", "model.name=\"cifar_resnet21\""], &["model.name", "6n+2"]);
+    Case::new().train(
+        "",
+        &["--set", "model.name=\"cifar_resnet21\""],
+        &["model.name", "6n+2"],
+    );
 }
 
 #[test]
 fn unknown_model() {
-    Case::new().train("", &["--set", "model.name=\"vgg16\""], &["model.name", "vgg16"]);
+    Case::new().train(
+        "",
+        &["--set", "model.name=\"vgg16\""],
+        &["model.name", "vgg16"],
+    );
 }
 
 #[test]
@@ -237,12 +283,18 @@ fn malformed_toml() {
     let c = Case::new();
     let p = c.dir.join("broken.toml");
     std::fs::write(&p, "[optim\nlr = 0.1\n").unwrap();
-    fails_with(&["train", "--config", p.to_str().unwrap(), "--check"], &["broken.toml"]);
+    fails_with(
+        &["train", "--config", p.to_str().unwrap(), "--check"],
+        &["broken.toml"],
+    );
 }
 
 #[test]
 fn missing_config_file() {
-    fails_with(&["train", "--config", "/nonexistent/x.toml", "--check"], &["/nonexistent/x.toml"]);
+    fails_with(
+        &["train", "--config", "/nonexistent/x.toml", "--check"],
+        &["/nonexistent/x.toml"],
+    );
 }
 
 #[test]
@@ -252,17 +304,29 @@ fn override_without_equals() {
 
 #[test]
 fn batch_larger_than_dataset() {
-    Case::new().train("", &["--set", "train.batch_size=1000"], &["train.batch_size"]);
+    Case::new().train(
+        "",
+        &["--set", "train.batch_size=1000"],
+        &["train.batch_size"],
+    );
 }
 
 #[test]
 fn mixup_off_epochs_beyond_training() {
-    Case::new().train("[mixup]\nalpha = 0.2\noff_epochs = 5", &[], &["mixup.off_epochs"]);
+    Case::new().train(
+        "[mixup]\nalpha = 0.2\noff_epochs = 5",
+        &[],
+        &["mixup.off_epochs"],
+    );
 }
 
 #[test]
 fn fp16_on_cpu() {
-    Case::new().train("", &["--set", "train.precision=\"fp16\""], &["train.precision"]);
+    Case::new().train(
+        "",
+        &["--set", "train.precision=\"fp16\""],
+        &["train.precision"],
+    );
 }
 
 #[test]
@@ -277,7 +341,13 @@ fn cuda_asked_for_but_unavailable() {
 fn trained(c: &Case, name: &str, extra_args: &[&str]) -> PathBuf {
     let cfg = c.config("");
     let out = c.dir.join(name);
-    let mut args = vec!["train", "--config", cfg.as_str(), "--out", out.to_str().unwrap()];
+    let mut args = vec![
+        "train",
+        "--config",
+        cfg.as_str(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra_args);
     let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -291,8 +361,15 @@ fn teacher_with_another_class_count() {
     // A dataset with 3 classes for the student.
     let data3 = c.dir.join("data3");
     image_folder(&data3, 3, 4, 2, 16);
-    let teacher = format!("distill.teacher=\"{}\"", t.join("best.safetensors").display());
-    c.train("", &["--data", data3.to_str().unwrap(), "--set", &teacher], &["distill.teacher", "2 classes"]);
+    let teacher = format!(
+        "distill.teacher=\"{}\"",
+        t.join("best.safetensors").display()
+    );
+    c.train(
+        "",
+        &["--data", data3.to_str().unwrap(), "--set", &teacher],
+        &["distill.teacher", "2 classes"],
+    );
 }
 
 #[test]
@@ -303,14 +380,25 @@ fn teacher_checkpoint_whose_tensors_do_not_match_its_architecture() {
     let ck = tricks::checkpoint::load(&t.join("best.safetensors")).unwrap();
     let mut cfg = ck.config.clone().unwrap();
     cfg.model.name = "cifar_resnet14".into();
-    let tensors: Vec<(String, tch::Tensor)> = ck.tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let tensors: Vec<(String, tch::Tensor)> = ck
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     let bad = c.dir.join("mislabelled.safetensors");
     tricks::checkpoint::save(&bad, &tensors, Some(&cfg), &ck.classes, None).unwrap();
     let teacher = format!("distill.teacher=\"{}\"", bad.display());
-    c.train("", &["--set", &teacher], &["distill.teacher", "mislabelled.safetensors", "missing"]);
+    c.train(
+        "",
+        &["--set", &teacher],
+        &["distill.teacher", "mislabelled.safetensors", "missing"],
+    );
 
     // Shape mismatch: names the tensor and both shapes.
-    let mut shapes: Vec<(String, tch::Tensor)> = tensors.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let mut shapes: Vec<(String, tch::Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     for (k, v) in shapes.iter_mut() {
         if k == "fc.bias" {
             *v = tch::Tensor::zeros([5], (tch::Kind::Float, tch::Device::Cpu));
@@ -329,7 +417,15 @@ fn nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
     let c = Case::new();
     let cfg = tiny_config(&c.dir, &c.data, 3, "");
     let out = c.dir.join("nan");
-    let ok = run(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "train.epochs=1"]);
+    let ok = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.epochs=1",
+    ]);
     assert!(ok.status.success(), "{}", stderr(&ok));
     let good = tricks::checkpoint::epoch_checkpoint_path(&out.join("checkpoints"), 1);
     let before = std::fs::read(&good).unwrap();
@@ -337,7 +433,15 @@ fn nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint() {
     // check the message; then check the good run's checkpoint is untouched.
     let out2 = c.dir.join("nan2");
     let e = fails_with(
-        &["train", "--config", cfg.to_str().unwrap(), "--out", out2.to_str().unwrap(), "--set", "optim.lr=1e30"],
+        &[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out2.to_str().unwrap(),
+            "--set",
+            "optim.lr=1e30",
+        ],
         &["loss became", "step"],
     );
     assert!(e.contains("last good checkpoint"), "{e}");
@@ -359,7 +463,16 @@ fn resume_with_a_changed_config_is_refused() {
     let out = trained(&c, "run", &["--set", "train.epochs=1"]);
     let cfg = c.config("");
     fails_with(
-        &["train", "--config", &cfg, "--out", out.to_str().unwrap(), "--resume", "--set", "optim.lr=0.3"],
+        &[
+            "train",
+            "--config",
+            &cfg,
+            "--out",
+            out.to_str().unwrap(),
+            "--resume",
+            "--set",
+            "optim.lr=0.3",
+        ],
         &["config differs"],
     );
 }
@@ -374,7 +487,13 @@ fn corrupt_checkpoint_for_eval() {
     bytes[n - 3] ^= 0x55;
     std::fs::write(&best, &bytes).unwrap();
     fails_with(
-        &["eval", "--checkpoint", best.to_str().unwrap(), "--data", c.data.to_str().unwrap()],
+        &[
+            "eval",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--data",
+            c.data.to_str().unwrap(),
+        ],
         &["best.safetensors", "checksum"],
     );
 }
@@ -385,7 +504,16 @@ fn pickle_checkpoint_is_refused() {
     let p = c.dir.join("model.pth");
     // The first bytes of a pickled torch file (zip) — never unpickled.
     std::fs::write(&p, b"PK\x03\x04\x14\x00\x00\x00\x00\x00archive/data.pkl").unwrap();
-    fails_with(&["eval", "--checkpoint", p.to_str().unwrap(), "--data", c.data.to_str().unwrap()], &["model.pth", "safetensors"]);
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            p.to_str().unwrap(),
+            "--data",
+            c.data.to_str().unwrap(),
+        ],
+        &["model.pth", "safetensors"],
+    );
 }
 
 #[test]
@@ -393,18 +521,40 @@ fn resume_skips_a_torn_newest_checkpoint() {
     let c = Case::new();
     let cfg = c.config("");
     let out = c.dir.join("run");
-    let o = run(&["train", "--config", &cfg, "--out", out.to_str().unwrap(), "--set", "train.epochs=2", "--set", "optim.step_epochs=[1]"]);
+    let o = run(&[
+        "train",
+        "--config",
+        &cfg,
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "optim.step_epochs=[1]",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let newest = tricks::checkpoint::epoch_checkpoint_path(&out.join("checkpoints"), 2);
     let bytes = std::fs::read(&newest).unwrap();
     std::fs::write(&newest, &bytes[..bytes.len() - 100]).unwrap();
     std::fs::remove_file(out.join("summary.json")).unwrap();
     let o = run(&[
-        "train", "--config", &cfg, "--out", out.to_str().unwrap(), "--resume", "--set", "train.epochs=2", "--set", "optim.step_epochs=[1]",
+        "train",
+        "--config",
+        &cfg,
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "optim.step_epochs=[1]",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
-    assert!(e.contains("epoch-0002") && e.contains("falling back"), "{e}");
+    assert!(
+        e.contains("epoch-0002") && e.contains("falling back"),
+        "{e}"
+    );
     assert!(e.contains("epoch-0001"), "{e}");
     // The epoch was redone and a valid checkpoint 2 exists again.
     assert!(tricks::checkpoint::load(&newest).is_ok());
@@ -429,12 +579,28 @@ echo EVAL_RC=$?",
         m = mnt.display(),
         d = c.data.display()
     );
-    let o = std::process::Command::new("unshare").args(["-m", "sh", "-c", &script]).output().expect("unshare");
+    let o = std::process::Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
     let (out, err) = (stdout(&o), stderr(&o));
-    assert_ne!(o.status.code(), Some(99), "cannot mount a tmpfs here: {err}");
+    assert_ne!(
+        o.status.code(),
+        Some(99),
+        "cannot mount a tmpfs here: {err}"
+    );
     assert!(out.contains("TRAIN_RC=1"), "{out}\n{err}");
-    assert!(err.contains("No space left on device") && err.contains("cannot save checkpoint"), "{err}");
+    assert!(
+        err.contains("No space left on device") && err.contains("cannot save checkpoint"),
+        "{err}"
+    );
     assert!(!err.contains("panicked"), "{err}");
-    assert!(out.contains("epoch-0001.safetensors") && !out.contains(".tmp-"), "{out}");
-    assert!(out.contains("EVAL_RC=0") && out.contains("top-1"), "the previous checkpoint must still verify: {out}\n{err}");
+    assert!(
+        out.contains("epoch-0001.safetensors") && !out.contains(".tmp-"),
+        "{out}"
+    );
+    assert!(
+        out.contains("EVAL_RC=0") && out.contains("top-1"),
+        "the previous checkpoint must still verify: {out}\n{err}"
+    );
 }

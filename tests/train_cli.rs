@@ -24,7 +24,15 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     image_folder(&data, 3, 16, 6, 16);
     let cfg = tiny_config(tmp.path(), &data, 2, "");
     let out = tmp.path().join("run");
-    let o = run(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--set", "optim.lr=0.02"]);
+    let o = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--set",
+        "optim.lr=0.02",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("done: 2 epochs"), "{}", stdout(&o));
 
@@ -40,8 +48,21 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         assert!((0.0..=100.0).contains(&top1) && line.val_top5.unwrap() >= top1);
     }
     let raw = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    for key in ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "images_per_second", "seconds"] {
-        assert!(raw.lines().next().unwrap().contains(&format!("\"{key}\"")), "{key}");
+    for key in [
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_top1",
+        "val_loss",
+        "val_top1",
+        "val_top5",
+        "images_per_second",
+        "seconds",
+    ] {
+        assert!(
+            raw.lines().next().unwrap().contains(&format!("\"{key}\"")),
+            "{key}"
+        );
     }
     // Checkpoints: epoch files with state, best weights, summary.
     let ckpts = checkpoint::list_epoch_checkpoints(&out.join("checkpoints"));
@@ -50,7 +71,10 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     let state = last.state.unwrap();
     assert_eq!(state.epochs_done, 2);
     assert_eq!(state.global_step, 2 * (48 / 8));
-    assert!(last.tensors.keys().any(|k| k.starts_with("optim.momentum.")));
+    assert!(last
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("optim.momentum.")));
     assert_eq!(last.classes, vec!["class0", "class1", "class2"]);
     let summary: tricks::train::RunSummary =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
@@ -58,15 +82,37 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     assert_eq!(summary.final_top1, m[1].val_top1.unwrap());
 
     // eval reproduces the final validation accuracy from the last checkpoint.
-    let o = run(&["eval", "--checkpoint", ckpts[0].1.to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        ckpts[0].1.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let expected = format!("top-1 {:.2}%", m[1].val_top1.unwrap());
-    assert!(stdout(&o).contains(&expected), "{} vs {expected}", stdout(&o));
-    let o = run(&["eval", "--checkpoint", out.join("best.safetensors").to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert!(
+        stdout(&o).contains(&expected),
+        "{} vs {expected}",
+        stdout(&o)
+    );
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        out.join("best.safetensors").to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // A second plain `train` into the same folder refuses instead of overwriting.
-    let o = run(&["train", "--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let o = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
 }
@@ -79,9 +125,20 @@ fn check_validates_config_and_data_without_training() {
     let cfg = tiny_config(tmp.path(), &data, 1, "");
     let out = tmp.path().join("run");
     let c = cfg.to_str().unwrap();
-    let o = run(&["train", "--config", c, "--out", out.to_str().unwrap(), "--check"]);
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        out.to_str().unwrap(),
+        "--check",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("data: ok (8 training and 4 evaluation images, 2 classes"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("data: ok (8 training and 4 evaluation images, 2 classes"),
+        "{}",
+        stdout(&o)
+    );
     assert!(!out.exists(), "--check must not create outputs");
 
     for (args, needle) in [
@@ -90,7 +147,10 @@ fn check_validates_config_and_data_without_training() {
         (vec!["--set", "model.variant=\"z\""], "model.variant"),
         (vec!["--set", "train.epochs=\"x\""], "train.epochs"),
         (vec!["--data", "/nonexistent/folder"], "/nonexistent/folder"),
-        (vec!["--set", "distill.teacher=\"/nonexistent/t.safetensors\""], "distill.teacher"),
+        (
+            vec!["--set", "distill.teacher=\"/nonexistent/t.safetensors\""],
+            "distill.teacher",
+        ),
         (vec!["--device", "cuda:7"], "CUDA"),
     ] {
         let mut full = vec!["train", "--config", c, "--check"];
@@ -99,7 +159,12 @@ fn check_validates_config_and_data_without_training() {
         assert!(!o.status.success(), "{args:?} should fail");
         let e = stderr(&o);
         assert!(e.contains(needle), "{args:?}: {e}");
-        assert!(e.lines().any(|l| l.starts_with("error: ")) && !e.contains("panicked") && !e.contains("stack backtrace"), "{e}");
+        assert!(
+            e.lines().any(|l| l.starts_with("error: "))
+                && !e.contains("panicked")
+                && !e.contains("stack backtrace"),
+            "{e}"
+        );
     }
 }
 
@@ -129,20 +194,39 @@ fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
     let first = checkpoint::epoch_checkpoint_path(&killed.join("checkpoints"), 1);
     let start = Instant::now();
     while !first.exists() {
-        assert!(start.elapsed() < Duration::from_secs(120), "no checkpoint appeared");
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "no checkpoint appeared"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(150)); // into epoch 2
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.join("summary.json").exists(), "the run finished before the kill; test is void");
+    assert!(
+        !killed.join("summary.json").exists(),
+        "the run finished before the kill; test is void"
+    );
 
-    let o = run(&["train", "--config", c, "--out", killed.to_str().unwrap(), "--resume"]);
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
 
-    let a = tensors_of(&checkpoint::epoch_checkpoint_path(&straight.join("checkpoints"), 3));
-    let b = tensors_of(&checkpoint::epoch_checkpoint_path(&killed.join("checkpoints"), 3));
+    let a = tensors_of(&checkpoint::epoch_checkpoint_path(
+        &straight.join("checkpoints"),
+        3,
+    ));
+    let b = tensors_of(&checkpoint::epoch_checkpoint_path(
+        &killed.join("checkpoints"),
+        3,
+    ));
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, t) in &a {
         assert!(t.equal(&b[k]), "tensor {k} differs after resume");
@@ -152,8 +236,24 @@ fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
     assert_eq!(mb.len(), 3);
     for (x, y) in ma.iter().zip(&mb) {
         assert_eq!(
-            (x.epoch, x.lr, x.train_loss, x.train_top1, x.val_loss, x.val_top1, x.val_top5),
-            (y.epoch, y.lr, y.train_loss, y.train_top1, y.val_loss, y.val_top1, y.val_top5)
+            (
+                x.epoch,
+                x.lr,
+                x.train_loss,
+                x.train_top1,
+                x.val_loss,
+                x.val_top1,
+                x.val_top5
+            ),
+            (
+                y.epoch,
+                y.lr,
+                y.train_loss,
+                y.train_top1,
+                y.val_loss,
+                y.val_top1,
+                y.val_top5
+            )
         );
     }
 }
@@ -174,7 +274,15 @@ fn finetune_loads_the_backbone_and_replaces_only_the_head() {
 
     let probe = tmp.path().join("probe");
     let o = run(&[
-        "finetune", "--from", src_ckpt.to_str().unwrap(), "--linear-probe", "--config", c, "--data", data3.to_str().unwrap(), "--out",
+        "finetune",
+        "--from",
+        src_ckpt.to_str().unwrap(),
+        "--linear-probe",
+        "--config",
+        c,
+        "--data",
+        data3.to_str().unwrap(),
+        "--out",
         probe.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -194,13 +302,25 @@ fn finetune_loads_the_backbone_and_replaces_only_the_head() {
     // Full fine-tuning starts from the same backbone and changes it.
     let full = tmp.path().join("full");
     let o = run(&[
-        "finetune", "--from", src_ckpt.to_str().unwrap(), "--config", c, "--data", data3.to_str().unwrap(), "--out",
-        full.to_str().unwrap(), "--set", "train.max_steps=1",
+        "finetune",
+        "--from",
+        src_ckpt.to_str().unwrap(),
+        "--config",
+        c,
+        "--data",
+        data3.to_str().unwrap(),
+        "--out",
+        full.to_str().unwrap(),
+        "--set",
+        "train.max_steps=1",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
 
     // A checkpoint whose tensor shapes differ: the error names the tensor and both shapes.
-    let mut bad: Vec<(String, tch::Tensor)> = before.iter().map(|(k, v)| (k.clone(), v.shallow_clone())).collect();
+    let mut bad: Vec<(String, tch::Tensor)> = before
+        .iter()
+        .map(|(k, v)| (k.clone(), v.shallow_clone()))
+        .collect();
     for (k, v) in bad.iter_mut() {
         if k == "conv1.weight" {
             *v = tch::Tensor::zeros([16, 3, 5, 5], (tch::Kind::Float, tch::Device::Cpu));
@@ -209,12 +329,22 @@ fn finetune_loads_the_backbone_and_replaces_only_the_head() {
     let bad_path = tmp.path().join("bad.safetensors");
     checkpoint::save(&bad_path, &bad, None, &[], None).unwrap();
     let o = run(&[
-        "finetune", "--from", bad_path.to_str().unwrap(), "--config", c, "--data", data3.to_str().unwrap(), "--out",
+        "finetune",
+        "--from",
+        bad_path.to_str().unwrap(),
+        "--config",
+        c,
+        "--data",
+        data3.to_str().unwrap(),
+        "--out",
         tmp.path().join("bad").to_str().unwrap(),
     ]);
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("conv1.weight") && e.contains("[16, 3, 5, 5]") && e.contains("[16, 3, 3, 3]"), "{e}");
+    assert!(
+        e.contains("conv1.weight") && e.contains("[16, 3, 5, 5]") && e.contains("[16, 3, 3, 3]"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -238,15 +368,25 @@ fn sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical() {
         .unwrap();
     let start = Instant::now();
     while !stopped.join("config.toml").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "the run did not start");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the run did not start"
+        );
         std::thread::sleep(Duration::from_millis(2));
     }
     std::thread::sleep(Duration::from_millis(200)); // into epoch 1
     let pid = child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let o = child.wait_with_output().unwrap();
     let e = stderr(&o);
-    assert!(o.status.success(), "a SIGTERM must end the run cleanly: {e}");
+    assert!(
+        o.status.success(),
+        "a SIGTERM must end the run cleanly: {e}"
+    );
     let interrupt = stopped.join("checkpoints").join(checkpoint::INTERRUPT_FILE);
     if !interrupt.exists() {
         // The run was faster than the signal; the test cannot say anything then.
@@ -254,21 +394,46 @@ fn sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical() {
         eprintln!("note: the run finished before SIGTERM arrived; mid-epoch path not exercised");
         return;
     }
-    assert!(e.contains("checkpoint written to") && e.contains("interrupt.safetensors"), "{e}");
+    assert!(
+        e.contains("checkpoint written to") && e.contains("interrupt.safetensors"),
+        "{e}"
+    );
     let state = checkpoint::load(&interrupt).unwrap().state.unwrap();
     assert!(state.batch_in_epoch > 0, "{state:?}");
 
-    let o = run(&["train", "--config", c, "--out", stopped.to_str().unwrap(), "--resume"]);
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        stopped.to_str().unwrap(),
+        "--resume",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(!interrupt.exists(), "the interrupt checkpoint is removed once its epoch is done");
-    let a = tensors_of(&checkpoint::epoch_checkpoint_path(&straight.join("checkpoints"), 2));
-    let b = tensors_of(&checkpoint::epoch_checkpoint_path(&stopped.join("checkpoints"), 2));
+    assert!(
+        !interrupt.exists(),
+        "the interrupt checkpoint is removed once its epoch is done"
+    );
+    let a = tensors_of(&checkpoint::epoch_checkpoint_path(
+        &straight.join("checkpoints"),
+        2,
+    ));
+    let b = tensors_of(&checkpoint::epoch_checkpoint_path(
+        &stopped.join("checkpoints"),
+        2,
+    ));
     for (k, t) in &a {
-        assert!(t.equal(&b[k]), "tensor {k} differs after a mid-epoch resume");
+        assert!(
+            t.equal(&b[k]),
+            "tensor {k} differs after a mid-epoch resume"
+        );
     }
     let (ma, mb) = (metrics(&straight), metrics(&stopped));
     assert_eq!(ma.len(), mb.len());
     for (x, y) in ma.iter().zip(&mb) {
-        assert_eq!((x.epoch, x.train_loss, x.train_top1, x.val_top1), (y.epoch, y.train_loss, y.train_top1, y.val_top1));
+        assert_eq!(
+            (x.epoch, x.train_loss, x.train_top1, x.val_top1),
+            (y.epoch, y.train_loss, y.train_top1, y.val_top1)
+        );
     }
 }

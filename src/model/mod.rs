@@ -113,7 +113,12 @@ impl ModelSpec {
 pub fn load_model(
     path: &std::path::Path,
     device: tch::Device,
-) -> Result<(ResNet, tch::nn::VarStore, crate::config::Config, Vec<String>)> {
+) -> Result<(
+    ResNet,
+    tch::nn::VarStore,
+    crate::config::Config,
+    Vec<String>,
+)> {
     let ckpt = crate::checkpoint::load(path)?;
     let cfg = match &ckpt.config {
         Some(c) => c.clone(),

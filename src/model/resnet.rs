@@ -17,7 +17,14 @@ fn conv(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64) -> nn::Conv2D {
 }
 
 /// A conv with dilation `dilation` and padding `dilation * (k / 2)` (same spatial size at stride 1).
-fn conv_dilated(p: nn::Path, cin: i64, cout: i64, k: i64, stride: i64, dilation: i64) -> nn::Conv2D {
+fn conv_dilated(
+    p: nn::Path,
+    cin: i64,
+    cout: i64,
+    k: i64,
+    stride: i64,
+    dilation: i64,
+) -> nn::Conv2D {
     let cfg = nn::ConvConfig {
         stride,
         padding: dilation * (k / 2),
@@ -251,7 +258,12 @@ impl ResNet {
     /// network. (The CIFAR layout's stride is 4 already, so 8 changes nothing there; 2 dilates
     /// layer3.) With ResNet-D a dilated stage's shortcut pool is the identity. Parameter names
     /// and shapes do not depend on `output_stride`.
-    pub fn with_output_stride(p: &nn::Path, spec: &ModelSpec, num_classes: i64, output_stride: i64) -> ResNet {
+    pub fn with_output_stride(
+        p: &nn::Path,
+        spec: &ModelSpec,
+        num_classes: i64,
+        output_stride: i64,
+    ) -> ResNet {
         Self::build(p, spec, Some(num_classes), output_stride)
     }
 
@@ -261,8 +273,16 @@ impl ResNet {
         Self::build(p, spec, None, output_stride)
     }
 
-    fn build(p: &nn::Path, spec: &ModelSpec, num_classes: Option<i64>, output_stride: i64) -> ResNet {
-        assert!(output_stride >= 1, "output_stride must be positive, got {output_stride}");
+    fn build(
+        p: &nn::Path,
+        spec: &ModelSpec,
+        num_classes: Option<i64>,
+        output_stride: i64,
+    ) -> ResNet {
+        assert!(
+            output_stride >= 1,
+            "output_stride must be positive, got {output_stride}"
+        );
         let (stem_width, stage_plan): (i64, Vec<(i64, usize, i64)>) = match &spec.layout {
             Layout::ImageNet { layers } => (
                 64,
@@ -299,7 +319,15 @@ impl ResNet {
             let stage: Vec<ResBlock> = (0..blocks)
                 .map(|b| {
                     let s = if b == 0 { stride } else { 1 };
-                    let block = ResBlock::new_dilated(&(&sp / b), spec, cin, width, s, prev_dilation, dilation);
+                    let block = ResBlock::new_dilated(
+                        &(&sp / b),
+                        spec,
+                        cin,
+                        width,
+                        s,
+                        prev_dilation,
+                        dilation,
+                    );
                     prev_dilation = dilation;
                     cin = width * spec.block.expansion();
                     block
@@ -343,8 +371,14 @@ impl ResNet {
 impl ResNet {
     /// The classifier head: global average pooling then `fc`.
     pub fn classify(&self, features: &Tensor) -> Tensor {
-        let fc = self.fc.as_ref().expect("a ResNet::backbone has no classifier");
-        features.adaptive_avg_pool2d([1, 1]).flatten(1, -1).apply(fc)
+        let fc = self
+            .fc
+            .as_ref()
+            .expect("a ResNet::backbone has no classifier");
+        features
+            .adaptive_avg_pool2d([1, 1])
+            .flatten(1, -1)
+            .apply(fc)
     }
 }
 
@@ -373,7 +407,11 @@ mod tests {
     fn count(name: &str, variant: &str, classes: i64) -> (i64, nn::VarStore) {
         let vs = nn::VarStore::new(Device::Cpu);
         let _ = ResNet::new(&vs.root(), &spec(name, variant, false), classes);
-        let n = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let n = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         (n, vs)
     }
 
@@ -430,7 +468,10 @@ mod tests {
         let (_, b) = count("resnet50", "b", 10);
         // Same shapes; behaviour differs. Check via the conv strides seen in a forward hook-free way:
         // a 1x1 conv with stride 2 on a 2x2 input keeps only the top-left pixel.
-        assert_eq!(a.variables()["layer2.0.conv1.weight"].size(), b.variables()["layer2.0.conv1.weight"].size());
+        assert_eq!(
+            a.variables()["layer2.0.conv1.weight"].size(),
+            b.variables()["layer2.0.conv1.weight"].size()
+        );
         let sa = spec("resnet50", "a", false);
         let sb = spec("resnet50", "b", false);
         assert!(!sa.tweaks.stride_on_3x3 && sb.tweaks.stride_on_3x3);
@@ -454,13 +495,29 @@ mod tests {
                 for train in [false, true] {
                     let y = down.forward_t(&x, train);
                     let expected = down.shortcut.forward_t(&x, train).relu();
-                    assert!(y.allclose(&expected, 1e-6, 1e-6, false), "{name} {v} down train={train}");
+                    assert!(
+                        y.allclose(&expected, 1e-6, 1e-6, false),
+                        "{name} {v} down train={train}"
+                    );
                     let y2 = same.forward_t(&y, train);
-                    assert!(y2.allclose(&y.relu(), 1e-6, 1e-6, false), "{name} {v} identity train={train}");
+                    assert!(
+                        y2.allclose(&y.relu(), 1e-6, 1e-6, false),
+                        "{name} {v} identity train={train}"
+                    );
                 }
-                let last_bn = if s.block == Block::Basic { "down.bn2.weight" } else { "down.bn3.weight" };
-                assert_eq!(f64::try_from(vs.variables()[last_bn].abs().sum(Kind::Float)).unwrap(), 0.0);
-                assert_eq!(f64::try_from(vs.variables()["down.bn1.weight"].mean(Kind::Float)).unwrap(), 1.0);
+                let last_bn = if s.block == Block::Basic {
+                    "down.bn2.weight"
+                } else {
+                    "down.bn3.weight"
+                };
+                assert_eq!(
+                    f64::try_from(vs.variables()[last_bn].abs().sum(Kind::Float)).unwrap(),
+                    0.0
+                );
+                assert_eq!(
+                    f64::try_from(vs.variables()["down.bn1.weight"].mean(Kind::Float)).unwrap(),
+                    1.0
+                );
             }
         }
     }
@@ -471,7 +528,9 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let sc = Shortcut::new(&vs.root(), 1, 1, 2, s.tweaks.avg_down);
         // Set the 1x1 conv to identity and BN (eval, fresh stats) is identity up to eps.
-        let Shortcut::AvgConv { conv, .. } = &sc else { panic!("expected avg-down shortcut") };
+        let Shortcut::AvgConv { conv, .. } = &sc else {
+            panic!("expected avg-down shortcut")
+        };
         tch::no_grad(|| {
             let mut w = conv.ws.shallow_clone();
             let _ = w.fill_(1.0);
@@ -479,7 +538,8 @@ mod tests {
         let x = Tensor::from_slice(&[1f32, 2., 3., 4., 5., 6., 7., 8., 9.]).view([1, 1, 3, 3]);
         let y = sc.forward_t(&x, false);
         // ceil mode, padding not counted: [[mean(1,2,4,5), mean(3,6)], [mean(7,8), 9]].
-        let expected = Tensor::from_slice(&[3f32, 4.5, 7.5, 9.0]).view([1, 1, 2, 2]) / (1.0 + 1e-5f64).sqrt();
+        let expected =
+            Tensor::from_slice(&[3f32, 4.5, 7.5, 9.0]).view([1, 1, 2, 2]) / (1.0 + 1e-5f64).sqrt();
         assert!(y.allclose(&expected, 1e-5, 1e-5, false), "{y}");
     }
 
@@ -491,6 +551,11 @@ mod tests {
         })
         .is_err());
         let s = spec("cifar_resnet110", "a", false);
-        assert_eq!(s.layout, Layout::Cifar { blocks_per_stage: 18 });
+        assert_eq!(
+            s.layout,
+            Layout::Cifar {
+                blocks_per_stage: 18
+            }
+        );
     }
 }

@@ -22,8 +22,8 @@ use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
-    derive_seed, optimizer_step, progress_bar, save_training_checkpoint, save_weights, to_device_input, RunOptions,
-    RunSummary, StepPosition,
+    derive_seed, optimizer_step, progress_bar, save_training_checkpoint, save_weights,
+    to_device_input, RunOptions, RunSummary, StepPosition,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -245,7 +245,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     let classes = super::class_names(cfg);
     let ignore = cfg.segment.ignore_index;
     let (vs, net) = {
-        let _guard = crate::train::MODEL_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = crate::train::MODEL_INIT_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
         let net = SegModel::new(&vs.root(), cfg)?;
@@ -381,8 +383,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 let loss = pixel_ce_sum(&logits, &y, ignore) / n_labelled.max(1) as f64;
                 (logits, loss)
             };
-            let at = StepPosition { epoch, step_in_epoch, global_step: state.global_step };
-            let loss_value = optimizer_step(&loss, &mut opt, &mut scaler, &params, &cfg.optim, lr, &ckpt_dir, at)?;
+            let at = StepPosition {
+                epoch,
+                step_in_epoch,
+                global_step: state.global_step,
+            };
+            let loss_value = optimizer_step(
+                &loss,
+                &mut opt,
+                &mut scaler,
+                &params,
+                &cfg.optim,
+                lr,
+                &ckpt_dir,
+                at,
+            )?;
             state.global_step += 1;
             loss_sum += loss_value * b as f64;
             seen += b;
@@ -487,7 +502,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        save_training_checkpoint(&checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch), &vs, &opt, cfg, &classes, &state)?;
+        save_training_checkpoint(
+            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
+            &vs,
+            &opt,
+            cfg,
+            &classes,
+            &state,
+        )?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
         let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
         if stopped_early {

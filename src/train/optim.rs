@@ -40,7 +40,11 @@ pub fn decays(tensor: &Tensor, no_bias_decay: bool) -> bool {
 impl Sgd {
     /// Optimizes every trainable variable of `vs` (those with requires_grad), in name order.
     pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Sgd {
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut vars: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
@@ -71,7 +75,10 @@ impl Sgd {
     }
 
     pub fn tensors(&self) -> Vec<Tensor> {
-        self.params.iter().map(|p| p.tensor.shallow_clone()).collect()
+        self.params
+            .iter()
+            .map(|p| p.tensor.shallow_clone())
+            .collect()
     }
 
     pub fn zero_grad(&mut self) {
@@ -93,7 +100,11 @@ impl Sgd {
                 if !grad.defined() {
                     continue;
                 }
-                let mut g = if p.decay && wd != 0.0 { &grad + &p.tensor * wd } else { grad };
+                let mut g = if p.decay && wd != 0.0 {
+                    &grad + &p.tensor * wd
+                } else {
+                    grad
+                };
                 if mu != 0.0 {
                     let buf = match &mut p.momentum {
                         Some(b) => {
@@ -117,7 +128,14 @@ impl Sgd {
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.params
             .iter()
-            .filter_map(|p| p.momentum.as_ref().map(|b| (format!("{}{}", crate::checkpoint::MOMENTUM_PREFIX, p.name), b.shallow_clone())))
+            .filter_map(|p| {
+                p.momentum.as_ref().map(|b| {
+                    (
+                        format!("{}{}", crate::checkpoint::MOMENTUM_PREFIX, p.name),
+                        b.shallow_clone(),
+                    )
+                })
+            })
             .collect()
     }
 
@@ -127,9 +145,17 @@ impl Sgd {
             let key = format!("{}{}", crate::checkpoint::MOMENTUM_PREFIX, p.name);
             if let Some(t) = tensors.get(&key) {
                 if t.size() != p.tensor.size() {
-                    bail!("optimizer state `{key}` has shape {:?}, parameter has {:?}", t.size(), p.tensor.size());
+                    bail!(
+                        "optimizer state `{key}` has shape {:?}, parameter has {:?}",
+                        t.size(),
+                        p.tensor.size()
+                    );
                 }
-                p.momentum = Some(t.to_kind(p.tensor.kind()).to_device(p.tensor.device()).contiguous());
+                p.momentum = Some(
+                    t.to_kind(p.tensor.kind())
+                        .to_device(p.tensor.device())
+                        .contiguous(),
+                );
             }
         }
         Ok(())
@@ -145,7 +171,16 @@ mod tests {
     fn store() -> nn::VarStore {
         let vs = nn::VarStore::new(Device::Cpu);
         let root = vs.root();
-        let _ = nn::conv2d(&root / "conv", 2, 3, 3, nn::ConvConfig { bias: false, ..Default::default() });
+        let _ = nn::conv2d(
+            &root / "conv",
+            2,
+            3,
+            3,
+            nn::ConvConfig {
+                bias: false,
+                ..Default::default()
+            },
+        );
         let _ = nn::linear(&root / "fc", 4, 2, Default::default());
         let _ = nn::batch_norm2d(&root / "bn", 3, Default::default());
         vs
@@ -161,7 +196,10 @@ mod tests {
     }
 
     fn snapshot(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
-        vs.variables().into_iter().map(|(k, v)| (k, v.detach().copy())).collect()
+        vs.variables()
+            .into_iter()
+            .map(|(k, v)| (k, v.detach().copy()))
+            .collect()
     }
 
     #[test]
@@ -201,7 +239,13 @@ mod tests {
         }
         // With the trick off, biases decay too.
         let vs2 = store();
-        let mut opt2 = Sgd::new(&vs2, &OptimConfig { weight_decay: 1e-2, ..Default::default() });
+        let mut opt2 = Sgd::new(
+            &vs2,
+            &OptimConfig {
+                weight_decay: 1e-2,
+                ..Default::default()
+            },
+        );
         assert!(opt2.params.iter().all(|p| p.decay));
         let b0 = vs2.variables()["fc.bias"].detach().copy();
         tch::no_grad(|| {
@@ -217,7 +261,9 @@ mod tests {
     #[test]
     fn nesterov_update_matches_pytorch_rule_over_two_steps() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, -2.0]));
+        let w = vs
+            .root()
+            .var_copy("w", &Tensor::from_slice(&[1.0f32, -2.0]));
         let cfg = OptimConfig {
             weight_decay: 0.1,
             momentum: 0.9,
@@ -241,12 +287,19 @@ mod tests {
         }
         let got: Vec<f32> = Vec::try_from(&w).unwrap();
         for i in 0..2 {
-            assert!((got[i] as f64 - w_ref[i]).abs() < 1e-5, "{got:?} vs {w_ref:?}");
+            assert!(
+                (got[i] as f64 - w_ref[i]).abs() < 1e-5,
+                "{got:?} vs {w_ref:?}"
+            );
         }
         // State round-trips through the checkpoint representation.
         let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
         let mut fresh = Sgd::new(&vs, &cfg);
         fresh.load_state(&state).unwrap();
-        assert!(fresh.params[0].momentum.as_ref().unwrap().equal(opt.params[0].momentum.as_ref().unwrap()));
+        assert!(fresh.params[0]
+            .momentum
+            .as_ref()
+            .unwrap()
+            .equal(opt.params[0].momentum.as_ref().unwrap()));
     }
 }

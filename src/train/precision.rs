@@ -8,7 +8,11 @@ use tch::{Device, Tensor};
 /// Whether this CPU has native bf16 units (AVX-512-BF16 or AMX), which make CPU autocast pay off.
 pub fn cpu_bf16_supported() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| s.lines().filter(|l| l.starts_with("flags")).any(|l| l.contains("avx512_bf16") || l.contains("amx_bf16")))
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.contains("avx512_bf16") || l.contains("amx_bf16"))
+        })
         .unwrap_or(false)
 }
 
@@ -36,7 +40,12 @@ impl Autocast {
     pub fn enter(precision: Precision, device: Device) -> Autocast {
         let dev = if device.is_cuda() { 1 } else { 0 };
         let dtype = match precision {
-            Precision::Fp32 => return Autocast { device: dev, active: false },
+            Precision::Fp32 => {
+                return Autocast {
+                    device: dev,
+                    active: false,
+                }
+            }
             Precision::Bf16 => 0,
             Precision::Fp16 => 1,
         };
@@ -44,7 +53,10 @@ impl Autocast {
             crate::ffi::tricks_autocast_increment_nesting();
             crate::ffi::tricks_autocast_set(dev, true, dtype);
         }
-        Autocast { device: dev, active: true }
+        Autocast {
+            device: dev,
+            active: true,
+        }
     }
 }
 

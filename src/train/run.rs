@@ -7,8 +7,8 @@ use super::schedule::LrSchedule;
 use super::{clip, derive_seed, mixup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision};
-use crate::device::{to_channels_last, weights_to_channels_last};
 use crate::data::{self, Loader};
+use crate::device::{to_channels_last, weights_to_channels_last};
 use crate::model::{self, ResNet};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
@@ -93,7 +93,13 @@ pub struct EvalResult {
 }
 
 /// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
-pub fn evaluate(model: &ResNet, loader: Loader, device: Device, precision: Precision, channels_last: bool) -> Result<EvalResult> {
+pub fn evaluate(
+    model: &ResNet,
+    loader: Loader,
+    device: Device,
+    precision: Precision,
+    channels_last: bool,
+) -> Result<EvalResult> {
     let (mut loss_sum, mut c1, mut c5, mut n) = (0.0, 0i64, 0i64, 0usize);
     for batch in loader {
         let batch = batch?;
@@ -139,9 +145,14 @@ struct Teacher {
     _vs: nn::VarStore,
 }
 
-fn load_teacher(path: &Path, device: Device, num_classes: i64, channels_last: bool) -> Result<Teacher> {
-    let (model, vs, _cfg, classes) =
-        model::load_model(path, device).with_context(|| format!("key `distill.teacher`: cannot load {}", path.display()))?;
+fn load_teacher(
+    path: &Path,
+    device: Device,
+    num_classes: i64,
+    channels_last: bool,
+) -> Result<Teacher> {
+    let (model, vs, _cfg, classes) = model::load_model(path, device)
+        .with_context(|| format!("key `distill.teacher`: cannot load {}", path.display()))?;
     let k = classes.len() as i64;
     if k != 0 && k != num_classes {
         bail!(
@@ -180,7 +191,11 @@ fn init_from_finetune(cfg: &Config, vs: &nn::VarStore, log: &dyn Fn(&str)) -> Re
     log(&format!(
         "fine-tuning from {} ({}; new classifier)",
         path.display(),
-        if probe { "linear probe, backbone frozen" } else { "all layers" }
+        if probe {
+            "linear probe, backbone frozen"
+        } else {
+            "all layers"
+        }
     ));
     Ok(probe)
 }
@@ -191,18 +206,22 @@ fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
         .append(true)
         .open(path)
         .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{}", serde_json::to_string(m)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     f.sync_data().ok();
     Ok(())
 }
 
 /// Reads `metrics.jsonl` (one [`EpochMetrics`] per line).
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
         .enumerate()
-        .map(|(i, l)| serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -212,7 +231,10 @@ fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let kept: Vec<EpochMetrics> = read_metrics(path)?.into_iter().filter(|m| m.epoch <= epochs_done).collect();
+    let kept: Vec<EpochMetrics> = read_metrics(path)?
+        .into_iter()
+        .filter(|m| m.epoch <= epochs_done)
+        .collect();
     let mut text = String::new();
     for m in &kept {
         text.push_str(&serde_json::to_string(m)?);
@@ -229,24 +251,35 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     crate::device::configure(cfg.train.threads, device);
 
     let out = &opts.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create output folder {}", out.display()))?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let ckpt_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir).with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+    std::fs::create_dir_all(&ckpt_dir)
+        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let metrics_path = out.join("metrics.jsonl");
     checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())
         .with_context(|| format!("output folder {} is not writable", out.display()))?;
 
     let (train_ds, val_ds) = data::open_train_val(&cfg.data, cfg.seed)?;
     let classes: Vec<String> = train_ds.classes().to_vec();
-    let num_classes = if cfg.model.num_classes > 0 { cfg.model.num_classes } else { classes.len() as i64 };
+    let num_classes = if cfg.model.num_classes > 0 {
+        cfg.model.num_classes
+    } else {
+        classes.len() as i64
+    };
     if num_classes as usize != classes.len() {
-        bail!("key `model.num_classes` is {num_classes} but the dataset has {} classes", classes.len());
+        bail!(
+            "key `model.num_classes` is {num_classes} but the dataset has {} classes",
+            classes.len()
+        );
     }
     let spec = model::ModelSpec::from_config(&cfg.model)?;
     // libtorch's generator is process-wide: runs started together (ablate --jobs N) would
     // interleave their draws, so seeding and initialisation happen under one lock.
     let (vs, net) = {
-        let _guard = super::MODEL_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = super::MODEL_INIT_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
         let net = ResNet::new(&vs.root(), &spec, num_classes);
@@ -255,7 +288,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
     if !cfg.finetune.from.is_empty() && cfg.finetune.backbone_lr_mult != 1.0 {
-        opt.set_lr_scale(|name| !name.starts_with("fc."), cfg.finetune.backbone_lr_mult);
+        opt.set_lr_scale(
+            |name| !name.starts_with("fc."),
+            cfg.finetune.backbone_lr_mult,
+        );
     }
     let mut state = TrainState {
         loss_scale: 1.0,
@@ -279,10 +315,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 checkpoint::copy_into(&vs, &ck.tensors, &ck.path, None)?;
                 opt.load_state(&ck.tensors)?;
                 state = ck.state.clone().unwrap_or_default();
-                scaler.scale = if scaler.enabled { state.loss_scale } else { 1.0 };
+                scaler.scale = if scaler.enabled {
+                    state.loss_scale
+                } else {
+                    1.0
+                };
                 scaler.good_steps = state.loss_scale_good_steps;
                 truncate_metrics(&metrics_path, state.epochs_done)?;
-                log(&format!("resuming from {} (epoch {} done, step {})", ck.path.display(), state.epochs_done, state.global_step));
+                log(&format!(
+                    "resuming from {} (epoch {} done, step {})",
+                    ck.path.display(),
+                    state.epochs_done,
+                    state.global_step
+                ));
             }
             None => log("no checkpoint to resume from: starting from scratch"),
         }
@@ -305,13 +350,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let teacher = if cfg.distill.teacher.is_empty() {
         None
     } else {
-        Some(load_teacher(Path::new(&cfg.distill.teacher), device, num_classes, channels_last)?)
+        Some(load_teacher(
+            Path::new(&cfg.distill.teacher),
+            device,
+            num_classes,
+            channels_last,
+        )?)
     };
 
     let bs = cfg.train.batch_size;
     let iters_per_epoch = train_ds.len() / bs;
     if iters_per_epoch == 0 {
-        bail!("key `train.batch_size` ({bs}) is larger than the training set ({} images)", train_ds.len());
+        bail!(
+            "key `train.batch_size` ({bs}) is larger than the training set ({} images)",
+            train_ds.len()
+        );
     }
     let epochs = cfg.train.epochs;
     let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(), iters_per_epoch, epochs);
@@ -328,12 +381,23 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         // epoch's running sums, so the epoch's metrics come out as if never interrupted.
         let first_batch = std::mem::take(&mut state.batch_in_epoch);
         let partial = std::mem::take(&mut state.partial);
-        let loader = Loader::train_from(train_ds.clone(), &cfg.data, bs, cfg.seed, epoch, first_batch);
+        let loader = Loader::train_from(
+            train_ds.clone(),
+            &cfg.data,
+            bs,
+            cfg.seed,
+            epoch,
+            first_batch,
+        );
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
         let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
-        let (mut loss_sum, mut correct, mut seen, mut skipped) =
-            (partial.loss_sum, partial.correct, partial.seen, partial.skipped);
+        let (mut loss_sum, mut correct, mut seen, mut skipped) = (
+            partial.loss_sum,
+            partial.correct,
+            partial.seen,
+            partial.skipped,
+        );
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
         let mut steps_done = first_batch;
@@ -351,7 +415,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let mut targets = smooth_targets(&y, num_classes, cfg.loss.label_smoothing);
             let mut inputs = x;
             if use_mixup {
-                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(cfg.seed, "mixup", epoch as u64, step_in_epoch as u64));
+                let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
+                    cfg.seed,
+                    "mixup",
+                    epoch as u64,
+                    step_in_epoch as u64,
+                ));
                 let lambda = mixup::sample_lambda(&mut rng, cfg.mixup.alpha);
                 let perm = mixup::permutation(&mut rng, b as usize);
                 let (mx, my) = mixup::mixup(&inputs, &targets, lambda, &perm);
@@ -382,8 +451,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 };
                 (logits, loss)
             };
-            let at = StepPosition { epoch, step_in_epoch, global_step: state.global_step };
-            let loss_value = optimizer_step(&loss, &mut opt, &mut scaler, &params, &cfg.optim, lr, &ckpt_dir, at)?;
+            let at = StepPosition {
+                epoch,
+                step_in_epoch,
+                global_step: state.global_step,
+            };
+            let loss_value = optimizer_step(
+                &loss,
+                &mut opt,
+                &mut scaler,
+                &params,
+                &cfg.optim,
+                lr,
+                &ckpt_dir,
+                at,
+            )?;
             state.global_step += 1;
             loss_sum += loss_value * b as f64;
             correct += topk_correct(&logits.to_kind(Kind::Float), &y, 1).0;
@@ -417,7 +499,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             // Mid-epoch stop: save where the epoch stands; `--resume` continues at the next batch.
             state.epochs_done = epoch - 1;
             state.batch_in_epoch = steps_done;
-            state.partial = checkpoint::EpochProgress { loss_sum, correct, seen, skipped };
+            state.partial = checkpoint::EpochProgress {
+                loss_sum,
+                correct,
+                seen,
+                skipped,
+            };
             state.loss_scale = scaler.scale;
             state.loss_scale_good_steps = scaler.good_steps;
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
@@ -466,7 +553,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        save_training_checkpoint(&checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch), &vs, &opt, cfg, &classes, &state)?;
+        save_training_checkpoint(
+            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
+            &vs,
+            &opt,
+            cfg,
+            &classes,
+            &state,
+        )?;
         checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
         let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
         if stopped_early {
@@ -476,7 +570,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     let final_eval = match last_eval {
         Some(e) => e,
-        None => evaluate(&net, Loader::eval(val_ds.clone(), &cfg.data, bs), device, precision, channels_last)?,
+        None => evaluate(
+            &net,
+            Loader::eval(val_ds.clone(), &cfg.data, bs),
+            device,
+            precision,
+            channels_last,
+        )?,
     };
     let summary = RunSummary {
         epochs: state.epochs_done,
@@ -486,18 +586,29 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         final_top5: final_eval.top5,
         final_val_loss: final_eval.loss,
         train_seconds: state.train_seconds,
-        images_per_second: if ips_seconds > 0.0 { ips_images as f64 / ips_seconds } else { last_ips },
+        images_per_second: if ips_seconds > 0.0 {
+            ips_images as f64 / ips_seconds
+        } else {
+            last_ips
+        },
         stopped_early,
     };
     if !stopped_early {
-        checkpoint::write_atomic(&out.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        checkpoint::write_atomic(
+            &out.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
     }
     Ok(summary)
 }
 
 /// Model tensors (parameters and BN statistics) in NCHW-contiguous layout.
 fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().map(|(k, t)| (k, t.detach().contiguous())).collect();
+    let mut v: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.detach().contiguous()))
+        .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -568,13 +679,20 @@ pub(crate) fn save_training_checkpoint(
 }
 
 /// Writes a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).
-pub fn save_weights(path: &Path, vs: &nn::VarStore, cfg: &Config, classes: &[String]) -> Result<()> {
+pub fn save_weights(
+    path: &Path,
+    vs: &nn::VarStore,
+    cfg: &Config,
+    classes: &[String],
+) -> Result<()> {
     checkpoint::save(path, &model_tensors(vs), Some(cfg), classes, None)
 }
 
 fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
     let val = match (m.val_top1, m.val_top5, m.val_loss) {
-        (Some(t1), Some(t5), Some(l)) => format!(" | val loss {l:.4} top-1 {t1:.2}% top-5 {t5:.2}%"),
+        (Some(t1), Some(t5), Some(l)) => {
+            format!(" | val loss {l:.4} top-1 {t1:.2}% top-5 {t5:.2}%")
+        }
         _ => String::new(),
     };
     format!(
@@ -585,11 +703,20 @@ fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
         m.train_top1,
         m.images_per_second,
         m.seconds,
-        if m.skipped_images > 0 { format!(", {} bad images skipped", m.skipped_images) } else { String::new() }
+        if m.skipped_images > 0 {
+            format!(", {} bad images skipped", m.skipped_images)
+        } else {
+            String::new()
+        }
     )
 }
 
-pub(crate) fn progress_bar(show: bool, len: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(
+    show: bool,
+    len: u64,
+    epoch: usize,
+    epochs: usize,
+) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }

@@ -11,6 +11,7 @@ pub mod data;
 pub mod device;
 pub mod experiments;
 pub mod ffi;
+pub mod metrics;
 pub mod model;
 pub mod segment;
 pub mod train;

@@ -128,18 +128,10 @@ pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
 
 /// `metrics.jsonl` (one [`EpochMetrics`] per line); no file means no epochs.
 pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
-    };
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
-        })
-        .collect()
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    crate::metrics::read(path)
 }
 
 /// Every run of a study, in table order (variant by variant, seeds in study order).

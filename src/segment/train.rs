@@ -18,6 +18,7 @@ use super::model::{load_backbone, SegModel, HEAD_PREFIX};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision, Task};
 use crate::device::weights_to_channels_last;
+use crate::metrics;
 use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
@@ -27,7 +28,6 @@ use crate::train::{
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
@@ -166,45 +166,15 @@ pub fn evaluate(
     })
 }
 
-fn append_metrics(path: &Path, m: &SegEpochMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_data().ok();
-    Ok(())
+impl metrics::EpochRecord for SegEpochMetrics {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
 }
 
 /// Reads a segmentation run's `metrics.jsonl`.
 pub fn read_metrics(path: &Path) -> Result<Vec<SegEpochMetrics>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
-        })
-        .collect()
-}
-
-/// Keeps only the metrics of the epochs a checkpoint covers.
-fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
-    }
-    let mut text = String::new();
-    for m in read_metrics(path)?
-        .into_iter()
-        .filter(|m| m.epoch <= epochs_done)
-    {
-        text.push_str(&serde_json::to_string(&m)?);
-        text.push('\n');
-    }
-    checkpoint::write_atomic(path, text.as_bytes())
+    metrics::read(path)
 }
 
 fn format_epoch(m: &SegEpochMetrics, epochs: usize) -> String {
@@ -289,7 +259,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                     1.0
                 };
                 scaler.good_steps = state.loss_scale_good_steps;
-                truncate_metrics(&metrics_path, state.epochs_done)?;
+                metrics::truncate::<SegEpochMetrics>(&metrics_path, state.epochs_done)?;
                 resumed = true;
                 log(&format!(
                     "resuming from {} (epoch {} done, step {})",
@@ -493,7 +463,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             images_per_second: last_ips,
             seconds: epoch_start.elapsed().as_secs_f64(),
         };
-        append_metrics(&metrics_path, &m)?;
+        metrics::append(&metrics_path, &m)?;
         log(&format_epoch(&m, epochs));
         if eval.is_some() {
             last_eval = eval;

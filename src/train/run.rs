@@ -9,12 +9,12 @@ use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision};
 use crate::data::{self, Loader};
 use crate::device::{to_channels_last, weights_to_channels_last};
+use crate::metrics;
 use crate::model::{self, ResNet};
 use anyhow::{bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -200,47 +200,10 @@ fn init_from_finetune(cfg: &Config, vs: &nn::VarStore, log: &dyn Fn(&str)) -> Re
     Ok(probe)
 }
 
-fn append_metrics(path: &Path, m: &EpochMetrics) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("cannot open {}", path.display()))?;
-    writeln!(f, "{}", serde_json::to_string(m)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.sync_data().ok();
-    Ok(())
-}
-
-/// Reads `metrics.jsonl` (one [`EpochMetrics`] per line).
-pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, l)| {
-            serde_json::from_str(l).with_context(|| format!("{}: line {}", path.display(), i + 1))
-        })
-        .collect()
-}
-
-/// Keeps only the metrics of epochs a checkpoint covers (a kill between the metrics line and the
-/// checkpoint must not leave a duplicate epoch behind).
-fn truncate_metrics(path: &Path, epochs_done: usize) -> Result<()> {
-    if !path.exists() {
-        return Ok(());
+impl metrics::EpochRecord for EpochMetrics {
+    fn epoch(&self) -> usize {
+        self.epoch
     }
-    let kept: Vec<EpochMetrics> = read_metrics(path)?
-        .into_iter()
-        .filter(|m| m.epoch <= epochs_done)
-        .collect();
-    let mut text = String::new();
-    for m in &kept {
-        text.push_str(&serde_json::to_string(m)?);
-        text.push('\n');
-    }
-    checkpoint::write_atomic(path, text.as_bytes())
 }
 
 /// Trains a model as the config says, writing everything into `opts.out_dir`.
@@ -321,7 +284,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                     1.0
                 };
                 scaler.good_steps = state.loss_scale_good_steps;
-                truncate_metrics(&metrics_path, state.epochs_done)?;
+                metrics::truncate::<EpochMetrics>(&metrics_path, state.epochs_done)?;
                 log(&format!(
                     "resuming from {} (epoch {} done, step {})",
                     ck.path.display(),
@@ -340,7 +303,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         std::fs::remove_file(&metrics_path).ok();
     }
     if state.epochs_done == 0 && state.global_step == 0 {
-        truncate_metrics(&metrics_path, 0)?;
+        metrics::truncate::<EpochMetrics>(&metrics_path, 0)?;
     }
 
     let channels_last = cfg.train.channels_last;
@@ -547,7 +510,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             seconds: epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped,
         };
-        append_metrics(&metrics_path, &m)?;
+        metrics::append(&metrics_path, &m)?;
         log(&format_epoch(&m, epochs));
 
         state.epochs_done = epoch;

@@ -23,8 +23,8 @@ use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
-    derive_seed, optimizer_step, progress_bar, save_training_checkpoint, save_weights,
-    to_device_input, RunOptions, RunSummary, StepPosition,
+    derive_seed, optimizer_step, progress_bar, resume_or_start, save_training_checkpoint,
+    save_weights, to_device_input, RunOptions, RunSummary, StepPosition,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -236,52 +236,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     };
     let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
 
-    let mut resumed = false;
-    if opts.resume {
-        let mut warn = |m: String| log(&format!("warning: {m}"));
-        match checkpoint::latest_valid(&ckpt_dir, &mut warn) {
-            Some(ck) => {
-                if let Some(saved) = &ck.config {
-                    if saved != cfg {
-                        bail!(
-                            "cannot resume {}: the config differs from the one the run started with (see {})",
-                            out.display(),
-                            out.join("config.toml").display()
-                        );
-                    }
-                }
-                checkpoint::copy_into(&vs, &ck.tensors, &ck.path, None)?;
-                opt.load_state(&ck.tensors)?;
-                state = ck.state.clone().unwrap_or_default();
-                scaler.scale = if scaler.enabled {
-                    state.loss_scale
-                } else {
-                    1.0
-                };
-                scaler.good_steps = state.loss_scale_good_steps;
-                metrics::truncate::<SegEpochMetrics>(&metrics_path, state.epochs_done)?;
-                resumed = true;
-                log(&format!(
-                    "resuming from {} (epoch {} done, step {})",
-                    ck.path.display(),
-                    state.epochs_done,
-                    state.global_step
-                ));
-            }
-            None => log("no checkpoint to resume from: starting from scratch"),
-        }
-    } else if !checkpoint::list_epoch_checkpoints(&ckpt_dir).is_empty()
-        || ckpt_dir.join(checkpoint::INTERRUPT_FILE).exists()
-    {
-        bail!(
-            "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
-            out.display()
-        );
-    }
+    let resumed =
+        resume_or_start::<SegEpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
     if !resumed {
-        if metrics_path.exists() {
-            std::fs::remove_file(&metrics_path).ok();
-        }
         load_backbone(&vs, cfg)?;
         if !cfg.segment.backbone.is_empty() {
             log(&format!(

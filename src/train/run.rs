@@ -262,49 +262,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
 
-    if opts.resume {
-        let mut warn = |m: String| log(&format!("warning: {m}"));
-        match checkpoint::latest_valid(&ckpt_dir, &mut warn) {
-            Some(ck) => {
-                if let Some(saved) = &ck.config {
-                    if saved != cfg {
-                        bail!(
-                            "cannot resume {}: the config differs from the one the run started with (see {})",
-                            out.display(),
-                            out.join("config.toml").display()
-                        );
-                    }
-                }
-                checkpoint::copy_into(&vs, &ck.tensors, &ck.path, None)?;
-                opt.load_state(&ck.tensors)?;
-                state = ck.state.clone().unwrap_or_default();
-                scaler.scale = if scaler.enabled {
-                    state.loss_scale
-                } else {
-                    1.0
-                };
-                scaler.good_steps = state.loss_scale_good_steps;
-                metrics::truncate::<EpochMetrics>(&metrics_path, state.epochs_done)?;
-                log(&format!(
-                    "resuming from {} (epoch {} done, step {})",
-                    ck.path.display(),
-                    state.epochs_done,
-                    state.global_step
-                ));
-            }
-            None => log("no checkpoint to resume from: starting from scratch"),
-        }
-    } else if !checkpoint::list_epoch_checkpoints(&ckpt_dir).is_empty() {
-        bail!(
-            "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
-            out.display()
-        );
-    } else if metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).ok();
-    }
-    if state.epochs_done == 0 && state.global_step == 0 {
-        metrics::truncate::<EpochMetrics>(&metrics_path, 0)?;
-    }
+    resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
 
     let channels_last = cfg.train.channels_last;
     if channels_last {
@@ -574,6 +532,66 @@ fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
         .collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
+}
+
+/// Starts or resumes the run in `opts.out_dir`, for every task. With `opts.resume`: restores
+/// weights, momentum, training state and loss scaler from the newest valid checkpoint (the config
+/// must be the one the run started with) and drops metrics lines of epochs it does not cover.
+/// Without: refuses a folder that already holds a run's checkpoints. A run that starts from
+/// scratch begins with no metrics. Returns whether it resumed.
+pub(crate) fn resume_or_start<M: metrics::EpochRecord>(
+    cfg: &Config,
+    opts: &RunOptions,
+    vs: &nn::VarStore,
+    opt: &mut Sgd,
+    scaler: &mut LossScaler,
+    state: &mut TrainState,
+) -> Result<bool> {
+    let out = &opts.out_dir;
+    let ckpt_dir = out.join("checkpoints");
+    let metrics_path = out.join("metrics.jsonl");
+    if opts.resume {
+        let mut warn = |m: String| (opts.log)(&format!("warning: {m}"));
+        if let Some(ck) = checkpoint::latest_valid(&ckpt_dir, &mut warn) {
+            if ck.config.as_ref().is_some_and(|saved| saved != cfg) {
+                bail!(
+                    "cannot resume {}: the config differs from the one the run started with (see {})",
+                    out.display(),
+                    out.join("config.toml").display()
+                );
+            }
+            checkpoint::copy_into(vs, &ck.tensors, &ck.path, None)?;
+            opt.load_state(&ck.tensors)?;
+            *state = ck.state.clone().unwrap_or_default();
+            scaler.scale = if scaler.enabled {
+                state.loss_scale
+            } else {
+                1.0
+            };
+            scaler.good_steps = state.loss_scale_good_steps;
+            metrics::truncate::<M>(&metrics_path, state.epochs_done)?;
+            (opts.log)(&format!(
+                "resuming from {} (epoch {} done, step {})",
+                ck.path.display(),
+                state.epochs_done,
+                state.global_step
+            ));
+            return Ok(true);
+        }
+        (opts.log)("no checkpoint to resume from: starting from scratch");
+    } else if !checkpoint::list_epoch_checkpoints(&ckpt_dir).is_empty()
+        || ckpt_dir.join(checkpoint::INTERRUPT_FILE).exists()
+    {
+        bail!(
+            "{} already holds checkpoints of a run: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    if metrics_path.exists() {
+        std::fs::remove_file(&metrics_path)
+            .with_context(|| format!("cannot remove the old {}", metrics_path.display()))?;
+    }
+    Ok(false)
 }
 
 /// Where a step sits in the run (for error messages).

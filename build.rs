@@ -27,6 +27,7 @@ fn torch_dir() -> PathBuf {
 
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PYTHON");
     let torch = torch_dir();
@@ -39,17 +40,45 @@ fn main() {
             "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,-ltorch,--pop-state"
         );
     }
-    cc::Build::new()
+    let mut build = cc::Build::new();
+    build
         .cpp(true)
         .file("csrc/shim.cpp")
+        .file("csrc/dist.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false)
-        .compile("tricks_shim");
+        .warnings(false);
+    // NCCL process groups need the CUDA runtime and NCCL headers, which the CUDA torch wheel's
+    // dependencies install beside it (plus nvidia-cuda-crt and -cccl, see scripts/setup.sh);
+    // without them the binary supports Gloo only and says so when NCCL is asked for.
+    let nvidia = torch.parent().map(|p| p.join("nvidia"));
+    let cuda_inc = nvidia.as_ref().and_then(|n| {
+        std::fs::read_dir(n)
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("include"))
+            .find(|p| {
+                ["cuda_runtime_api.h", "crt/host_config.h", "nv/target"]
+                    .iter()
+                    .all(|h| p.join(h).exists())
+            })
+    });
+    let nccl_inc = nvidia.as_ref().map(|n| n.join("nccl/include"));
+    if let (Some(cuda), Some(nccl)) = (cuda_inc, nccl_inc.filter(|p| p.join("nccl.h").exists())) {
+        if lib.join("libtorch_cuda.so").exists() {
+            build
+                .include(cuda)
+                .include(nccl)
+                .define("USE_C10D_NCCL", None)
+                .define("USE_CUDA", None)
+                .define("TRICKS_WITH_NCCL", None);
+        }
+    }
+    build.compile("tricks_shim");
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
 }

@@ -107,5 +107,16 @@ if ((${#todo[@]} > 0)); then
 else
     echo "nothing to install"
 fi
+
+# NCCL process groups (distributed training on GPUs) are compiled against the CUDA runtime and
+# NCCL headers that the CUDA torch wheel's dependencies install. The runtime headers also need
+# crt/ (nvidia-cuda-crt) and nv/target (nvidia-cuda-cccl), which torch does not depend on.
+# Without them the build still succeeds, with Gloo (CPU) only.
+cu_inc="$("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "cu13", "include"))' 2>/dev/null || true)"
+if [[ -n "$cu_inc" && -f "$cu_inc/cuda_runtime_api.h" ]] &&
+    [[ ! -f "$cu_inc/crt/host_config.h" || ! -e "$cu_inc/nv/target" ]]; then
+    pip_install "nvidia-cuda-crt==13.0.88" "nvidia-cuda-cccl==13.0.85" ||
+        echo "setup.sh: CUDA headers not installed: NCCL will be unavailable in this build" >&2
+fi
 echo "python: $py"
 echo "libtorch: $("$py" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))' 2>/dev/null)"

@@ -28,6 +28,10 @@ pub struct Config {
     /// Semantic segmentation (`task = "segmentation"`); ignored otherwise.
     #[serde(skip_serializing_if = "SegmentConfig::is_default")]
     pub segment: SegmentConfig,
+    /// Data-parallel training (used when the run is started by `tricks launch` or with
+    /// RANK/WORLD_SIZE in the environment).
+    #[serde(skip_serializing_if = "DistributedConfig::is_default")]
+    pub distributed: DistributedConfig,
 }
 
 impl Default for Config {
@@ -44,7 +48,49 @@ impl Default for Config {
             distill: DistillConfig::default(),
             finetune: FinetuneConfig::default(),
             segment: SegmentConfig::default(),
+            distributed: DistributedConfig::default(),
         }
+    }
+}
+
+/// c10d backend of a data-parallel run.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DistBackend {
+    /// NCCL on CUDA devices, Gloo on the CPU.
+    #[default]
+    Auto,
+    Gloo,
+    Nccl,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DistributedConfig {
+    pub backend: DistBackend,
+    /// Batch-norm statistics over the global batch (all ranks) instead of each rank's own.
+    pub sync_bn: bool,
+    /// Seconds a rank waits for the others (rendezvous, any collective) before it stops with an
+    /// error: a rank that died or hangs stops the run instead of blocking it forever.
+    pub timeout_s: f64,
+    /// Gradient all-reduce bucket size in MiB (DDP's `bucket_cap_mb`).
+    pub bucket_mb: f64,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            backend: DistBackend::Auto,
+            sync_bn: false,
+            timeout_s: 300.0,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
+impl DistributedConfig {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
     }
 }
 
@@ -436,10 +482,12 @@ impl Config {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
-    /// Effective peak learning rate after linear scaling.
-    pub fn peak_lr(&self) -> f64 {
+    /// Effective peak learning rate after linear scaling, for a run on `world_size` processes
+    /// (`train.batch_size` is per process; the scaling uses the global batch).
+    pub fn peak_lr(&self, world_size: usize) -> f64 {
         if self.optim.linear_scaling {
-            self.optim.lr * self.train.batch_size as f64 / self.optim.lr_reference_batch as f64
+            self.optim.lr * (self.train.batch_size * world_size.max(1)) as f64
+                / self.optim.lr_reference_batch as f64
         } else {
             self.optim.lr
         }
@@ -465,6 +513,8 @@ impl Config {
         positive("data.train_size", self.data.train_size as f64)?;
         positive("data.val_size", self.data.val_size as f64)?;
         positive("distill.temperature", self.distill.temperature)?;
+        positive("distributed.timeout_s", self.distributed.timeout_s)?;
+        positive("distributed.bucket_mb", self.distributed.bucket_mb)?;
         let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<()> {
             if !(v >= lo && v <= hi) {
                 bail!("key `{key}` must be in [{lo}, {hi}], got {v}");
@@ -734,7 +784,9 @@ mod tests {
             &[],
         )
         .unwrap();
-        assert!((c.peak_lr() - 0.4).abs() < 1e-12);
+        assert!((c.peak_lr(1) - 0.4).abs() < 1e-12);
+        // Data-parallel: batch_size is per process, the scaling uses the global batch.
+        assert!((c.peak_lr(4) - 1.6).abs() < 1e-12);
     }
 
     #[test]

@@ -30,10 +30,22 @@ fn cuda(index: usize) -> Result<Device> {
     Ok(Device::Cuda(index))
 }
 
-/// Sets libtorch's intra-op thread count (0 = all cores) and cuDNN autotuning.
+/// The cores this process may use: all of them, shared evenly among the processes of a
+/// data-parallel run on this machine (`LOCAL_WORLD_SIZE`, set by `tricks launch`), so that N
+/// ranks do not each start a thread per core.
+pub fn cores_per_process() -> usize {
+    let local = std::env::var("LOCAL_WORLD_SIZE")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(1);
+    (num_cpus::get() / local).max(1)
+}
+
+/// Sets libtorch's intra-op thread count (0 = [`cores_per_process`]) and cuDNN autotuning.
 pub fn configure(threads: usize, device: Device) {
     let n = if threads == 0 {
-        num_cpus::get()
+        cores_per_process()
     } else {
         threads
     };

@@ -10,3 +10,42 @@ extern "C" {
     pub fn tricks_set_cudnn_benchmark(enabled: bool);
     pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
 }
+
+// csrc/dist.cpp: c10d. Functions returning `*mut c_char` return NULL on success or a malloc'ed
+// error message to be released with `tricks_dist_free_error`. Tensors are passed as tch's
+// `*mut C_tensor` (an `at::Tensor*`).
+use std::ffi::{c_char, c_void};
+extern "C" {
+    pub fn tricks_dist_free_error(err: *mut c_char);
+    /// backend: 0 = Gloo, 1 = NCCL.
+    pub fn tricks_dist_init(
+        backend: i32,
+        host: *const c_char,
+        port: i32,
+        rank: i32,
+        world: i32,
+        timeout_ms: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn tricks_dist_free(group: *mut c_void);
+    pub fn tricks_dist_all_reduce_sum(group: *mut c_void, t: *mut c_void) -> *mut c_char;
+    pub fn tricks_dist_all_reduce_max(group: *mut c_void, t: *mut c_void) -> *mut c_char;
+    pub fn tricks_dist_broadcast(group: *mut c_void, t: *mut c_void, root: i32) -> *mut c_char;
+    pub fn tricks_dist_barrier(group: *mut c_void) -> *mut c_char;
+    pub fn tricks_dist_all_reduce_sum_autograd(
+        group: *mut c_void,
+        t: *mut c_void,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn tricks_reducer_new(
+        group: *mut c_void,
+        params: *const *mut c_void,
+        names: *const *const c_char,
+        n: i32,
+        bucket_bytes: i64,
+        out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub fn tricks_reducer_prepare(reducer: *mut c_void) -> *mut c_char;
+    pub fn tricks_reducer_free(reducer: *mut c_void) -> *mut c_char;
+    pub fn tricks_dist_has_nccl() -> i32;
+}

@@ -58,6 +58,34 @@ enum Command {
         /// The study's output folder.
         dir: PathBuf,
     },
+    /// Start the data-parallel ranks of a run on this machine (like torchrun), e.g.
+    /// `tricks launch --nproc 2 -- train --config FILE`.
+    Launch(LaunchArgs),
+}
+
+#[derive(Args)]
+struct LaunchArgs {
+    /// Processes (ranks) on this machine.
+    #[arg(long, default_value_t = 1)]
+    nproc: usize,
+    /// Machines in the run.
+    #[arg(long, default_value_t = 1)]
+    nnodes: usize,
+    /// This machine's index among them (0 hosts the rendezvous).
+    #[arg(long, default_value_t = 0)]
+    node_rank: usize,
+    /// Address of machine 0, reachable from every machine.
+    #[arg(long, default_value = "127.0.0.1")]
+    master_addr: String,
+    /// Rendezvous port (default: a free port; required with several machines).
+    #[arg(long)]
+    master_port: Option<u16>,
+    /// Seconds the ranks get to checkpoint and exit once stopped, before they are killed.
+    #[arg(long, default_value_t = 60.0)]
+    grace: f64,
+    /// The tricks command every rank runs (after `--`).
+    #[arg(last = true, required = true)]
+    args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -210,9 +238,13 @@ fn main() {
         Command::Report { dir } => tricks::experiments::report(&dir).map(|()| {
             println!("table, CSV and plots regenerated in {}", dir.display());
         }),
+        Command::Launch(a) => cmd_launch(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        match std::env::var("RANK") {
+            Ok(r) if std::env::var("WORLD_SIZE").is_ok() => eprintln!("error: rank {r}: {e:#}"),
+            _ => eprintln!("error: {e:#}"),
+        }
         std::process::exit(1);
     }
 }
@@ -257,10 +289,29 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         return check(&cfg, device);
     }
     let stop = stop_flag()?;
+    let dist = tricks::distributed::DistEnv::from_env()?;
+    // A data-parallel rank trains on its own GPU: cuda means cuda:LOCAL_RANK.
+    let device = match (&dist, device) {
+        (Some(env), tch::Device::Cuda(0)) if a.device == "cuda" || a.device == "auto" => {
+            device::parse_device(&format!("cuda:{}", env.local_rank))?
+        }
+        _ => device,
+    };
     let mut opts = train::RunOptions::new(&out, device);
     opts.resume = a.resume;
     opts.progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     opts.stop = stop;
+    if let Some(env) = &dist {
+        if cfg.task == tricks::config::Task::Segmentation {
+            anyhow::bail!("data-parallel training (WORLD_SIZE={}) supports classification only; segmentation runs in one process", env.world_size);
+        }
+        opts.progress &= env.rank == 0;
+        let group = tricks::distributed::ProcessGroup::init(env, &cfg.distributed, device)?;
+        opts.dist = Some(Arc::new(group));
+        if env.rank != 0 {
+            return train::train(&cfg, &opts).map(|_| ());
+        }
+    }
     if cfg.task == tricks::config::Task::Segmentation {
         return train_segmentation(&cfg, &opts);
     }
@@ -308,7 +359,7 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
         "config: ok ({} variant {}, peak lr {})",
         spec.name,
         cfg.model.variant,
-        cfg.peak_lr()
+        cfg.peak_lr(1)
     );
     if !cfg.distill.teacher.is_empty() {
         let (_, _, tcfg, _) =
@@ -476,4 +527,24 @@ fn cmd_info() -> Result<()> {
         println!("{k:>18}: {v}");
     }
     Ok(())
+}
+
+fn cmd_launch(a: LaunchArgs) -> Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .context("cannot install the signal handler")?;
+    }
+    tricks::distributed::launch::run(
+        &tricks::distributed::launch::LaunchSpec {
+            nproc: a.nproc,
+            nnodes: a.nnodes,
+            node_rank: a.node_rank,
+            master_addr: a.master_addr,
+            master_port: a.master_port,
+            args: a.args,
+            grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
+        },
+        stop,
+    )
 }

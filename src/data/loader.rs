@@ -52,7 +52,7 @@ impl Batch {
 pub fn thread_pool(workers: usize) -> Arc<ThreadPool> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
     let n = if workers == 0 {
-        num_cpus::get().max(1)
+        crate::device::cores_per_process()
     } else {
         workers
     };
@@ -104,9 +104,30 @@ struct Job {
     skip_bad: bool,
     /// Batches before this one are not produced (resuming in the middle of an epoch).
     first_batch: usize,
+    /// This process's share of a data-parallel run (see [`Loader::train_shard`]).
+    shard: Shard,
+}
+
+/// Rank `rank` of `world` data-parallel processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub rank: usize,
+    pub world: usize,
+}
+
+impl Shard {
+    pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
 }
 
 impl Job {
+    /// The position in the epoch's global order of this shard's `i`-th sample: its augmentation
+    /// is drawn from that position, so a sample is augmented the same way whatever the number of
+    /// processes.
+    fn epoch_position(&self, i: usize) -> usize {
+        let b = self.batch_size;
+        (i / b) * b * self.shard.world + self.shard.rank * b + i % b
+    }
+
     fn side(&self) -> u32 {
         match self.mode {
             Mode::Train { .. } => self.transform.train_size,
@@ -143,13 +164,13 @@ impl Job {
                         // The loader was dropped: this batch will never be sent; finish fast.
                         return None;
                     }
-                    let pos = start + r;
-                    let img = match ds.image(order[pos]) {
+                    let img = match ds.image(order[start + r]) {
                         Ok(img) => img,
                         Err(e) => return Some(e),
                     };
                     match mode {
                         Mode::Train { seed, epoch } => {
+                            let pos = self.epoch_position(start + r);
                             let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
                             transform.train_into(&img, &mut rng, out);
                         }
@@ -245,15 +266,42 @@ impl Loader {
         epoch: usize,
         first_batch: usize,
     ) -> Loader {
+        Self::train_shard(ds, cfg, batch_size, seed, epoch, first_batch, Shard::SINGLE)
+    }
+
+    /// One process's share of a data-parallel epoch (a distributed sampler): the epoch's global
+    /// order is the single-process permutation, cut into global batches of
+    /// `batch_size · shard.world` samples, and rank r's batch s is the r-th slice of global batch
+    /// s, augmented as it would be in one process. The ranks together therefore see exactly the
+    /// batches of a single process with the global batch size.
+    pub fn train_shard(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+        shard: Shard,
+    ) -> Loader {
         assert!(batch_size > 0, "batch size must be positive");
+        assert!(
+            shard.rank < shard.world,
+            "rank must be below the world size"
+        );
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
-        let num_batches = order.len() / batch_size;
-        order.truncate(num_batches * batch_size);
+        let global = batch_size * shard.world;
+        let num_batches = order.len() / global;
+        let mine: Vec<usize> = (0..num_batches)
+            .flat_map(|s| {
+                let from = s * global + shard.rank * batch_size;
+                order[from..from + batch_size].iter().copied()
+            })
+            .collect();
         Self::start(
             ds,
             cfg,
-            order,
+            mine,
             batch_size,
             num_batches,
             Mode::Train {
@@ -261,17 +309,39 @@ impl Loader {
                 epoch: epoch as u64,
             },
             first_batch,
+            shard,
         )
     }
 
     /// In order, last partial batch kept, the evaluation transform (resize shorter side to val_size/val_crop_ratio, centre crop val_size; for the CIFAR pipeline when the image already is val_size: identity).
     pub fn eval(ds: Arc<dyn Dataset>, cfg: &DataConfig, batch_size: usize) -> Loader {
-        assert!(batch_size > 0, "batch size must be positive");
-        let order: Vec<usize> = (0..ds.len()).collect();
-        let num_batches = order.len().div_ceil(batch_size);
-        Self::start(ds, cfg, order, batch_size, num_batches, Mode::Eval, 0)
+        Self::eval_shard(ds, cfg, batch_size, Shard::SINGLE)
     }
 
+    /// [`Loader::eval`] over every `shard.world`-th image from `shard.rank` on: the ranks of a
+    /// data-parallel run together evaluate each image once.
+    pub fn eval_shard(
+        ds: Arc<dyn Dataset>,
+        cfg: &DataConfig,
+        batch_size: usize,
+        shard: Shard,
+    ) -> Loader {
+        assert!(batch_size > 0, "batch size must be positive");
+        let order: Vec<usize> = (shard.rank..ds.len()).step_by(shard.world).collect();
+        let num_batches = order.len().div_ceil(batch_size);
+        Self::start(
+            ds,
+            cfg,
+            order,
+            batch_size,
+            num_batches,
+            Mode::Eval,
+            0,
+            shard,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn start(
         ds: Arc<dyn Dataset>,
         cfg: &DataConfig,
@@ -280,6 +350,7 @@ impl Loader {
         num_batches: usize,
         mode: Mode,
         first_batch: usize,
+        shard: Shard,
     ) -> Loader {
         let num_samples = order.len();
         let job = Job {
@@ -292,6 +363,7 @@ impl Loader {
             pool: thread_pool(cfg.workers),
             skip_bad: cfg.skip_bad_images,
             first_batch: first_batch.min(num_batches),
+            shard,
         };
         let (tx, rx) = bounded(cfg.prefetch);
         let stop = Arc::new(AtomicBool::new(false));

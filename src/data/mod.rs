@@ -15,7 +15,7 @@ pub mod imagefolder;
 pub mod loader;
 pub mod transforms;
 
-pub use loader::{Batch, Loader};
+pub use loader::{Batch, Loader, Shard};
 
 use crate::config::{DataConfig, DataFormat};
 use anyhow::{bail, Context, Result};

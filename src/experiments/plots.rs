@@ -433,7 +433,7 @@ fn epoch_band(
 pub fn lr_curve(cfg: &Config, iters_per_epoch: usize) -> Vec<(f64, f64)> {
     let epochs = cfg.train.epochs;
     let ipe = iters_per_epoch.max(1);
-    let sched = LrSchedule::new(&cfg.optim, cfg.peak_lr(), ipe, epochs);
+    let sched = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), ipe, epochs);
     let stride = (ipe * epochs / 2000).max(1);
     let mut iters = Vec::new();
     for e in 0..epochs {

@@ -1,6 +1,7 @@
 //! The ResNet family as one parameterised definition (after timm's `resnet.py` and GluonCV's
 //! `resnetv1b.py`): depth picks the block and stage sizes, `variant` picks the paper's tweaks.
 
+pub mod norm;
 mod resnet;
 
 pub use resnet::ResNet;

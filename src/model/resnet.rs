@@ -1,6 +1,7 @@
 //! ResNet v1 with the paper's B/C/D tweaks. Parameter names follow timm/torchvision state_dict
 //! keys (`conv1`, `bn1`, `layer1.0.conv2`, `layer2.0.downsample.1`, `fc`) so weights move between them.
 
+use super::norm::{batch_norm2d, BatchNorm2d};
 use super::{Block, Layout, ModelSpec};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
@@ -37,13 +38,8 @@ fn conv_dilated(
 }
 
 /// BN with γ = 1, β = 0; `zero_gamma` starts γ at 0 (the paper's zero-γ trick, §3.1).
-fn bn(p: nn::Path, c: i64, zero_gamma: bool) -> nn::BatchNorm {
-    let cfg = nn::BatchNormConfig {
-        ws_init: nn::Init::Const(if zero_gamma { 0.0 } else { 1.0 }),
-        bs_init: nn::Init::Const(0.0),
-        ..Default::default()
-    };
-    nn::batch_norm2d(p, c, cfg)
+fn bn(p: nn::Path, c: i64, zero_gamma: bool) -> BatchNorm2d {
+    batch_norm2d(p, c, if zero_gamma { 0.0 } else { 1.0 })
 }
 
 /// The shortcut branch of a residual block.
@@ -53,14 +49,14 @@ enum Shortcut {
     /// 1x1 conv with the block's stride + BN (`downsample.0`, `downsample.1`).
     Conv {
         conv: nn::Conv2D,
-        bn: nn::BatchNorm,
+        bn: BatchNorm2d,
     },
     /// ResNet-D: 2x2 average pool (ceil mode, padding not counted) then a stride-1 1x1 conv + BN
     /// (`downsample.1`, `downsample.2`; index 0 is the parameter-free pool, as in timm).
     AvgConv {
         stride: i64,
         conv: nn::Conv2D,
-        bn: nn::BatchNorm,
+        bn: BatchNorm2d,
     },
 }
 
@@ -104,7 +100,7 @@ impl Shortcut {
 #[derive(Debug)]
 struct ResBlock {
     /// (conv, bn) pairs along the residual branch; the last has no ReLU before the addition.
-    branch: Vec<(nn::Conv2D, nn::BatchNorm)>,
+    branch: Vec<(nn::Conv2D, BatchNorm2d)>,
     shortcut: Shortcut,
 }
 
@@ -182,8 +178,8 @@ impl ModuleT for ResBlock {
 /// The stem: one conv (7x7 stride 2 on ImageNet, 3x3 on CIFAR) or ResNet-C's three 3x3 convs.
 #[derive(Debug)]
 struct Stem {
-    convs: Vec<(nn::Conv2D, Option<nn::BatchNorm>)>,
-    bn: nn::BatchNorm,
+    convs: Vec<(nn::Conv2D, Option<BatchNorm2d>)>,
+    bn: BatchNorm2d,
     max_pool: bool,
 }
 

@@ -261,7 +261,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         );
     }
     let epochs = cfg.train.epochs;
-    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(), iters_per_epoch, epochs);
+    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), iters_per_epoch, epochs);
     let params = opt.tensors();
     let precision = cfg.train.precision;
     let mut stopped_early = false;
@@ -324,7 +324,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 lr,
                 &ckpt_dir,
                 at,
-            )?;
+                None,
+                false,
+            )?
+            .loss;
             state.global_step += 1;
             loss_sum += loss_value * b as f64;
             seen += b;

@@ -5,6 +5,7 @@
 //! and loss scaling), `optim` (Nesterov SGD, no bias decay); zero-γ lives with the model.
 
 pub mod clip;
+mod data_parallel;
 pub mod loss;
 pub mod mixup;
 pub mod optim;
@@ -12,6 +13,7 @@ pub mod precision;
 mod run;
 pub mod schedule;
 
+pub use data_parallel::DataParallel;
 pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
 pub(crate) use run::{
     optimizer_step, progress_bar, resume_or_start, save_training_checkpoint, save_weights,

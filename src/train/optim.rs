@@ -14,7 +14,7 @@ pub struct Param {
     pub decay: bool,
     /// Multiplier of the lr for this tensor (1.0 unless set, e.g. a lower backbone lr).
     pub lr_scale: f64,
-    momentum: Option<Tensor>,
+    pub(crate) momentum: Option<Tensor>,
 }
 
 impl Param {

@@ -1,5 +1,6 @@
 //! One training run: data → model → epochs of (train, evaluate, checkpoint) → summary.
 
+use super::data_parallel::{dump_rank_weights, sync_from_rank0, DataParallel};
 use super::loss::{distillation_loss, smooth_targets, soft_cross_entropy, topk_correct};
 use super::optim::Sgd;
 use super::precision::{check_supported, Autocast, LossScaler};
@@ -7,11 +8,12 @@ use super::schedule::LrSchedule;
 use super::{clip, derive_seed, mixup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision};
-use crate::data::{self, Loader};
+use crate::data::{self, Loader, Shard};
 use crate::device::{to_channels_last, weights_to_channels_last};
+use crate::distributed::ProcessGroup;
 use crate::metrics;
 use crate::model::{self, ResNet};
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,9 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Where human-readable messages go.
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
+    /// The process group of a data-parallel run (None: a single process). Rank 0 writes the
+    /// run folder and logs; every rank trains its shard of each global batch.
+    pub dist: Option<Arc<ProcessGroup>>,
 }
 
 impl RunOptions {
@@ -46,6 +51,7 @@ impl RunOptions {
             progress: false,
             stop: Arc::new(AtomicBool::new(false)),
             log: Arc::new(|m: &str| eprintln!("{m}")),
+            dist: None,
         }
     }
 }
@@ -100,32 +106,74 @@ pub fn evaluate(
     precision: Precision,
     channels_last: bool,
 ) -> Result<EvalResult> {
-    let (mut loss_sum, mut c1, mut c5, mut n) = (0.0, 0i64, 0i64, 0usize);
-    for batch in loader {
-        let batch = batch?;
-        let x = to_device_input(&batch.images, device, channels_last);
-        let y = batch.labels.to_device(device);
-        let logits = tch::no_grad(|| {
-            let _ac = Autocast::enter(precision, device);
-            model.forward_t(&x, false)
+    EvalSums::over(model, loader, device, precision, channels_last)?.result()
+}
+
+/// Evaluation sums (summable over the ranks of a data-parallel run).
+#[derive(Debug, Clone, Copy, Default)]
+struct EvalSums {
+    loss: f64,
+    top1: f64,
+    top5: f64,
+    samples: f64,
+}
+
+impl EvalSums {
+    fn over(
+        model: &ResNet,
+        loader: Loader,
+        device: Device,
+        precision: Precision,
+        channels_last: bool,
+    ) -> Result<EvalSums> {
+        let (mut loss_sum, mut c1, mut c5, mut n) = (0.0, 0i64, 0i64, 0usize);
+        for batch in loader {
+            let batch = batch?;
+            let x = to_device_input(&batch.images, device, channels_last);
+            let y = batch.labels.to_device(device);
+            let logits = tch::no_grad(|| {
+                let _ac = Autocast::enter(precision, device);
+                model.forward_t(&x, false)
+            })
+            .to_kind(Kind::Float);
+            let b = y.size()[0] as usize;
+            loss_sum += f64::try_from(logits.cross_entropy_for_logits(&y))? * b as f64;
+            let (a, k) = topk_correct(&logits, &y, 5);
+            c1 += a;
+            c5 += k;
+            n += b;
+        }
+        Ok(EvalSums {
+            loss: loss_sum,
+            top1: c1 as f64,
+            top5: c5 as f64,
+            samples: n as f64,
         })
-        .to_kind(Kind::Float);
-        let b = y.size()[0] as usize;
-        loss_sum += f64::try_from(logits.cross_entropy_for_logits(&y))? * b as f64;
-        let (a, k) = topk_correct(&logits, &y, 5);
-        c1 += a;
-        c5 += k;
-        n += b;
     }
-    if n == 0 {
-        bail!("the evaluation split has no usable images");
+
+    fn all_ranks(self, dp: Option<&DataParallel>) -> Result<EvalSums> {
+        let Some(dp) = dp else { return Ok(self) };
+        let v = dp.sum(&[self.loss, self.top1, self.top5, self.samples])?;
+        Ok(EvalSums {
+            loss: v[0],
+            top1: v[1],
+            top5: v[2],
+            samples: v[3],
+        })
     }
-    Ok(EvalResult {
-        loss: loss_sum / n as f64,
-        top1: 100.0 * c1 as f64 / n as f64,
-        top5: 100.0 * c5 as f64 / n as f64,
-        samples: n,
-    })
+
+    fn result(self) -> Result<EvalResult> {
+        let n = self.samples;
+        if n == 0.0 {
+            bail!("the evaluation split has no usable images");
+        }
+        Ok(EvalResult {
+            loss: self.loss / n,
+            top1: 100.0 * self.top1 / n,
+            top5: 100.0 * self.top5 / n,
+            samples: n as usize,
+        })
+    }
 }
 
 /// Moves a batch to the device, in NHWC memory layout when `channels_last`.
@@ -208,20 +256,33 @@ impl metrics::EpochRecord for EpochMetrics {
 
 /// Trains a model as the config says, writing everything into `opts.out_dir`.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
-    let log = |m: &str| (opts.log)(m);
+    // Data-parallel: rank 0 writes the run folder and logs; every rank trains.
+    let dist = opts.dist.clone();
+    let rank0 = dist.as_ref().is_none_or(|g| g.rank == 0);
+    let shard = dist.as_ref().map_or(Shard::SINGLE, |g| Shard {
+        rank: g.rank,
+        world: g.world_size,
+    });
+    let log = |m: &str| {
+        if rank0 {
+            (opts.log)(m)
+        }
+    };
     let device = opts.device;
     check_supported(cfg.train.precision, device)?;
     crate::device::configure(cfg.train.threads, device);
 
     let out = &opts.out_dir;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output folder {}", out.display()))?;
     let ckpt_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
     let metrics_path = out.join("metrics.jsonl");
-    checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())
-        .with_context(|| format!("output folder {} is not writable", out.display()))?;
+    if rank0 {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create output folder {}", out.display()))?;
+        std::fs::create_dir_all(&ckpt_dir)
+            .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
+        checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())
+            .with_context(|| format!("output folder {} is not writable", out.display()))?;
+    }
 
     let (train_ds, val_ds) = data::open_train_val(&cfg.data, cfg.seed)?;
     let classes: Vec<String> = train_ds.classes().to_vec();
@@ -248,6 +309,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let net = ResNet::new(&vs.root(), &spec, num_classes);
         (vs, net)
     };
+    let bs = cfg.train.batch_size;
+    let iters_per_epoch = train_ds.len() / (bs * shard.world);
+    if iters_per_epoch == 0 {
+        bail!(
+            "key `train.batch_size` ({bs}{}) is larger than the training set ({} images)",
+            if shard.world > 1 {
+                format!(" per rank × {} ranks", shard.world)
+            } else {
+                String::new()
+            },
+            train_ds.len()
+        );
+    }
     let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
     if !cfg.finetune.from.is_empty() && cfg.finetune.backbone_lr_mult != 1.0 {
@@ -262,12 +336,38 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
 
-    resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
+    if rank0 {
+        resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
+    }
+    if let Some(group) = &dist {
+        sync_from_rank0(group, &vs, &mut opt, &mut state)?;
+        scaler.scale = if scaler.enabled {
+            state.loss_scale
+        } else {
+            1.0
+        };
+        scaler.good_steps = state.loss_scale_good_steps;
+    }
 
     let channels_last = cfg.train.channels_last;
     if channels_last {
         weights_to_channels_last(&vs);
     }
+    let dp =
+        match &dist {
+            Some(group) => {
+                let dp = DataParallel::new(group.clone(), &opt, &cfg.distributed)?;
+                log(&format!(
+                "data-parallel: {} ranks over {}, batch {bs} per rank = {} global, batch norm {}",
+                dp.world_size(),
+                if group.device.is_cuda() { "NCCL" } else { "Gloo" },
+                bs * dp.world_size(),
+                if dp.sync_bn() { "synchronised" } else { "per rank" }
+            ));
+                Some(dp)
+            }
+            None => None,
+        };
     let teacher = if cfg.distill.teacher.is_empty() {
         None
     } else {
@@ -279,16 +379,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         )?)
     };
 
-    let bs = cfg.train.batch_size;
-    let iters_per_epoch = train_ds.len() / bs;
-    if iters_per_epoch == 0 {
-        bail!(
-            "key `train.batch_size` ({bs}) is larger than the training set ({} images)",
-            train_ds.len()
-        );
-    }
     let epochs = cfg.train.epochs;
-    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(), iters_per_epoch, epochs);
+    let schedule = LrSchedule::new(
+        &cfg.optim,
+        cfg.peak_lr(shard.world),
+        iters_per_epoch,
+        epochs,
+    );
     let params = opt.tensors();
     let precision = cfg.train.precision;
     let mut stopped_early = false;
@@ -300,15 +397,18 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let epoch_start = Instant::now();
         // Resuming from an interrupt checkpoint continues the epoch at its next batch, with the
         // epoch's running sums, so the epoch's metrics come out as if never interrupted.
+        // (In a data-parallel run the saved sums are over all ranks: rank 0 carries them.)
         let first_batch = std::mem::take(&mut state.batch_in_epoch);
         let partial = std::mem::take(&mut state.partial);
-        let loader = Loader::train_from(
+        let partial = if rank0 { partial } else { Default::default() };
+        let loader = Loader::train_shard(
             train_ds.clone(),
             &cfg.data,
             bs,
             cfg.seed,
             epoch,
             first_batch,
+            shard,
         );
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
@@ -377,7 +477,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 step_in_epoch,
                 global_step: state.global_step,
             };
-            let loss_value = optimizer_step(
+            let step = optimizer_step(
                 &loss,
                 &mut opt,
                 &mut scaler,
@@ -386,9 +486,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 lr,
                 &ckpt_dir,
                 at,
+                dp.as_ref(),
+                opts.stop.load(Ordering::SeqCst),
             )?;
             state.global_step += 1;
-            loss_sum += loss_value * b as f64;
+            loss_sum += step.loss * b as f64;
             correct += topk_correct(&logits.to_kind(Kind::Float), &y, 1).0;
             seen += b as usize;
             let ips = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
@@ -401,7 +503,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             ));
             bar.inc(1);
             steps_done = step_in_epoch + 1;
-            let signalled = opts.stop.load(Ordering::SeqCst);
+            let signalled = step.stop;
             let step_limit = cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps;
             if (signalled || step_limit) && steps_done < iters_per_epoch {
                 stopped_early = true;
@@ -412,6 +514,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
         }
         bar.finish_and_clear();
+        if let Some(dp) = &dp {
+            let v = dp.sum(&[loss_sum, correct as f64, seen as f64, skipped as f64])?;
+            (loss_sum, correct, seen, skipped) = (v[0], v[1] as i64, v[2] as usize, v[3] as usize);
+        }
         if seen == 0 {
             bail!("epoch {epoch}: no usable training images (every image of the epoch failed to load)");
         }
@@ -429,7 +535,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             state.loss_scale = scaler.scale;
             state.loss_scale_good_steps = scaler.good_steps;
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
+            if let Some(dp) = &dp {
+                dp.broadcast_buffers(&vs)?;
+            }
+            if rank0 {
+                save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
+            }
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
                 path.display()
@@ -441,10 +552,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         ips_images += seen;
         ips_seconds += train_seconds;
 
+        if let Some(dp) = &dp {
+            dp.broadcast_buffers(&vs)?;
+            dp.check_replicas(&vs)?;
+        }
         let is_last = epoch == epochs || stopped_early;
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
-            let loader = Loader::eval(val_ds.clone(), &cfg.data, bs);
-            Some(evaluate(&net, loader, device, precision, channels_last)?)
+            let loader = Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard);
+            let sums = EvalSums::over(&net, loader, device, precision, channels_last)?;
+            Some(sums.all_ranks(dp.as_ref())?.result()?)
         } else {
             None
         };
@@ -453,7 +569,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             if e.top1 > state.best_top1 || state.best_epoch == 0 {
                 state.best_top1 = e.top1;
                 state.best_epoch = epoch;
-                save_weights(&out.join("best.safetensors"), &vs, cfg, &classes)?;
+                if rank0 {
+                    save_weights(&out.join("best.safetensors"), &vs, cfg, &classes)?;
+                }
             }
         }
         let m = EpochMetrics {
@@ -468,22 +586,23 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             seconds: epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped,
         };
-        metrics::append(&metrics_path, &m)?;
-        log(&format_epoch(&m, epochs));
-
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        save_training_checkpoint(
-            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
-            &vs,
-            &opt,
-            cfg,
-            &classes,
-            &state,
-        )?;
-        checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
-        let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
+        if rank0 {
+            metrics::append(&metrics_path, &m)?;
+            log(&format_epoch(&m, epochs));
+            save_training_checkpoint(
+                &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
+                &vs,
+                &opt,
+                cfg,
+                &classes,
+                &state,
+            )?;
+            checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
+            let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
+        }
         if stopped_early {
             break;
         }
@@ -491,14 +610,15 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     let final_eval = match last_eval {
         Some(e) => e,
-        None => evaluate(
-            &net,
-            Loader::eval(val_ds.clone(), &cfg.data, bs),
-            device,
-            precision,
-            channels_last,
-        )?,
+        None => {
+            let loader = Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard);
+            let sums = EvalSums::over(&net, loader, device, precision, channels_last)?;
+            sums.all_ranks(dp.as_ref())?.result()?
+        }
     };
+    if let Some(dp) = &dp {
+        dump_rank_weights(dp.rank(), &vs)?;
+    }
     let summary = RunSummary {
         epochs: state.epochs_done,
         best_top1: state.best_top1,
@@ -514,7 +634,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         },
         stopped_early,
     };
-    if !stopped_early {
+    if !stopped_early && rank0 {
         checkpoint::write_atomic(
             &out.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -602,9 +722,19 @@ pub(crate) struct StepPosition {
     pub global_step: usize,
 }
 
+/// What [`optimizer_step`] reports.
+pub(crate) struct StepOutcome {
+    /// This process's loss value.
+    pub loss: f64,
+    /// Stop after this step: a stop was requested here or, in a data-parallel run, on any rank.
+    pub stop: bool,
+}
+
 /// One optimisation step on a computed loss, shared by every task: stop on a non-finite loss
-/// (naming the step and the last good checkpoint), backward through the loss scaler, skip the
-/// step on inf/NaN gradients (f16), clip, SGD step. Returns the loss value.
+/// (naming the step and the last good checkpoint), backward through the loss scaler (averaging
+/// gradients over ranks in a data-parallel run), skip the step on inf/NaN gradients (f16), clip,
+/// SGD step. Data-parallel ranks agree first on the loss being finite and on stopping, so that
+/// they all take, or all refuse, the same step.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimizer_step(
     loss: &Tensor,
@@ -615,8 +745,17 @@ pub(crate) fn optimizer_step(
     lr: f64,
     ckpt_dir: &Path,
     at: StepPosition,
-) -> Result<f64> {
-    let loss_value = f64::try_from(loss)?;
+    dp: Option<&DataParallel>,
+    stop_requested: bool,
+) -> Result<StepOutcome> {
+    let local_loss = f64::try_from(loss)?;
+    let (loss_value, stop) = match dp {
+        Some(dp) => {
+            let v = dp.sum(&[local_loss, f64::from(u8::from(stop_requested))])?;
+            (v[0] / dp.world_size() as f64, v[1] > 0.0)
+        }
+        None => (local_loss, stop_requested),
+    };
     if !loss_value.is_finite() && !scaler.enabled {
         let last = checkpoint::list_epoch_checkpoints(ckpt_dir)
             .first()
@@ -630,7 +769,21 @@ pub(crate) fn optimizer_step(
         );
     }
     opt.zero_grad();
-    scaler.scale_loss(loss).backward();
+    if let Some(dp) = dp {
+        dp.before_backward()?;
+    }
+    scaler.scale_loss(loss).f_backward().map_err(|e| {
+        let msg = format!(
+            "the backward pass failed at epoch {}, step {}: {e}",
+            at.epoch,
+            at.step_in_epoch + 1
+        );
+        match dp {
+            // The gradient all-reduce runs inside the backward pass.
+            Some(_) => anyhow!("{msg} (another rank has probably stopped or died: see its output)"),
+            None => anyhow!(msg),
+        }
+    })?;
     let finite = scaler.unscale(params);
     if finite {
         if optim.clip_grad_value > 0.0 {
@@ -642,7 +795,10 @@ pub(crate) fn optimizer_step(
         opt.step(lr);
     }
     scaler.update(!finite);
-    Ok(loss_value)
+    Ok(StepOutcome {
+        loss: local_loss,
+        stop,
+    })
 }
 
 /// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state.

@@ -18,7 +18,7 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     /// Builds the schedule of a run of `epochs` epochs of `iters_per_epoch` iterations.
-    /// `peak_lr` is already linearly scaled by the caller (`Config::peak_lr()`, paper §3.1).
+    /// `peak_lr` is already linearly scaled by the caller (`Config::peak_lr`, paper §3.1).
     /// Warmup spans `round(warmup_epochs * iters_per_epoch)` iterations.
     pub fn new(optim: &OptimConfig, peak_lr: f64, iters_per_epoch: usize, epochs: usize) -> Self {
         let iters_per_epoch = iters_per_epoch.max(1);
@@ -89,7 +89,7 @@ mod tests {
         c.optim.linear_scaling = true;
         c.optim.lr_reference_batch = 256;
         c.train.batch_size = 1024;
-        close(c.peak_lr(), 0.4);
+        close(c.peak_lr(1), 0.4);
     }
 
     #[test]
@@ -139,7 +139,7 @@ mod tests {
         };
         c.optim.linear_scaling = true;
         c.train.batch_size = 1024;
-        let s = LrSchedule::new(&c.optim, c.peak_lr(), 100, 120);
+        let s = LrSchedule::new(&c.optim, c.peak_lr(1), 100, 120);
         close(s.lr_at(0), 0.0);
         close(s.lr_at(250), 0.2);
         close(s.lr_at(500), 0.4);

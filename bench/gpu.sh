@@ -10,6 +10,8 @@
 #   2. CIFAR ResNet-20, batch 512, fp32 and bf16 + channels_last, beside PyTorch.
 #   3. (when CIFAR10_DIR points at the carried ../shared/data/cifar10 JPEG folder, 57 MB)
 #      time to 90.5 % top-1 on its test split: configs/cifar10/resnet20-efficient.toml on cuda.
+#   4. Data-parallel training through NCCL with world size 1 (`tricks launch --nproc 1`), on a
+#      small random CIFAR-format dataset written here, beside the same run in one process.
 # Smoke check of the same script on a CPU:
 #   DEVICE=cpu STEPS=1 WARMUP=1 R50_BATCH=2 CIFAR_BATCH=16 PY=.venv/bin/python bash bench/gpu.sh
 set -euo pipefail
@@ -55,6 +57,32 @@ if [[ -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; then
     cat "$OUT/tta/metrics.jsonl" >> "$log"
 else
     echo "time-to-accuracy: skipped (set CIFAR10_DIR to the carried CIFAR-10 JPEG folder)"
+fi
+
+# 4. NCCL, world size 1: the c10d path (TCP store, ProcessGroupNCCL, DDP's Reducer) on the GPU.
+if [[ "$DEVICE" == cuda ]]; then
+    synth="$OUT/synth-cifar"
+    "$PY" - "$synth" <<'PYEOF'
+import os, sys
+d = sys.argv[1]; os.makedirs(d, exist_ok=True)
+for name, n in [("data_batch_1.bin", 2048), ("test_batch.bin", 512)]:
+    with open(os.path.join(d, name), "wb") as f:
+        for i in range(n):
+            f.write(bytes([i % 10]) + os.urandom(3072))
+PYEOF
+    for mode in single nccl; do
+        cmd=(train --config configs/cifar10/resnet20.toml --data "$synth" --device cuda --no-progress
+            --out "$OUT/dp-$mode" --set train.epochs=2 --set 'optim.step_epochs=[1]'
+            --set train.precision=bf16 --set train.channels_last=true)
+        start=$(date +%s.%N)
+        if [[ "$mode" == nccl ]]; then
+            "$BIN" launch --nproc 1 -- "${cmd[@]}" 2>&1 | tail -n 3
+        else
+            "$BIN" "${cmd[@]}" 2>&1 | tail -n 2
+        fi
+        end=$(date +%s.%N)
+        echo "{\"data_parallel\": \"$mode\", \"seconds\": $(echo "$end - $start" | bc), \"last_epoch\": $(tail -n 1 "$OUT/dp-$mode/metrics.jsonl" 2>/dev/null || echo null)}" | tee -a "$log"
+    done
 fi
 
 "$PY" - "$log" <<'PYEOF'

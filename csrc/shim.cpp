@@ -3,6 +3,7 @@
 // (AMX / AVX-512-BF16) and CUDA bf16 need the device-typed calls below.
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <torch/headeronly/version.h>
 
@@ -29,6 +30,10 @@ int tricks_autocast_decrement_nesting() { return at::autocast::decrement_nesting
 // cuDNN autotuner: picks the fastest convolution algorithm for fixed shapes.
 void tricks_set_cudnn_benchmark(bool enabled) { at::globalContext().setBenchmarkCuDNN(enabled); }
 
+
+// Makes `g` the gradient tensor of `t` (autograd then accumulates into it in place): lets the
+// optimizer keep every gradient as a view of one flat buffer.
+void tricks_set_grad(at::Tensor* t, at::Tensor* g) { t->mutable_grad() = *g; }
 
 // The libtorch version whose headers this binary was built against.
 void tricks_torch_version(int* major, int* minor, int* patch) {

@@ -9,6 +9,8 @@ extern "C" {
     pub fn tricks_autocast_decrement_nesting() -> i32;
     pub fn tricks_set_cudnn_benchmark(enabled: bool);
     pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
+    /// `t.grad = g` (both `at::Tensor*`, i.e. tch's `*mut C_tensor`).
+    pub fn tricks_set_grad(t: *mut std::ffi::c_void, g: *mut std::ffi::c_void);
 }
 
 // csrc/dist.cpp: c10d. Functions returning `*mut c_char` return NULL on success or a malloc'ed

@@ -188,6 +188,9 @@ struct BenchArgs {
     /// 0 = all cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Step the optimizer tensor by tensor (the trainer uses one flat buffer): for comparison.
+    #[arg(long)]
+    per_tensor_optimizer: bool,
 }
 
 fn main() {
@@ -232,6 +235,7 @@ fn main() {
             steps: a.steps,
             warmup: a.warmup,
             threads: a.threads,
+            per_tensor_optimizer: a.per_tensor_optimizer,
         })
         .map(|line| println!("{line}")),
         Command::Ablate(a) => cmd_ablate(a),

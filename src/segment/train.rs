@@ -252,6 +252,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     if channels_last {
         weights_to_channels_last(&vs);
     }
+    opt.flatten();
     let bs = cfg.train.batch_size;
     let iters_per_epoch = train_ds.len() / bs;
     if iters_per_epoch == 0 {

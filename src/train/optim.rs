@@ -30,6 +30,27 @@ pub struct Sgd {
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
+    /// Set by [`Sgd::flatten`]: every parameter, gradient and momentum buffer is a view of one
+    /// buffer each, and a step is a handful of whole-buffer operations.
+    flat: Option<Flat>,
+}
+
+/// Elements per step of the flat update on a CPU (1 MiB of f32).
+const CPU_CHUNK: i64 = 1 << 18;
+
+/// The flat buffers (see [`Sgd::flatten`]).
+struct Flat {
+    params: Tensor,
+    grads: Tensor,
+    momentum: Tensor,
+    /// Weight decay of each element (0 where a tensor is not decayed), or None when every
+    /// element decays by `weight_decay`.
+    decay: Option<Tensor>,
+    /// lr multiplier of each element, or None when all are 1.
+    lr_scale: Option<Tensor>,
+    /// Elements updated per chunk: all of them on a GPU (fewest launches), [`CPU_CHUNK`] on a
+    /// CPU (the chain of element-wise operations then stays in cache).
+    chunk: i64,
 }
 
 /// Whether a parameter is decayed: with `no_bias_decay`, biases and BN γ/β (all 1-D tensors) are not.
@@ -61,7 +82,93 @@ impl Sgd {
             momentum: cfg.momentum,
             nesterov: cfg.nesterov,
             weight_decay: cfg.weight_decay,
+            flat: None,
         }
+    }
+
+    /// Moves every parameter, its gradient and its momentum buffer into one flat buffer each
+    /// (the parameters keep their shapes and memory layouts, as views), so that a step costs a
+    /// few large operations instead of several small ones per tensor: the per-parameter launches
+    /// are what make small models slow on a GPU. The update is the same, element by element, with
+    /// one difference: a parameter that received no gradient counts as a zero gradient (weight
+    /// decay and momentum still move it). Call it once the parameters have their final values and
+    /// layouts (after loading, resuming and any channels-last conversion) and after the lr scales
+    /// are set; weights loaded later must be copied in place.
+    pub fn flatten(&mut self) {
+        if self.flat.is_some() || self.params.is_empty() {
+            return;
+        }
+        let first = &self.params[0].tensor;
+        let (kind, device) = (first.kind(), first.device());
+        if self
+            .params
+            .iter()
+            .any(|p| p.tensor.kind() != kind || p.tensor.device() != device)
+        {
+            return; // mixed dtypes or devices: keep the per-tensor step
+        }
+        let total: i64 = self.params.iter().map(|p| p.tensor.numel() as i64).sum();
+        let opts = (kind, device);
+        let params = Tensor::zeros([total], opts);
+        let grads = Tensor::zeros([total], opts);
+        let momentum = Tensor::zeros([total], opts);
+        let uniform_decay = self.params.iter().all(|p| p.decay);
+        let uniform_scale = self.params.iter().all(|p| p.lr_scale == 1.0);
+        let mut decay = Vec::new();
+        let mut scale = Vec::new();
+        let mut offset = 0i64;
+        tch::no_grad(|| {
+            for p in &mut self.params {
+                let n = p.tensor.numel() as i64;
+                let (size, stride) = (p.tensor.size(), p.tensor.stride());
+                let view = |buf: &Tensor| buf.as_strided(&size, &stride, Some(offset));
+                let mut pv = view(&params);
+                pv.copy_(&p.tensor);
+                p.tensor.set_data(&pv);
+                let mut gv = view(&grads);
+                let g = p.tensor.grad();
+                if g.defined() {
+                    gv.copy_(&g);
+                }
+                // SAFETY: both are live tensors; libtorch takes its own reference to `gv`.
+                unsafe {
+                    crate::ffi::tricks_set_grad(
+                        p.tensor.as_mut_ptr() as *mut std::ffi::c_void,
+                        gv.as_mut_ptr() as *mut std::ffi::c_void,
+                    )
+                };
+                let mut mv = view(&momentum);
+                if let Some(m) = &p.momentum {
+                    mv.copy_(m);
+                }
+                p.momentum = Some(mv);
+                if !uniform_decay {
+                    decay.push((n, if p.decay { self.weight_decay } else { 0.0 }));
+                }
+                if !uniform_scale {
+                    scale.push((n, p.lr_scale));
+                }
+                offset += n;
+            }
+        });
+        let per_element = |runs: &[(i64, f64)]| -> Option<Tensor> {
+            if runs.is_empty() {
+                return None;
+            }
+            let parts: Vec<Tensor> = runs
+                .iter()
+                .map(|&(n, v)| Tensor::full([n], v, opts))
+                .collect();
+            Some(Tensor::cat(&parts, 0))
+        };
+        self.flat = Some(Flat {
+            params,
+            grads,
+            momentum,
+            decay: per_element(&decay),
+            lr_scale: per_element(&scale),
+            chunk: if device.is_cuda() { total } else { CPU_CHUNK },
+        });
     }
 
     /// Sets the lr multiplier of every parameter whose name `selects`; returns how many.
@@ -82,6 +189,10 @@ impl Sgd {
     }
 
     pub fn zero_grad(&mut self) {
+        if let Some(f) = &mut self.flat {
+            let _ = f.grads.zero_();
+            return;
+        }
         for p in &mut self.params {
             let mut g = p.tensor.grad();
             if g.defined() {
@@ -91,9 +202,41 @@ impl Sgd {
         }
     }
 
-    /// One update with learning rate `lr`. Parameters without a gradient are left alone.
+    /// One update with learning rate `lr`. Parameters without a gradient are left alone (but see
+    /// [`Sgd::flatten`]).
     pub fn step(&mut self, lr: f64) {
         let (mu, wd, nesterov) = (self.momentum, self.weight_decay, self.nesterov);
+        if let Some(f) = &mut self.flat {
+            let (total, chunk) = (f.params.numel() as i64, f.chunk);
+            tch::no_grad(|| {
+                for start in (0..total).step_by(chunk as usize) {
+                    let n = chunk.min(total - start);
+                    let part = |t: &Tensor| t.narrow(0, start, n);
+                    let mut params = part(&f.params);
+                    let mut momentum = part(&f.momentum);
+                    let grads = part(&f.grads);
+                    let mut g = match (&f.decay, wd != 0.0) {
+                        (Some(d), true) => &grads + &params * part(d),
+                        (None, true) => &grads + &params * wd,
+                        (_, false) => grads,
+                    };
+                    if mu != 0.0 {
+                        let _ = momentum.g_mul_scalar_(mu).g_add_(&g);
+                        g = if nesterov {
+                            g + &momentum * mu
+                        } else {
+                            momentum.shallow_clone()
+                        };
+                    }
+                    let update = match &f.lr_scale {
+                        Some(s) => g * (part(s) * -lr),
+                        None => g * -lr,
+                    };
+                    let _ = params.g_add_(&update);
+                }
+            });
+            return;
+        }
         tch::no_grad(|| {
             for p in &mut self.params {
                 let grad = p.tensor.grad();
@@ -151,11 +294,12 @@ impl Sgd {
                         p.tensor.size()
                     );
                 }
-                p.momentum = Some(
-                    t.to_kind(p.tensor.kind())
-                        .to_device(p.tensor.device())
-                        .contiguous(),
-                );
+                let t = t.to_kind(p.tensor.kind()).to_device(p.tensor.device());
+                match (&mut p.momentum, self.flat.is_some()) {
+                    // Flat buffers: the momentum tensors are views, fill them in place.
+                    (Some(m), true) => tch::no_grad(|| m.copy_(&t)),
+                    _ => p.momentum = Some(t.contiguous()),
+                }
             }
         }
         Ok(())
@@ -256,6 +400,98 @@ mod tests {
         let _ = b0;
         let b1 = f64::try_from(vs2.variables()["fc.bias"].mean(Kind::Float)).unwrap();
         assert!((b1 - (1.0 - 1.9e-2)).abs() < 1e-6, "{b1}");
+    }
+
+    /// The flat-buffer step is the per-tensor step, bit for bit, over several steps with weight
+    /// decay on some tensors only, Nesterov momentum, a channels-last conv weight and chunks that
+    /// cut across tensors; and the momentum state it saves is the same.
+    #[test]
+    fn flat_buffers_give_the_per_tensor_update_bit_for_bit() {
+        let cfg = OptimConfig {
+            no_bias_decay: true,
+            weight_decay: 1e-2,
+            momentum: 0.9,
+            nesterov: true,
+            ..Default::default()
+        };
+        let run = |flat: bool| {
+            tch::manual_seed(5);
+            let vs = store();
+            crate::device::weights_to_channels_last(&vs);
+            let mut opt = Sgd::new(&vs, &cfg);
+            if flat {
+                opt.flatten();
+                // Chunks of 7 elements: chunk boundaries fall inside tensors.
+                opt.flat.as_mut().unwrap().chunk = 7;
+            }
+            let x = Tensor::randn([4, 2, 5, 5], (Kind::Float, Device::Cpu));
+            for step in 0..3 {
+                opt.zero_grad();
+                let v = vs.variables();
+                let y = x.conv2d(&v["conv.weight"], None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+                let y = y.batch_norm(
+                    Some(&v["bn.weight"]),
+                    Some(&v["bn.bias"]),
+                    Some(&v["bn.running_mean"]),
+                    Some(&v["bn.running_var"]),
+                    true,
+                    0.1,
+                    1e-5,
+                    false,
+                );
+                let z = y
+                    .mean_dim(&[2i64, 3][..], false, Kind::Float)
+                    .linear(&v["fc.weight"].narrow(1, 0, 3), Some(&v["fc.bias"]));
+                ((z - 0.5 * step as f64).square().sum(Kind::Float)
+                    + v["fc.weight"].sum(Kind::Float))
+                .backward();
+                opt.step(0.1);
+            }
+            let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+            (snapshot(&vs), state)
+        };
+        let (w_ref, m_ref) = run(false);
+        let (w_flat, m_flat) = run(true);
+        for (k, t) in &w_ref {
+            assert!(t.equal(&w_flat[k]), "{k} differs");
+        }
+        assert_eq!(m_ref.len(), m_flat.len());
+        for (k, t) in &m_ref {
+            assert!(t.equal(&m_flat[k]), "momentum {k} differs");
+        }
+    }
+
+    /// Per-tensor lr multipliers (a lower backbone lr) work with flat buffers, and loading
+    /// momentum after flattening fills the views in place.
+    #[test]
+    fn flat_buffers_keep_lr_scales_and_load_momentum_in_place() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let a = vs.root().var_copy("a", &Tensor::from_slice(&[1.0f32, 2.0]));
+        let b = vs.root().var_copy("b", &Tensor::from_slice(&[3.0f32]));
+        let cfg = OptimConfig {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = Sgd::new(&vs, &cfg);
+        assert_eq!(opt.set_lr_scale(|n| n == "a", 0.5), 1);
+        opt.flatten();
+        opt.zero_grad();
+        (a.sum(Kind::Float) + b.sum(Kind::Float)).backward();
+        opt.step(1.0);
+        // momentum 0.9 (not Nesterov), first step: b = g = 1, w -= lr·scale·b.
+        assert_eq!(Vec::<f32>::try_from(&a).unwrap(), vec![0.5, 1.5]);
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), vec![2.0]);
+        let mut state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let key = format!("{}a", crate::checkpoint::MOMENTUM_PREFIX);
+        state.insert(key.clone(), Tensor::from_slice(&[7.0f32, 8.0]));
+        opt.load_state(&state).unwrap();
+        let flat = opt.flat.as_ref().unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(&flat.momentum).unwrap(),
+            vec![7.0, 8.0, 1.0]
+        );
     }
 
     #[test]

@@ -353,6 +353,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     if channels_last {
         weights_to_channels_last(&vs);
     }
+    opt.flatten();
     let dp =
         match &dist {
             Some(group) => {

@@ -214,7 +214,12 @@ fn an_interrupted_launch_resumes_bit_exactly() {
     let launch = |out: &Path, weights: &Path, resume: bool| {
         let mut c = tricks();
         c.args(["launch", "--nproc", "2", "--", "train", "--config", cfg])
-            .args(["--out", out.to_str().unwrap(), "--set", "train.batch_size=2"])
+            .args([
+                "--out",
+                out.to_str().unwrap(),
+                "--set",
+                "train.batch_size=2",
+            ])
             .env("TRICKS_DEBUG_RANK_WEIGHTS", weights)
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -231,10 +236,13 @@ fn an_interrupted_launch_resumes_bit_exactly() {
 
     let run = tmp.path().join("run");
     let weights = tmp.path().join("w-run");
-    let mut child = launch(&run, &weights, false).spawn().unwrap();
+    let child = launch(&run, &weights, false).spawn().unwrap();
     let start = Instant::now();
     while !run.join("metrics.jsonl").exists() {
-        assert!(start.elapsed() < Duration::from_secs(60), "no epoch finished");
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no epoch finished"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300)); // into epoch 2
@@ -251,7 +259,11 @@ fn an_interrupted_launch_resumes_bit_exactly() {
     assert!(o.status.success(), "{}", stderr(&o));
 
     for r in ["rank0", "rank1"] {
-        let a = tensors(&tmp.path().join("w-straight").join(format!("{r}.safetensors")));
+        let a = tensors(
+            &tmp.path()
+                .join("w-straight")
+                .join(format!("{r}.safetensors")),
+        );
         let b = tensors(&weights.join(format!("{r}.safetensors")));
         for (k, t) in &a {
             assert!(t.equal(&b[k]), "{r}: {k} differs after resume");

@@ -51,7 +51,7 @@ pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 bf16 1
 if [[ -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; then
     start=$(date +%s.%N)
     "$BIN" train --config configs/cifar10/resnet20-efficient.toml --data "$CIFAR10_DIR" \
-        --out "$OUT/tta" --device "$DEVICE" --no-progress --set data.workers=0 2>&1 | tail -n 5
+        --out "$OUT/tta" --device "$DEVICE" --no-progress --set data.on_device=true 2>&1 | tail -n 5
     end=$(date +%s.%N)
     echo "{\"time_to_accuracy_run_s\": $(echo "$end - $start" | bc)}" | tee -a "$log"
     cat "$OUT/tta/metrics.jsonl" >> "$log"

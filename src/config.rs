@@ -239,6 +239,9 @@ pub struct DataConfig {
     pub prefetch: usize,
     /// Decode every image once and keep it in memory as u8 (small datasets).
     pub cache: bool,
+    /// Keep the whole dataset on the training device (u8) and augment batches there (CIFAR
+    /// pipeline only): no loader threads, no host-to-device copies after the start.
+    pub on_device: bool,
     /// Use only this many training / evaluation images (0 = all); a seeded, class-balanced subset.
     pub train_limit: usize,
     pub val_limit: usize,
@@ -267,6 +270,7 @@ impl Default for DataConfig {
             workers: 0,
             prefetch: 4,
             cache: false,
+            on_device: false,
             train_limit: 0,
             val_limit: 0,
             skip_bad_images: false,

@@ -437,3 +437,42 @@ fn sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical() {
         );
     }
 }
+
+/// `data.on_device`: the dataset decoded once into device memory and augmented there gives the
+/// same training as the CPU loader (same batches, so the same weights and metrics).
+#[test]
+fn device_resident_data_trains_exactly_like_the_loader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 8, 4, 16);
+    let cfg = tiny_config(tmp.path(), &data, 2, "");
+    let train = |out: &Path, on_device: bool| {
+        let o = run(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("data.on_device={on_device}"),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let (a, b) = (tmp.path().join("loader"), tmp.path().join("resident"));
+    train(&a, false);
+    let log = train(&b, true);
+    assert!(log.contains("24 + 12 images decoded"), "{log}");
+    let wa = checkpoint::load(&a.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    let wb = checkpoint::load(&b.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    for (k, t) in &wa.tensors {
+        assert!(t.equal(&wb.tensors[k]), "{k} differs");
+    }
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.train_loss, x.val_top1, x.val_loss),
+            (y.train_loss, y.val_top1, y.val_loss)
+        );
+    }
+}

@@ -13,9 +13,36 @@ pub mod cifar;
 pub mod download;
 pub mod imagefolder;
 pub mod loader;
+pub mod resident;
 pub mod transforms;
 
 pub use loader::{Batch, Loader, Shard};
+pub use resident::{Resident, ResidentBatches};
+
+/// The batches of one pass, from the CPU loader or from a device-resident dataset.
+pub enum Batches {
+    Loader(Loader),
+    Resident(ResidentBatches),
+}
+
+impl Batches {
+    pub fn num_batches(&self) -> usize {
+        match self {
+            Batches::Loader(l) => l.num_batches(),
+            Batches::Resident(r) => r.num_batches(),
+        }
+    }
+}
+
+impl Iterator for Batches {
+    type Item = Result<Batch>;
+    fn next(&mut self) -> Option<Result<Batch>> {
+        match self {
+            Batches::Loader(l) => l.next(),
+            Batches::Resident(r) => r.next(),
+        }
+    }
+}
 
 use crate::config::{DataConfig, DataFormat};
 use anyhow::{bail, Context, Result};

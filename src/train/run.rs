@@ -8,7 +8,7 @@ use super::schedule::LrSchedule;
 use super::{clip, derive_seed, mixup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision};
-use crate::data::{self, Loader, Shard};
+use crate::data::{self, Batch, Batches, Loader, Resident, Shard};
 use crate::device::{to_channels_last, weights_to_channels_last};
 use crate::distributed::ProcessGroup;
 use crate::metrics;
@@ -101,7 +101,7 @@ pub struct EvalResult {
 /// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
 pub fn evaluate(
     model: &ResNet,
-    loader: Loader,
+    loader: impl Iterator<Item = Result<Batch>>,
     device: Device,
     precision: Precision,
     channels_last: bool,
@@ -121,7 +121,7 @@ struct EvalSums {
 impl EvalSums {
     fn over(
         model: &ResNet,
-        loader: Loader,
+        loader: impl Iterator<Item = Result<Batch>>,
         device: Device,
         precision: Precision,
         channels_last: bool,
@@ -309,6 +309,27 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let net = ResNet::new(&vs.root(), &spec, num_classes);
         (vs, net)
     };
+    // `data.on_device`: both splits decoded once into device memory.
+    let resident = if cfg.data.on_device {
+        let t = Instant::now();
+        let r = (
+            Arc::new(Resident::load(&train_ds, &cfg.data, device)?),
+            Arc::new(Resident::load(&val_ds, &cfg.data, device)?),
+        );
+        log(&format!(
+            "data on {device:?}: {} + {} images decoded in {:.1}s",
+            r.0.len(),
+            r.1.len(),
+            t.elapsed().as_secs_f64()
+        ));
+        Some(r)
+    } else {
+        None
+    };
+    let eval_batches = |bs: usize| match &resident {
+        Some((_, val)) => Batches::Resident(val.eval_batches(bs, shard)),
+        None => Batches::Loader(Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard)),
+    };
     let bs = cfg.train.batch_size;
     let iters_per_epoch = train_ds.len() / (bs * shard.world);
     if iters_per_epoch == 0 {
@@ -402,15 +423,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let first_batch = std::mem::take(&mut state.batch_in_epoch);
         let partial = std::mem::take(&mut state.partial);
         let partial = if rank0 { partial } else { Default::default() };
-        let loader = Loader::train_shard(
-            train_ds.clone(),
-            &cfg.data,
-            bs,
-            cfg.seed,
-            epoch,
-            first_batch,
-            shard,
-        );
+        let loader = match &resident {
+            Some((train, _)) => {
+                Batches::Resident(train.train_batches(bs, cfg.seed, epoch, first_batch, shard))
+            }
+            None => Batches::Loader(Loader::train_shard(
+                train_ds.clone(),
+                &cfg.data,
+                bs,
+                cfg.seed,
+                epoch,
+                first_batch,
+                shard,
+            )),
+        };
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
         let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
@@ -559,8 +585,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         let is_last = epoch == epochs || stopped_early;
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
-            let loader = Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard);
-            let sums = EvalSums::over(&net, loader, device, precision, channels_last)?;
+            let sums = EvalSums::over(&net, eval_batches(bs), device, precision, channels_last)?;
             Some(sums.all_ranks(dp.as_ref())?.result()?)
         } else {
             None
@@ -612,8 +637,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let final_eval = match last_eval {
         Some(e) => e,
         None => {
-            let loader = Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard);
-            let sums = EvalSums::over(&net, loader, device, precision, channels_last)?;
+            let sums = EvalSums::over(&net, eval_batches(bs), device, precision, channels_last)?;
             sums.all_ranks(dp.as_ref())?.result()?
         }
     };

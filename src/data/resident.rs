@@ -1,0 +1,375 @@
+//! A dataset held on the training device (`data.on_device`), for small datasets such as CIFAR:
+//! every image is decoded once into a u8 tensor on the GPU, and each batch is gathered, padded,
+//! cropped, flipped and normalised there in a few kernels, so no image crosses the PCIe bus
+//! after the start and no CPU thread sits between the GPU and its data.
+//!
+//! The CIFAR pipeline only (pad, random crop, flip, normalise): its random choices are drawn
+//! exactly as [`super::Loader`] draws them (same ChaCha streams, same order), so a resident
+//! batch equals the loader's batch, value for value.
+
+use super::loader::{thread_pool, Batch, Shard};
+use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
+use crate::config::{DataConfig, Pipeline};
+use anyhow::{bail, Result};
+use rand::seq::SliceRandom;
+use rand::Rng;
+use rayon::prelude::*;
+use std::sync::Arc;
+use tch::{Device, Kind, Tensor};
+
+/// One split on the device.
+pub struct Resident {
+    /// `[N,3,H,W]` u8.
+    images: Tensor,
+    /// `[N]` i64.
+    labels: Tensor,
+    len: usize,
+    side: i64,
+    pad: i64,
+    flip: bool,
+    /// `[1,3,1,1]` f32: normalisation.
+    mean: Tensor,
+    std: Tensor,
+}
+
+impl Resident {
+    /// Decodes every image of `ds` (in parallel) and moves them to `device`. Every image must be
+    /// `train_size` square (CIFAR); an unreadable one is an error naming it.
+    pub fn load(ds: &Arc<dyn Dataset>, cfg: &DataConfig, device: Device) -> Result<Resident> {
+        if cfg.pipeline != Pipeline::Cifar {
+            bail!("key `data.on_device` supports the CIFAR pipeline (data.pipeline = \"cifar\") only; the ImageNet pipeline's resized crops run in the CPU loader");
+        }
+        if cfg.train_size != cfg.val_size {
+            bail!(
+                "key `data.on_device` needs data.train_size = data.val_size (got {} and {})",
+                cfg.train_size,
+                cfg.val_size
+            );
+        }
+        let side = cfg.train_size as usize;
+        let per = side * side * 3;
+        let n = ds.len();
+        let mut hwc = vec![0u8; n * per];
+        let pool = thread_pool(cfg.workers);
+        pool.install(|| {
+            hwc.par_chunks_mut(per)
+                .enumerate()
+                .try_for_each(|(i, out)| -> Result<()> {
+                    let img = ds.image(i)?;
+                    if img.width as usize != side || img.height as usize != side {
+                        bail!(
+                            "{}: {}x{} image, but data.on_device needs every image at data.train_size ({side}x{side})",
+                            ds.describe(i),
+                            img.width,
+                            img.height
+                        );
+                    }
+                    out.copy_from_slice(&img.rgb);
+                    Ok(())
+                })
+        })?;
+        let s = side as i64;
+        let images = Tensor::from_slice(&hwc)
+            .view([n as i64, s, s, 3])
+            .permute([0, 3, 1, 2])
+            .contiguous()
+            .to_device(device);
+        let labels: Vec<i64> = (0..n).map(|i| ds.label(i)).collect();
+        let channel = |v: [f64; 3]| {
+            Tensor::from_slice(&v.map(|x| x as f32))
+                .view([1, 3, 1, 1])
+                .to_device(device)
+        };
+        Ok(Resident {
+            images,
+            labels: Tensor::from_slice(&labels).to_device(device),
+            len: n,
+            side: s,
+            pad: cfg.cifar_pad as i64,
+            flip: cfg.flip,
+            mean: channel(cfg.mean),
+            std: channel(cfg.std),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn normalise(&self, x: &Tensor) -> Tensor {
+        (x.to_kind(Kind::Float) / 255.0 - &self.mean) / &self.std
+    }
+
+    /// The training batches of one epoch for `shard` (the same samples, order and augmentation as
+    /// [`super::Loader::train_shard`]), from batch `first_batch` on.
+    pub fn train_batches(
+        self: &Arc<Self>,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+        shard: Shard,
+    ) -> ResidentBatches {
+        let mut order: Vec<usize> = (0..self.len).collect();
+        order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
+        let global = batch_size * shard.world;
+        let num_batches = self.len / global;
+        ResidentBatches {
+            data: self.clone(),
+            mode: Mode::Train {
+                order,
+                seed,
+                epoch: epoch as u64,
+                shard,
+            },
+            batch_size,
+            next: first_batch.min(num_batches),
+            num_batches,
+        }
+    }
+
+    /// Evaluation batches in order (every `shard.world`-th image from `shard.rank`), no augmentation.
+    pub fn eval_batches(self: &Arc<Self>, batch_size: usize, shard: Shard) -> ResidentBatches {
+        let order: Vec<usize> = (shard.rank..self.len).step_by(shard.world).collect();
+        ResidentBatches {
+            data: self.clone(),
+            num_batches: order.len().div_ceil(batch_size),
+            mode: Mode::Eval { order },
+            batch_size,
+            next: 0,
+        }
+    }
+
+    /// Pad, crop at (x, y) in padded coordinates and mirror the rows of `idx`, on the device.
+    fn augmented(&self, idx: &[i64], xs: &[i64], ys: &[i64], flips: &[bool]) -> Tensor {
+        let device = self.images.device();
+        let (b, s, p) = (idx.len() as i64, self.side, self.pad);
+        let src = self
+            .images
+            .index_select(0, &Tensor::from_slice(idx).to_device(device));
+        let padded = src.constant_pad_nd([p, p, p, p]);
+        let ar = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+        let rows = Tensor::from_slice(ys).to_device(device).view([b, 1]) + &ar;
+        let flip = Tensor::from_slice(&flips.iter().map(|&f| f as i64).collect::<Vec<_>>())
+            .to_device(device)
+            .view([b, 1]);
+        // Column d of the output is padded column x + d, or x + s − 1 − d when mirrored.
+        let offsets = &ar + (ar.flip([1]) - &ar) * &flip;
+        let cols = Tensor::from_slice(xs).to_device(device).view([b, 1]) + offsets;
+        let wp = s + 2 * p;
+        let picked_rows = padded.gather(
+            2,
+            &rows.view([b, 1, s, 1]).expand([b, 3, s, wp], false),
+            false,
+        );
+        picked_rows.gather(
+            3,
+            &cols.view([b, 1, 1, s]).expand([b, 3, s, s], false),
+            false,
+        )
+    }
+}
+
+enum Mode {
+    Train {
+        order: Vec<usize>,
+        seed: u64,
+        epoch: u64,
+        shard: Shard,
+    },
+    Eval {
+        order: Vec<usize>,
+    },
+}
+
+/// Batches of one pass over a [`Resident`] split; images and labels are on its device.
+pub struct ResidentBatches {
+    data: Arc<Resident>,
+    mode: Mode,
+    batch_size: usize,
+    next: usize,
+    num_batches: usize,
+}
+
+impl ResidentBatches {
+    pub fn num_batches(&self) -> usize {
+        self.num_batches
+    }
+}
+
+impl Iterator for ResidentBatches {
+    type Item = Result<Batch>;
+
+    fn next(&mut self) -> Option<Result<Batch>> {
+        if self.next >= self.num_batches {
+            return None;
+        }
+        let (b, bs) = (self.next, self.batch_size);
+        self.next += 1;
+        let d = &self.data;
+        let device = d.images.device();
+        let (images, idx) = match &self.mode {
+            Mode::Train {
+                order,
+                seed,
+                epoch,
+                shard,
+            } => {
+                let range = d.side as u32 + 2 * d.pad as u32 - d.side as u32;
+                let (mut idx, mut xs, mut ys, mut flips) = (vec![], vec![], vec![], vec![]);
+                for j in 0..bs {
+                    // The sample's position in the epoch's global order (see Loader::train_shard).
+                    let pos = b * bs * shard.world + shard.rank * bs + j;
+                    let mut rng = stream_rng(*seed, *epoch, pos as u64, TAG_SAMPLE);
+                    // The draws of transforms::random_pad_crop, in its order: x, y, flip.
+                    xs.push(rng.gen_range(0..=range) as i64);
+                    ys.push(rng.gen_range(0..=range) as i64);
+                    flips.push(d.flip && rng.gen_bool(0.5));
+                    idx.push(order[pos] as i64);
+                }
+                (d.augmented(&idx, &xs, &ys, &flips), idx)
+            }
+            Mode::Eval { order } => {
+                let idx: Vec<i64> = order[b * bs..((b + 1) * bs).min(order.len())]
+                    .iter()
+                    .map(|&i| i as i64)
+                    .collect();
+                let t = Tensor::from_slice(&idx).to_device(device);
+                (d.images.index_select(0, &t), idx)
+            }
+        };
+        let labels = d
+            .labels
+            .index_select(0, &Tensor::from_slice(&idx).to_device(device));
+        Some(Ok(Batch {
+            images: d.normalise(&images),
+            labels,
+            skipped: 0,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Image, Loader};
+
+    /// Random 8x8 images with labels 0..3.
+    struct Synthetic(Vec<Image>);
+
+    impl Dataset for Synthetic {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn classes(&self) -> &[String] {
+            &[]
+        }
+        fn label(&self, index: usize) -> i64 {
+            (index % 3) as i64
+        }
+        fn image(&self, index: usize) -> Result<Image> {
+            Ok(self.0[index].clone())
+        }
+        fn describe(&self, index: usize) -> String {
+            format!("image {index}")
+        }
+    }
+
+    fn dataset(n: usize, side: u32) -> Arc<dyn Dataset> {
+        let images = (0..n)
+            .map(|i| Image {
+                width: side,
+                height: side,
+                rgb: (0..side * side * 3)
+                    .map(|k| ((k as usize * 31 + i * 17) % 256) as u8)
+                    .collect(),
+            })
+            .collect();
+        Arc::new(Synthetic(images))
+    }
+
+    fn config() -> DataConfig {
+        DataConfig {
+            pipeline: Pipeline::Cifar,
+            train_size: 8,
+            val_size: 8,
+            val_crop_ratio: 1.0,
+            cifar_pad: 2,
+            mean: [0.4, 0.5, 0.6],
+            std: [0.2, 0.25, 0.3],
+            workers: 2,
+            ..Default::default()
+        }
+    }
+
+    /// Training and evaluation batches on the device are the CPU loader's, value for value, for
+    /// every shard of a 2-rank run and from a mid-epoch start.
+    #[test]
+    fn resident_batches_equal_the_cpu_loader() {
+        let ds = dataset(23, 8);
+        let cfg = config();
+        let resident = Arc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
+        for shard in [Shard::SINGLE, Shard { rank: 1, world: 2 }] {
+            for first in [0, 1] {
+                let cpu: Vec<Batch> = Loader::train_shard(ds.clone(), &cfg, 4, 7, 3, first, shard)
+                    .map(|b| b.unwrap())
+                    .collect();
+                let dev: Vec<Batch> = resident
+                    .train_batches(4, 7, 3, first, shard)
+                    .map(|b| b.unwrap())
+                    .collect();
+                assert_eq!(cpu.len(), dev.len());
+                assert!(!cpu.is_empty());
+                for (c, d) in cpu.iter().zip(&dev) {
+                    assert!(c.labels.equal(&d.labels));
+                    assert!(c.images.equal(&d.images), "{shard:?} first {first}");
+                }
+            }
+            let cpu: Vec<Batch> = Loader::eval_shard(ds.clone(), &cfg, 5, shard)
+                .map(|b| b.unwrap())
+                .collect();
+            let dev: Vec<Batch> = resident
+                .eval_batches(5, shard)
+                .map(|b| b.unwrap())
+                .collect();
+            assert_eq!(cpu.len(), dev.len());
+            for (c, d) in cpu.iter().zip(&dev) {
+                assert!(c.labels.equal(&d.labels) && c.images.equal(&d.images));
+            }
+        }
+        // Some samples really are flipped and shifted (the test is not trivially about identity).
+        let b = resident
+            .train_batches(23, 7, 3, 0, Shard::SINGLE)
+            .next()
+            .unwrap()
+            .unwrap();
+        let plain = resident.normalise(&resident.images);
+        assert!(!b
+            .images
+            .equal(&plain.index_select(0, &Tensor::from_slice(&[0i64]))));
+    }
+
+    #[test]
+    fn wrong_sizes_and_pipelines_are_errors() {
+        let cfg = config();
+        let err = Resident::load(&dataset(3, 10), &cfg, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{err:#}").contains("image 0: 10x10 image"),
+            "{err:#}"
+        );
+        let imagenet = DataConfig {
+            pipeline: Pipeline::Imagenet,
+            ..config()
+        };
+        let err = Resident::load(&dataset(3, 8), &imagenet, Device::Cpu)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("CIFAR pipeline"), "{err:#}");
+    }
+}

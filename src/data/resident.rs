@@ -14,6 +14,7 @@ use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rayon::prelude::*;
+use std::rc::Rc;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
@@ -107,7 +108,7 @@ impl Resident {
     /// The training batches of one epoch for `shard` (the same samples, order and augmentation as
     /// [`super::Loader::train_shard`]), from batch `first_batch` on.
     pub fn train_batches(
-        self: &Arc<Self>,
+        self: &Rc<Self>,
         batch_size: usize,
         seed: u64,
         epoch: usize,
@@ -133,7 +134,7 @@ impl Resident {
     }
 
     /// Evaluation batches in order (every `shard.world`-th image from `shard.rank`), no augmentation.
-    pub fn eval_batches(self: &Arc<Self>, batch_size: usize, shard: Shard) -> ResidentBatches {
+    pub fn eval_batches(self: &Rc<Self>, batch_size: usize, shard: Shard) -> ResidentBatches {
         let order: Vec<usize> = (shard.rank..self.len).step_by(shard.world).collect();
         ResidentBatches {
             data: self.clone(),
@@ -188,7 +189,7 @@ enum Mode {
 
 /// Batches of one pass over a [`Resident`] split; images and labels are on its device.
 pub struct ResidentBatches {
-    data: Arc<Resident>,
+    data: Rc<Resident>,
     mode: Mode,
     batch_size: usize,
     next: usize,
@@ -312,7 +313,7 @@ mod tests {
     fn resident_batches_equal_the_cpu_loader() {
         let ds = dataset(23, 8);
         let cfg = config();
-        let resident = Arc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
+        let resident = Rc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
         for shard in [Shard::SINGLE, Shard { rank: 1, world: 2 }] {
             for first in [0, 1] {
                 let cpu: Vec<Batch> = Loader::train_shard(ds.clone(), &cfg, 4, 7, 3, first, shard)

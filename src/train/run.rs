@@ -18,6 +18,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -313,8 +314,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let resident = if cfg.data.on_device {
         let t = Instant::now();
         let r = (
-            Arc::new(Resident::load(&train_ds, &cfg.data, device)?),
-            Arc::new(Resident::load(&val_ds, &cfg.data, device)?),
+            Rc::new(Resident::load(&train_ds, &cfg.data, device)?),
+            Rc::new(Resident::load(&val_ds, &cfg.data, device)?),
         );
         log(&format!(
             "data on {device:?}: {} + {} images decoded in {:.1}s",

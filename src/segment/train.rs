@@ -23,8 +23,8 @@ use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
-    derive_seed, optimizer_step, progress_bar, resume_or_start, save_training_checkpoint,
-    save_weights, to_device_input, RunOptions, RunSummary, StepPosition,
+    derive_seed, optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint,
+    save_training_checkpoint, save_weights, to_device_input, RunOptions, RunSummary, StepPosition,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -433,16 +433,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         state.epochs_done = epoch;
         state.loss_scale = scaler.scale;
         state.loss_scale_good_steps = scaler.good_steps;
-        save_training_checkpoint(
-            &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
-            &vs,
-            &opt,
-            cfg,
-            &classes,
-            &state,
-        )?;
-        checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
-        let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
+        save_epoch_checkpoint(&ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
         if stopped_early {
             break;
         }

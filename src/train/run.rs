@@ -619,16 +619,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         if rank0 {
             metrics::append(&metrics_path, &m)?;
             log(&format_epoch(&m, epochs));
-            save_training_checkpoint(
-                &checkpoint::epoch_checkpoint_path(&ckpt_dir, epoch),
-                &vs,
-                &opt,
-                cfg,
-                &classes,
-                &state,
-            )?;
-            checkpoint::prune(&ckpt_dir, cfg.train.keep_checkpoints);
-            let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
+            save_epoch_checkpoint(&ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
         }
         if stopped_early {
             break;
@@ -839,6 +830,24 @@ pub(crate) fn save_training_checkpoint(
     let mut tensors = model_tensors(vs);
     tensors.extend(opt.state_tensors());
     checkpoint::save(path, &tensors, Some(cfg), classes, Some(state))
+}
+
+/// The checkpoint of a finished epoch; older ones beyond `train.keep_checkpoints` and the
+/// epoch's interrupt checkpoint (now stale) are removed.
+pub(crate) fn save_epoch_checkpoint(
+    ckpt_dir: &Path,
+    epoch: usize,
+    vs: &nn::VarStore,
+    opt: &Sgd,
+    cfg: &Config,
+    classes: &[String],
+    state: &TrainState,
+) -> Result<()> {
+    let path = checkpoint::epoch_checkpoint_path(ckpt_dir, epoch);
+    save_training_checkpoint(&path, vs, opt, cfg, classes, state)?;
+    checkpoint::prune(ckpt_dir, cfg.train.keep_checkpoints);
+    let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
+    Ok(())
 }
 
 /// Writes a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).

@@ -9,14 +9,16 @@
 # steps of CIFAR ResNet-20, batch 128, bf16 + channels_last (the CPU's fastest path); their
 # img/s is what metrics.jsonl records for the (partial) epoch, loading included.
 # Output: one JSON line per run in $OUT/epoch-cpu-<date>.jsonl and a table on stdout.
-#   bench/epoch_cpu.sh            (about 10 minutes on the 2-core VM)
-# Environment: DATA (../shared/data/cifar10), STEPS (120 steps per training run), THREADS (2).
+#   bench/epoch_cpu.sh            (about 7 minutes on the 2-core VM)
+# Environment: DATA (../shared/data/cifar10), STEPS (389: an epoch but its last step, so that the
+# run stops with its interrupt checkpoint, which holds the counts read here),
+# COMPUTE_STEPS (100), THREADS (2).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 BIN="${BIN:-$root/target/release/tricks}"
 DATA="${DATA:-$root/../shared/data/cifar10}"
-STEPS="${STEPS:-120}"
+STEPS="${STEPS:-389}"
 THREADS="${THREADS:-2}"
 OUT="${OUT:-$root/bench/out}"
 mkdir -p "$OUT"
@@ -53,7 +55,7 @@ PYEOF
 
 compute_run() {
     "$BIN" bench --model cifar_resnet20 --batch 128 --size 32 --precision bf16 --channels-last \
-        --threads "$THREADS" --steps 40 --warmup 5 |
+        --threads "$THREADS" --steps "${COMPUTE_STEPS:-100}" --warmup 10 |
         "$root/.venv/bin/python" -c 'import json,sys; d=json.loads(sys.stdin.read()); print(json.dumps({"run": "compute (synthetic batch)", "img_s": d["train_img_s"], "optimizer_step_ms": d["optimizer_step_ms"]}))' |
         tee -a "$log"
 }

@@ -133,7 +133,18 @@ impl Figure {
             Figure::Lines(l) => (&l.title, &l.subtitle),
             Figure::Bars(b) => (&b.title, &b.subtitle),
         };
-        let area = root.titled(title, (FAMILY, 26)).map_err(err)?;
+        // A long study name shrinks the title until it fits the width (down to 12 px).
+        let mut size = 26.0;
+        while size > 12.0 {
+            let (w, _) = root
+                .estimate_text_size(title, &TextStyle::from((FAMILY, size).into_font()))
+                .map_err(err)?;
+            if w + 80 <= root.dim_in_pixel().0 {
+                break;
+            }
+            size -= 1.0;
+        }
+        let area = root.titled(title, (FAMILY, size)).map_err(err)?;
         let area = area
             .titled(
                 subtitle,

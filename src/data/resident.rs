@@ -146,12 +146,10 @@ impl Resident {
     }
 
     /// Pad, crop at (x, y) in padded coordinates and mirror the rows of `idx`, on the device.
-    fn augmented(&self, idx: &[i64], xs: &[i64], ys: &[i64], flips: &[bool]) -> Tensor {
+    fn augmented(&self, idx: &Tensor, xs: &[i64], ys: &[i64], flips: &[bool]) -> Tensor {
         let device = self.images.device();
-        let (b, s, p) = (idx.len() as i64, self.side, self.pad);
-        let src = self
-            .images
-            .index_select(0, &Tensor::from_slice(idx).to_device(device));
+        let (b, s, p) = (xs.len() as i64, self.side, self.pad);
+        let src = self.images.index_select(0, idx);
         let padded = src.constant_pad_nd([p, p, p, p]);
         let ar = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
         let rows = Tensor::from_slice(ys).to_device(device).view([b, 1]) + &ar;
@@ -220,7 +218,8 @@ impl Iterator for ResidentBatches {
                 epoch,
                 shard,
             } => {
-                let range = d.side as u32 + 2 * d.pad as u32 - d.side as u32;
+                // Every image is train_size square, so a crop starts anywhere in 0..=2·pad.
+                let range = 2 * d.pad as u32;
                 let (mut idx, mut xs, mut ys, mut flips) = (vec![], vec![], vec![], vec![]);
                 for j in 0..bs {
                     // The sample's position in the epoch's global order (see Loader::train_shard).
@@ -232,6 +231,7 @@ impl Iterator for ResidentBatches {
                     flips.push(d.flip && rng.gen_bool(0.5));
                     idx.push(order[pos] as i64);
                 }
+                let idx = Tensor::from_slice(&idx).to_device(device);
                 (d.augmented(&idx, &xs, &ys, &flips), idx)
             }
             Mode::Eval { order } => {
@@ -239,13 +239,11 @@ impl Iterator for ResidentBatches {
                     .iter()
                     .map(|&i| i as i64)
                     .collect();
-                let t = Tensor::from_slice(&idx).to_device(device);
-                (d.images.index_select(0, &t), idx)
+                let idx = Tensor::from_slice(&idx).to_device(device);
+                (d.images.index_select(0, &idx), idx)
             }
         };
-        let labels = d
-            .labels
-            .index_select(0, &Tensor::from_slice(&idx).to_device(device));
+        let labels = d.labels.index_select(0, &idx);
         Some(Ok(Batch {
             images: d.normalise(&images),
             labels,

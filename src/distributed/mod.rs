@@ -232,11 +232,7 @@ impl ProcessGroup {
 
     /// Copies rank 0's values of `t` (any device, layout or dtype) into `t` on every rank.
     pub fn broadcast_into(&self, t: &Tensor) -> Result<()> {
-        let buf = t
-            .detach()
-            .to_device(self.device)
-            .contiguous()
-            .to_kind(t.kind());
+        let buf = t.detach().to_device(self.device).contiguous();
         let buf = if buf.data_ptr() == t.data_ptr() {
             buf.copy()
         } else {

@@ -74,9 +74,9 @@ impl BatchNorm2d {
         let mean_shifted = global.narrow(0, 0, c) / &n;
         let var = global.narrow(0, c, c) / &n - mean_shifted.square();
         let mean = &mean_shifted + self.bn.running_mean.detach();
-        let n_value = f64::try_from(&n.sum(Kind::Float))?;
         tch::no_grad(|| {
-            let unbiased = var.detach() * (n_value / (n_value - 1.0).max(1.0));
+            // n/(n−1) as a tensor: reading n back to the host would stall a GPU at every layer.
+            let unbiased = var.detach() * (&n / (&n - 1.0).clamp_min(1.0));
             let mut rm = self.bn.running_mean.shallow_clone();
             let mut rv = self.bn.running_var.shallow_clone();
             let _ = rm

@@ -376,8 +376,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 seen,
                 skipped: pixels as usize,
             };
-            state.loss_scale = scaler.scale;
-            state.loss_scale_good_steps = scaler.good_steps;
+            scaler.record(&mut state);
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
             save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
             log(&format!(
@@ -431,8 +430,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         }
 
         state.epochs_done = epoch;
-        state.loss_scale = scaler.scale;
-        state.loss_scale_good_steps = scaler.good_steps;
+        scaler.record(&mut state);
         save_epoch_checkpoint(&ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
         if stopped_early {
             break;

@@ -85,6 +85,19 @@ pub struct LossScaler {
 }
 
 impl LossScaler {
+    /// Takes the scale and its count of good steps from a checkpoint's training state (a
+    /// disabled scaler stays at 1).
+    pub fn restore(&mut self, state: &crate::checkpoint::TrainState) {
+        self.scale = if self.enabled { state.loss_scale } else { 1.0 };
+        self.good_steps = state.loss_scale_good_steps;
+    }
+
+    /// Records the scale and its count of good steps in the training state for a checkpoint.
+    pub fn record(&self, state: &mut crate::checkpoint::TrainState) {
+        state.loss_scale = self.scale;
+        state.loss_scale_good_steps = self.good_steps;
+    }
+
     pub fn new(enabled: bool) -> LossScaler {
         LossScaler {
             enabled,

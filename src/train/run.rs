@@ -363,12 +363,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     if let Some(group) = &dist {
         sync_from_rank0(group, &vs, &mut opt, &mut state)?;
-        scaler.scale = if scaler.enabled {
-            state.loss_scale
-        } else {
-            1.0
-        };
-        scaler.good_steps = state.loss_scale_good_steps;
+        scaler.restore(&state);
     }
 
     let channels_last = cfg.train.channels_last;
@@ -560,8 +555,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 seen,
                 skipped,
             };
-            state.loss_scale = scaler.scale;
-            state.loss_scale_good_steps = scaler.good_steps;
+            scaler.record(&mut state);
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
             if let Some(dp) = &dp {
                 dp.broadcast_buffers(&vs)?;
@@ -614,8 +608,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             skipped_images: skipped,
         };
         state.epochs_done = epoch;
-        state.loss_scale = scaler.scale;
-        state.loss_scale_good_steps = scaler.good_steps;
+        scaler.record(&mut state);
         if rank0 {
             metrics::append(&metrics_path, &m)?;
             log(&format_epoch(&m, epochs));
@@ -700,12 +693,7 @@ pub(crate) fn resume_or_start<M: metrics::EpochRecord>(
             checkpoint::copy_into(vs, &ck.tensors, &ck.path, None)?;
             opt.load_state(&ck.tensors)?;
             *state = ck.state.clone().unwrap_or_default();
-            scaler.scale = if scaler.enabled {
-                state.loss_scale
-            } else {
-                1.0
-            };
-            scaler.good_steps = state.loss_scale_good_steps;
+            scaler.restore(state);
             metrics::truncate::<M>(&metrics_path, state.epochs_done)?;
             (opts.log)(&format!(
                 "resuming from {} (epoch {} done, step {})",

@@ -12,18 +12,18 @@
 //! is carried to the next batch (only if the very last batches of the epoch are all bad is a
 //! 0-row batch yielded, to report the count).
 
+use super::prefetch::Prefetch;
 use super::transforms::Transform;
 use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
 use crate::config::DataConfig;
 use anyhow::{anyhow, Result};
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::Sender;
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
 use rayon::ThreadPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::JoinHandle;
 use tch::{Device, Kind, Tensor};
 
 /// One batch.
@@ -207,13 +207,13 @@ impl Job {
         })
     }
 
-    fn run(self, tx: Sender<Result<Batch>>, stop: Arc<AtomicBool>) {
+    fn run(self, tx: Sender<Result<Batch>>, stop: &AtomicBool) {
         let mut pending = 0;
         for b in self.first_batch..self.num_batches {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            match self.make_batch(b, &stop) {
+            match self.make_batch(b, stop) {
                 Ok(mut batch) => {
                     batch.skipped += pending;
                     if batch.is_empty() && b + 1 < self.num_batches {
@@ -236,9 +236,7 @@ impl Job {
 
 /// An iterator over the batches of one pass over a dataset.
 pub struct Loader {
-    rx: Option<Receiver<Result<Batch>>>,
-    handle: Option<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    batches: Prefetch<Batch>,
     num_batches: usize,
     num_samples: usize,
 }
@@ -365,17 +363,10 @@ impl Loader {
             first_batch: first_batch.min(num_batches),
             shard,
         };
-        let (tx, rx) = bounded(cfg.prefetch);
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("tricks-data-prefetch".into())
-            .spawn(move || job.run(tx, stop2))
-            .expect("cannot start the data prefetch thread");
         Loader {
-            rx: Some(rx),
-            handle: Some(handle),
-            stop,
+            batches: Prefetch::spawn("tricks-data-prefetch", cfg.prefetch, move |tx, stop| {
+                job.run(tx, stop)
+            }),
             num_batches,
             num_samples,
         }
@@ -390,39 +381,12 @@ impl Loader {
     pub fn num_samples(&self) -> usize {
         self.num_samples
     }
-
-    fn shutdown(&mut self) -> Option<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.rx = None; // unblocks a producer waiting in send()
-        let handle = self.handle.take()?;
-        match handle.join() {
-            Ok(()) => None,
-            Err(p) => Some(
-                p.downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".into()),
-            ),
-        }
-    }
 }
 
 impl Iterator for Loader {
     type Item = Result<Batch>;
 
     fn next(&mut self) -> Option<Result<Batch>> {
-        let rx = self.rx.as_ref()?;
-        match rx.recv() {
-            Ok(item) => Some(item),
-            Err(_) => self
-                .shutdown()
-                .map(|msg| Err(anyhow!("the data loader thread panicked: {msg}"))),
-        }
-    }
-}
-
-impl Drop for Loader {
-    fn drop(&mut self) {
-        let _ = self.shutdown();
+        self.batches.next()
     }
 }

@@ -13,6 +13,7 @@ pub mod cifar;
 pub mod download;
 pub mod imagefolder;
 pub mod loader;
+pub mod prefetch;
 pub mod resident;
 pub mod transforms;
 

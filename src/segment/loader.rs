@@ -12,18 +12,17 @@ use super::dataset::{Mask, SegDataset};
 use super::transforms::{pad_crop_pair, JointTransform};
 use crate::config::Config;
 use crate::data::loader::thread_pool;
+use crate::data::prefetch::Prefetch;
 use crate::data::Image;
 use crate::train::derive_seed;
 use anyhow::{anyhow, bail, Result};
-use crossbeam_channel::{bounded, Receiver};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use rayon::ThreadPool;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use tch::Tensor;
 
 /// One batch, on the CPU.
@@ -150,9 +149,7 @@ impl Job {
 
 /// An iterator over the batches of one pass over a segmentation dataset.
 pub struct SegLoader {
-    rx: Option<Receiver<Result<SegBatch>>>,
-    handle: Option<JoinHandle<()>>,
-    stop: Arc<AtomicBool>,
+    batches: Prefetch<SegBatch>,
     num_batches: usize,
 }
 
@@ -230,14 +227,12 @@ impl SegLoader {
             pool: thread_pool(cfg.data.workers),
             first_batch: first_batch.min(num_batches),
         };
-        let (tx, rx) = bounded(cfg.data.prefetch.max(1));
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("tricks-segment-prefetch".into())
-            .spawn(move || {
+        let batches = Prefetch::spawn(
+            "tricks-segment-prefetch",
+            cfg.data.prefetch,
+            move |tx, stop| {
                 for b in job.first_batch..job.num_batches {
-                    if stop2.load(Ordering::Relaxed) {
+                    if stop.load(Ordering::Relaxed) {
                         return;
                     }
                     let batch = job.make_batch(b);
@@ -246,12 +241,10 @@ impl SegLoader {
                         return;
                     }
                 }
-            })
-            .expect("cannot start the data prefetch thread");
+            },
+        );
         SegLoader {
-            rx: Some(rx),
-            handle: Some(handle),
-            stop,
+            batches,
             num_batches,
         }
     }
@@ -260,36 +253,12 @@ impl SegLoader {
     pub fn num_batches(&self) -> usize {
         self.num_batches
     }
-
-    fn shutdown(&mut self) -> Option<String> {
-        self.stop.store(true, Ordering::Relaxed);
-        self.rx = None;
-        let handle = self.handle.take()?;
-        handle.join().err().map(|p| {
-            p.downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into())
-        })
-    }
 }
 
 impl Iterator for SegLoader {
     type Item = Result<SegBatch>;
 
     fn next(&mut self) -> Option<Result<SegBatch>> {
-        let rx = self.rx.as_ref()?;
-        match rx.recv() {
-            Ok(item) => Some(item),
-            Err(_) => self
-                .shutdown()
-                .map(|msg| Err(anyhow!("the data loader thread panicked: {msg}"))),
-        }
-    }
-}
-
-impl Drop for SegLoader {
-    fn drop(&mut self) {
-        let _ = self.shutdown();
+        self.batches.next()
     }
 }

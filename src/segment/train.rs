@@ -316,7 +316,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 step_in_epoch,
                 global_step: state.global_step,
             };
-            let loss_value = optimizer_step(
+            let step = optimizer_step(
                 &loss,
                 &mut opt,
                 &mut scaler,
@@ -326,11 +326,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 &ckpt_dir,
                 at,
                 None,
-                false,
-            )?
-            .loss;
+                opts.stop.load(Ordering::SeqCst),
+            )?;
             state.global_step += 1;
-            loss_sum += loss_value * b as f64;
+            loss_sum += step.loss * b as f64;
             seen += b;
             let hits = tch::no_grad(|| {
                 logits
@@ -350,9 +349,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             ));
             bar.inc(1);
             steps_done = step_in_epoch + 1;
-            let signalled = opts.stop.load(Ordering::SeqCst);
             let step_limit = cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps;
-            if signalled || step_limit {
+            if step.stop || step_limit {
                 // At the end of an epoch the epoch is finished normally below.
                 stopped_early = true;
                 if steps_done < iters_per_epoch {

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # GPU benchmark for the lent device machine (CUDA 13, PyTorch 2.11 in /opt/torch/.venv, no Rust,
-# no network). Build here, then run there with the binary carried:
-#   cargo build --release
-#   run(command="bash bench/gpu.sh", carry=["target/release/tricks"], timeout_s=540)
+# no network). Build here, pack the binary and the CIFAR-10 JPEGs into one carried folder, then
+# run there:
+#   cargo build --release && bash bench/gpu_pack.sh
+#   run(command="bash bench/gpu.sh", carry=["data-local/gpu"], timeout_s=540)
+# (BIN and CIFAR10_DIR default to what gpu_pack.sh put in data-local/gpu/.)
 # It finishes in well under 8 minutes and prints one JSON line per measurement plus a summary
 # table; figures go to $OUT (the device tool brings them back) and belong in BENCHMARKS.md.
 #   1. ResNet-50 (ResNet-B layout) bf16 autocast + channels_last, 224 px, batch 256: training and
 #      inference img/s of tricks beside PyTorch eager AMP in the same call.
 #   2. CIFAR ResNet-20, batch 512, fp32 and bf16 + channels_last, beside PyTorch.
 #   3. (when CIFAR10_DIR points at the carried ../shared/data/cifar10 JPEG folder, 57 MB)
-#      time to 90.5 % top-1 on its test split: configs/cifar10/resnet20-efficient.toml on cuda.
+#      time to 90.5 % top-1 on its test split, each run capped at TTA_LIMIT_S seconds:
+#      configs/cifar10/resnet20-efficient.toml (the efficient baseline) and
+#      configs/cifar10/resnet56-tta.toml (the deeper net that can reach 90.5 % on these JPEGs),
+#      both with data.on_device; the summary gives the time to 90.5 % from the per-epoch
+#      metrics and the best top-1 within 60 s, beside airbench94's 2.76 s on this card and data.
 #   4. Data-parallel training through NCCL with world size 1 (`tricks launch --nproc 1`), on a
 #      small random CIFAR-format dataset written here, beside the same run in one process.
 # Smoke check of the same script on a CPU:
@@ -17,14 +23,33 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-PY="${PY:-/opt/torch/.venv/bin/python}"
+PY="${PY:-/opt/torch/.venv/bin/python3}"
 [[ -x "$PY" ]] || PY="$root/.venv/bin/python"
+[[ -x "$PY" ]] || PY="$(command -v python3)"
 DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-30}"
 WARMUP="${WARMUP:-10}"
-BIN="${BIN:-$root/target/release/tricks}"
 OUT="${OUT:-$root/bench/out}"
 mkdir -p "$OUT"
+pack="$root/data-local/gpu"
+if [[ -z "${BIN:-}" ]]; then
+    if [[ -f "$pack/tricks.xz" ]]; then
+        BIN="$(mktemp -d)/tricks"
+        "$PY" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
+            "$pack/tricks.xz" "$BIN"
+        chmod +x "$BIN"
+    else
+        BIN="$root/target/release/tricks"
+    fi
+fi
+if [[ -z "${CIFAR10_DIR:-}" && -d "$pack/cifar10/train" ]]; then
+    CIFAR10_DIR="$pack/cifar10"
+fi
+TTA_LIMIT_S="${TTA_LIMIT_S:-150}"
+TTA_CONFIGS="${TTA_CONFIGS:-resnet20-efficient resnet56-tta}"
+# Seconds since the epoch, to the millisecond (no bc on the device machine).
+now() { date +%s.%3N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
 site="$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
 ld="$site/torch/lib"
 for d in "$site"/nvidia/*/lib; do [[ -d "$d" ]] && ld="$ld:$d"; done
@@ -48,17 +73,6 @@ pair resnet50 b "${R50_BATCH:-256}" 224 bf16 1
 pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 fp32 0
 pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 bf16 1
 
-if [[ -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; then
-    start=$(date +%s.%N)
-    "$BIN" train --config configs/cifar10/resnet20-efficient.toml --data "$CIFAR10_DIR" \
-        --out "$OUT/tta" --device "$DEVICE" --no-progress --set data.on_device=true 2>&1 | tail -n 5
-    end=$(date +%s.%N)
-    echo "{\"time_to_accuracy_run_s\": $(echo "$end - $start" | bc)}" | tee -a "$log"
-    cat "$OUT/tta/metrics.jsonl" >> "$log"
-else
-    echo "time-to-accuracy: skipped (set CIFAR10_DIR to the carried CIFAR-10 JPEG folder)"
-fi
-
 # 4. NCCL, world size 1: the c10d path (TCP store, ProcessGroupNCCL, DDP's Reducer) on the GPU.
 if [[ "$DEVICE" == cuda ]]; then
     synth="$OUT/synth-cifar"
@@ -74,15 +88,49 @@ PYEOF
         cmd=(train --config configs/cifar10/resnet20.toml --data "$synth" --device cuda --no-progress
             --out "$OUT/dp-$mode" --set train.epochs=2 --set 'optim.step_epochs=[1]'
             --set train.precision=bf16 --set train.channels_last=true)
-        start=$(date +%s.%N)
+        start=$(now)
         if [[ "$mode" == nccl ]]; then
             "$BIN" launch --nproc 1 -- "${cmd[@]}" 2>&1 | tail -n 3
         else
             "$BIN" "${cmd[@]}" 2>&1 | tail -n 2
         fi
-        end=$(date +%s.%N)
-        echo "{\"data_parallel\": \"$mode\", \"seconds\": $(echo "$end - $start" | bc), \"last_epoch\": $(tail -n 1 "$OUT/dp-$mode/metrics.jsonl" 2>/dev/null || echo null)}" | tee -a "$log"
+        echo "{\"data_parallel\": \"$mode\", \"seconds\": $(elapsed "$start" "$(now)"), \"last_epoch\": $(tail -n 1 "$OUT/dp-$mode/metrics.jsonl" 2>/dev/null || echo null)}" | tee -a "$log"
     done
+fi
+
+# 3. Time to accuracy (last: the longest step, capped).
+if [[ -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; then
+    for name in $TTA_CONFIGS; do
+        run="$OUT/tta-$name"
+        start=$(now)
+        # The cap keeps the script inside its budget; metrics.jsonl holds every finished epoch.
+        timeout "$TTA_LIMIT_S" "$BIN" train --config "configs/cifar10/$name.toml" \
+            --data "$CIFAR10_DIR" --out "$run" --device "$DEVICE" --no-progress \
+            --set data.on_device=true 2>&1 | tail -n 3 || echo "($name: stopped at the ${TTA_LIMIT_S}-s cap)"
+        "$PY" - "$name" "$run/metrics.jsonl" "$(elapsed "$start" "$(now)")" <<'PYEOF' | tee -a "$log"
+import json, os, sys
+name, path, wall = sys.argv[1], sys.argv[2], float(sys.argv[3])
+epochs = [json.loads(l) for l in open(path)] if os.path.exists(path) else []
+t, to_target, best60, best = 0.0, None, None, None
+for m in epochs:
+    t += m["seconds"]  # training + evaluation of the epoch; start-up and data decoding excluded
+    top1 = m.get("val_top1")
+    if top1 is None:
+        continue
+    best = max(best or 0.0, top1)
+    if t <= 60.0:
+        best60 = max(best60 or 0.0, top1)
+    if to_target is None and top1 >= 90.5:
+        to_target = {"epoch": m["epoch"], "seconds": round(t, 2)}
+print(json.dumps({"time_to_accuracy": name, "target_top1": 90.5, "reached": to_target,
+                  "best_top1": best, "best_top1_within_60s": best60, "epochs_done": len(epochs),
+                  "epoch_seconds": [round(m["seconds"], 2) for m in epochs],
+                  "val_top1": [m.get("val_top1") for m in epochs],
+                  "process_wall_s": wall, "airbench94_reference_s": 2.76}))
+PYEOF
+    done
+else
+    echo "time-to-accuracy: skipped (set CIFAR10_DIR to the carried CIFAR-10 JPEG folder)"
 fi
 
 "$PY" - "$log" <<'PYEOF'

@@ -21,6 +21,9 @@
 #   THREADS=      intra-op threads, passed as --threads to both sides (default: PyTorch's own
 #                 default, torch.get_num_threads(), so that both use the same number)
 #   TRICKS_BIN=target/release/tricks   PYTHON=.venv/bin/python   BUILD=1 runs cargo build --release first
+#   ROUNDS=1      repeat the whole alternation; the table gives means and the per-round ratio range
+#   PYTORCH_GLIBC_TUNABLES=   GLIBC_TUNABLES for the PyTorch runs only, e.g. the allocator settings
+#                 tricks makes itself (src/device.rs): glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,6 +36,8 @@ MODELS="${MODELS:-cifar_resnet20 cifar_resnet56 resnet50d}"
 CONFIGS="${CONFIGS:-fp32 bf16-cl}"
 TRICKS_BIN="${TRICKS_BIN:-$root/target/release/tricks}"
 PYTHON="${PYTHON:-$root/.venv/bin/python}"
+ROUNDS="${ROUNDS:-1}"
+PYTORCH_GLIBC_TUNABLES="${PYTORCH_GLIBC_TUNABLES:-}"
 
 if [[ "${BUILD:-0}" == 1 ]]; then
     cargo build --release --bin tricks
@@ -49,7 +54,7 @@ fi
 if [[ -z "${THREADS:-}" ]]; then
     THREADS="$("$PYTHON" -c 'import torch; print(torch.get_num_threads())')"
 fi
-echo "threads: $THREADS, steps: $STEPS, warmup: $WARMUP, device: $DEVICE" >&2
+echo "threads: $THREADS, steps: $STEPS, warmup: $WARMUP, device: $DEVICE, rounds: $ROUNDS, pytorch GLIBC_TUNABLES: ${PYTORCH_GLIBC_TUNABLES:-none}" >&2
 
 mkdir -p bench/out
 stamp="$(date +%Y%m%d-%H%M%S)"
@@ -81,7 +86,11 @@ run_one() {
         read -r -a tm <<<"$(tricks_model_of "$model")"
         out="$("$TRICKS_BIN" bench "${tm[@]}" "${common[@]}")"
     else
-        out="$("$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+        if [[ -n "$PYTORCH_GLIBC_TUNABLES" ]]; then
+            out="$(GLIBC_TUNABLES="$PYTORCH_GLIBC_TUNABLES" "$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+        else
+            out="$("$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+        fi
     fi
     # Keep only the JSON measurement lines (either side may log other things on stdout).
     grep '^{.*"train_img_s"' <<<"$out" | tee -a "$jsonl" >&2 || {
@@ -92,16 +101,18 @@ run_one() {
 }
 
 round=0
-for model in $MODELS; do
-    for config in $CONFIGS; do
-        if ((round % 2 == 0)); then
-            run_one tricks "$model" "$config"
-            run_one pytorch "$model" "$config"
-        else
-            run_one pytorch "$model" "$config"
-            run_one tricks "$model" "$config"
-        fi
-        round=$((round + 1))
+for _ in $(seq "$ROUNDS"); do
+    for model in $MODELS; do
+        for config in $CONFIGS; do
+            if ((round % 2 == 0)); then
+                run_one tricks "$model" "$config"
+                run_one pytorch "$model" "$config"
+            else
+                run_one pytorch "$model" "$config"
+                run_one tricks "$model" "$config"
+            fi
+            round=$((round + 1))
+        done
     done
 done
 
@@ -119,7 +130,10 @@ rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     key = (canon(r), r["batch"], r["size"], r["precision"], bool(r["channels_last"]), r["device"])
-    rows.setdefault(key, {})[r["impl"]] = r
+    rows.setdefault(key, {}).setdefault(r["impl"], []).append(r)
+
+def mean(rs, field):
+    return sum(r[field] for r in rs) / len(rs) if rs else None
 
 def fmt(v):
     return "-" if v is None else f"{v:.1f}"
@@ -127,15 +141,20 @@ def fmt(v):
 def ratio(a, b):
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
-print("| model | batch | px | precision | channels_last | device | train tricks | train pytorch | train ratio | infer tricks | infer pytorch | infer ratio |")
-print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|")
+def spread(ts, ps, field):
+    # Round i of tricks against round i of pytorch (run next to each other).
+    rs = [t[field] / p[field] for t, p in zip(ts, ps) if p[field]]
+    return "-" if len(rs) < 2 else f"{min(rs):.2f}-{max(rs):.2f}"
+
+print("| model | batch | px | precision | channels_last | device | rounds | train tricks | train pytorch | train ratio | (per round) | infer tricks | infer pytorch | infer ratio | (per round) |")
+print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|")
 for key, by in rows.items():
-    t, p = by.get("tricks", {}), by.get("pytorch", {})
-    tt, pt = t.get("train_img_s"), p.get("train_img_s")
-    ti, pi = t.get("infer_img_s"), p.get("infer_img_s")
+    t, p = by.get("tricks", []), by.get("pytorch", [])
+    tt, pt = mean(t, "train_img_s"), mean(p, "train_img_s")
+    ti, pi = mean(t, "infer_img_s"), mean(p, "infer_img_s")
     model, batch, size, prec, cl, dev = key
-    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} |")
+    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {min(len(t), len(p))} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {spread(t, p, 'train_img_s')} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} | {spread(t, p, 'infer_img_s')} |")
 print()
-print("img/s; ratio = tricks / pytorch (> 1: tricks faster).")
+print("img/s (mean over rounds); ratio = tricks / pytorch (> 1: tricks faster).")
 EOF
 echo "raw: $jsonl  table: $table" >&2

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Packs what bench/gpu.sh needs on the device machine into one carried folder, data-local/gpu/,
+# small enough to travel with the working tree in one call (64 MiB in all):
+#   tricks.xz   the release binary, xz-compressed (~3 MB instead of ~10.5 MB)
+#   cifar10/    a copy of ../shared/data/cifar10 (ImageFolder JPEGs, ~57 MB), for the
+#               time-to-accuracy runs
+# Then, on a session with a device:
+#   bash bench/gpu_pack.sh
+#   run(command="bash bench/gpu.sh", carry=["data-local/gpu"], timeout_s=540)
+# gpu.sh finds both there by itself (BIN and CIFAR10_DIR override).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+BIN="${BIN:-$root/target/release/tricks}"
+DATA="${DATA:-$root/../shared/data/cifar10}"
+dest="$root/data-local/gpu"
+[[ -x "$BIN" ]] || { echo "no binary at $BIN: run cargo build --release first" >&2; exit 1; }
+[[ -d "$DATA/train" && -d "$DATA/test" ]] || { echo "$DATA: expected train/ and test/ folders" >&2; exit 1; }
+rm -rf "$dest"
+mkdir -p "$dest"
+xz -T0 -6 -c "$BIN" >"$dest/tricks.xz"
+cp -r "$DATA" "$dest/cifar10"
+bytes() { find "$@" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'; }
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+total=$(( $(bytes "$dest") + tree ))
+limit=$(( 64 * 1024 * 1024 ))
+printf 'data-local/gpu: %d bytes; working tree: %d bytes; together %d of %d\n' \
+    "$(bytes "$dest")" "$tree" "$total" "$limit"
+if (( total > limit )); then
+    echo "over the 64 MiB a device call carries: drop the CIFAR copy and carry it in its own call" >&2
+    exit 1
+fi

@@ -44,6 +44,11 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     assert_eq!(m.iter().map(|m| m.epoch).collect::<Vec<_>>(), vec![1, 2]);
     for line in &m {
         assert!(line.train_loss.is_finite() && line.images_per_second > 0.0 && line.seconds > 0.0);
+        // The first batch of an epoch is always waited for (nothing is prefetched yet).
+        assert!(
+            line.data_wait_seconds > 0.0 && line.data_wait_seconds < line.seconds,
+            "{line:?}"
+        );
         let top1 = line.val_top1.unwrap();
         assert!((0.0..=100.0).contains(&top1) && line.val_top5.unwrap() >= top1);
     }
@@ -58,6 +63,7 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         "val_top5",
         "images_per_second",
         "seconds",
+        "data_wait_seconds",
     ] {
         assert!(
             raw.lines().next().unwrap().contains(&format!("\"{key}\"")),

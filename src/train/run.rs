@@ -74,6 +74,10 @@ pub struct EpochMetrics {
     pub seconds: f64,
     #[serde(default)]
     pub skipped_images: usize,
+    /// Time the training loop waited for its next batch (timm's `data_time`, summed over the
+    /// epoch): the loader's cost to training. Near 0 when prefetching keeps up.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
 }
 
 /// What a finished run reports (also written to `summary.json`).
@@ -445,7 +449,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
         let mut steps_done = first_batch;
-        for (i, batch) in loader.enumerate() {
+        let mut data_wait = 0.0;
+        let mut loader = loader.enumerate();
+        loop {
+            let asked = Instant::now();
+            let Some((i, batch)) = loader.next() else {
+                break;
+            };
+            data_wait += asked.elapsed().as_secs_f64();
             let step_in_epoch = first_batch + i;
             let batch = batch?;
             skipped += batch.skipped;
@@ -606,6 +617,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             images_per_second: last_ips,
             seconds: epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped,
+            data_wait_seconds: data_wait,
         };
         state.epochs_done = epoch;
         scaler.record(&mut state);
@@ -856,13 +868,14 @@ fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
         _ => String::new(),
     };
     format!(
-        "epoch {}/{epochs}: lr {:.5} train loss {:.4} top-1 {:.2}%{val} | {:.0} img/s, {:.1}s{}",
+        "epoch {}/{epochs}: lr {:.5} train loss {:.4} top-1 {:.2}%{val} | {:.0} img/s, {:.1}s (data wait {:.1}s){}",
         m.epoch,
         m.lr,
         m.train_loss,
         m.train_top1,
         m.images_per_second,
         m.seconds,
+        m.data_wait_seconds,
         if m.skipped_images > 0 {
             format!(", {} bad images skipped", m.skipped_images)
         } else {

@@ -254,7 +254,13 @@ fn an_interrupted_launch_resumes_bit_exactly() {
         eprintln!("the run finished before the signal arrived; nothing to resume");
         return;
     }
-    assert!(err.contains("interrupt.safetensors"), "{err}");
+    // Mid-epoch the ranks stop with an interrupt checkpoint; on a loaded machine the signal can
+    // also land as an epoch ends, and the run stops after it with its epoch checkpoint. Either
+    // way `--resume` must end bit-identical to the uninterrupted run.
+    assert!(
+        err.contains("interrupt.safetensors") || err.contains("stopped early after"),
+        "{err}"
+    );
     let o = launch(&run, &weights, true).output().unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 

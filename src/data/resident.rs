@@ -107,6 +107,10 @@ impl Resident {
 
     /// The training batches of one epoch for `shard` (the same samples, order and augmentation as
     /// [`super::Loader::train_shard`]), from batch `first_batch` on.
+    ///
+    /// Every random choice of the epoch is drawn here on the host and sent to the device in one
+    /// copy: a copy per batch would make the host wait for the device's queue to drain (a
+    /// pageable host-to-device copy synchronises), once per step.
     pub fn train_batches(
         self: &Rc<Self>,
         batch_size: usize,
@@ -119,46 +123,70 @@ impl Resident {
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
         let global = batch_size * shard.world;
         let num_batches = self.len / global;
+        let first_batch = first_batch.min(num_batches);
+        // Every image is train_size square, so a crop starts anywhere in 0..=2·pad.
+        let range = 2 * self.pad as u32;
+        let n = (num_batches - first_batch) * batch_size;
+        // Rows: image index, crop x, crop y, mirrored (0/1); one column per sample.
+        let mut draws = vec![0i64; 4 * n];
+        for (k, (b, j)) in (first_batch..num_batches)
+            .flat_map(|b| (0..batch_size).map(move |j| (b, j)))
+            .enumerate()
+        {
+            // The sample's position in the epoch's global order (see Loader::train_shard).
+            let pos = b * global + shard.rank * batch_size + j;
+            let mut rng = stream_rng(seed, epoch as u64, pos as u64, TAG_SAMPLE);
+            // The draws of transforms::random_pad_crop, in its order: x, y, flip.
+            draws[n + k] = rng.gen_range(0..=range) as i64;
+            draws[2 * n + k] = rng.gen_range(0..=range) as i64;
+            draws[3 * n + k] = i64::from(self.flip && rng.gen_bool(0.5));
+            draws[k] = order[pos] as i64;
+        }
+        let device = self.images.device();
         ResidentBatches {
             data: self.clone(),
             mode: Mode::Train {
-                order,
-                seed,
-                epoch: epoch as u64,
-                shard,
+                draws: Tensor::from_slice(&draws)
+                    .view([4, n as i64])
+                    .to_device(device),
             },
             batch_size,
-            next: first_batch.min(num_batches),
+            next: first_batch,
+            first: first_batch,
             num_batches,
         }
     }
 
     /// Evaluation batches in order (every `shard.world`-th image from `shard.rank`), no augmentation.
     pub fn eval_batches(self: &Rc<Self>, batch_size: usize, shard: Shard) -> ResidentBatches {
-        let order: Vec<usize> = (shard.rank..self.len).step_by(shard.world).collect();
+        let order: Vec<i64> = (shard.rank..self.len)
+            .step_by(shard.world)
+            .map(|i| i as i64)
+            .collect();
         ResidentBatches {
             data: self.clone(),
             num_batches: order.len().div_ceil(batch_size),
-            mode: Mode::Eval { order },
+            mode: Mode::Eval {
+                order: Tensor::from_slice(&order).to_device(self.images.device()),
+            },
             batch_size,
             next: 0,
+            first: 0,
         }
     }
 
-    /// Pad, crop at (x, y) in padded coordinates and mirror the rows of `idx`, on the device.
-    fn augmented(&self, idx: &Tensor, xs: &[i64], ys: &[i64], flips: &[bool]) -> Tensor {
+    /// Pad, crop at (x, y) in padded coordinates and mirror the rows of `idx`, on the device;
+    /// `xs`, `ys` and `flips` are `[B]` i64 (flips 0/1).
+    fn augmented(&self, idx: &Tensor, xs: &Tensor, ys: &Tensor, flips: &Tensor) -> Tensor {
         let device = self.images.device();
-        let (b, s, p) = (xs.len() as i64, self.side, self.pad);
+        let (b, s, p) = (idx.size()[0], self.side, self.pad);
         let src = self.images.index_select(0, idx);
         let padded = src.constant_pad_nd([p, p, p, p]);
         let ar = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-        let rows = Tensor::from_slice(ys).to_device(device).view([b, 1]) + &ar;
-        let flip = Tensor::from_slice(&flips.iter().map(|&f| f as i64).collect::<Vec<_>>())
-            .to_device(device)
-            .view([b, 1]);
+        let rows = ys.view([b, 1]) + &ar;
         // Column d of the output is padded column x + d, or x + s − 1 − d when mirrored.
-        let offsets = &ar + (ar.flip([1]) - &ar) * &flip;
-        let cols = Tensor::from_slice(xs).to_device(device).view([b, 1]) + offsets;
+        let offsets = &ar + (ar.flip([1]) - &ar) * flips.view([b, 1]);
+        let cols = xs.view([b, 1]) + offsets;
         let wp = s + 2 * p;
         let picked_rows = padded.gather(
             2,
@@ -174,15 +202,11 @@ impl Resident {
 }
 
 enum Mode {
-    Train {
-        order: Vec<usize>,
-        seed: u64,
-        epoch: u64,
-        shard: Shard,
-    },
-    Eval {
-        order: Vec<usize>,
-    },
+    /// `[4, N]` i64 on the device: image index, crop x, crop y, mirrored, for each sample of the
+    /// batches from `first` on.
+    Train { draws: Tensor },
+    /// `[N]` i64 image indices on the device.
+    Eval { order: Tensor },
 }
 
 /// Batches of one pass over a [`Resident`] split; images and labels are on its device.
@@ -191,6 +215,8 @@ pub struct ResidentBatches {
     mode: Mode,
     batch_size: usize,
     next: usize,
+    /// The first batch the draws cover.
+    first: usize,
     num_batches: usize,
 }
 
@@ -207,39 +233,19 @@ impl Iterator for ResidentBatches {
         if self.next >= self.num_batches {
             return None;
         }
-        let (b, bs) = (self.next, self.batch_size);
+        let (b, bs) = (self.next, self.batch_size as i64);
         self.next += 1;
         let d = &self.data;
-        let device = d.images.device();
         let (images, idx) = match &self.mode {
-            Mode::Train {
-                order,
-                seed,
-                epoch,
-                shard,
-            } => {
-                // Every image is train_size square, so a crop starts anywhere in 0..=2·pad.
-                let range = 2 * d.pad as u32;
-                let (mut idx, mut xs, mut ys, mut flips) = (vec![], vec![], vec![], vec![]);
-                for j in 0..bs {
-                    // The sample's position in the epoch's global order (see Loader::train_shard).
-                    let pos = b * bs * shard.world + shard.rank * bs + j;
-                    let mut rng = stream_rng(*seed, *epoch, pos as u64, TAG_SAMPLE);
-                    // The draws of transforms::random_pad_crop, in its order: x, y, flip.
-                    xs.push(rng.gen_range(0..=range) as i64);
-                    ys.push(rng.gen_range(0..=range) as i64);
-                    flips.push(d.flip && rng.gen_bool(0.5));
-                    idx.push(order[pos] as i64);
-                }
-                let idx = Tensor::from_slice(&idx).to_device(device);
-                (d.augmented(&idx, &xs, &ys, &flips), idx)
+            Mode::Train { draws } => {
+                let cols = draws.narrow(1, (b - self.first) as i64 * bs, bs);
+                let idx = cols.get(0);
+                let images = d.augmented(&idx, &cols.get(1), &cols.get(2), &cols.get(3));
+                (images, idx)
             }
             Mode::Eval { order } => {
-                let idx: Vec<i64> = order[b * bs..((b + 1) * bs).min(order.len())]
-                    .iter()
-                    .map(|&i| i as i64)
-                    .collect();
-                let idx = Tensor::from_slice(&idx).to_device(device);
+                let from = b as i64 * bs;
+                let idx = order.narrow(0, from, bs.min(order.size()[0] - from));
                 (d.images.index_select(0, &idx), idx)
             }
         };

@@ -327,9 +327,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 at,
                 None,
                 opts.stop.load(Ordering::SeqCst),
+                true,
             )?;
             state.global_step += 1;
-            loss_sum += step.loss * b as f64;
+            loss_sum += f64::try_from(&step.loss)? * b as f64;
             seen += b;
             let hits = tch::no_grad(|| {
                 logits

@@ -4,9 +4,11 @@ use tch::{Kind, Tensor};
 
 /// Scales all gradients in place so their global L2 norm is at most `max_norm`, as
 /// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`, applied only
-/// when below 1). Returns the norm before clipping. Parameters without a gradient are skipped.
-/// The norm is accumulated in f32 with one device sync, whatever the gradient dtype.
-pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
+/// when below 1). Returns the norm before clipping, as a 0-dim f32 tensor on the gradients'
+/// device: nothing is read back, so a GPU does not wait (the coefficient is clamped to 1 on the
+/// device and always applied; a factor of exactly 1 leaves a gradient unchanged). Parameters
+/// without a gradient are skipped. The norm is accumulated in f32 whatever the gradient dtype.
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
     tch::no_grad(|| {
         let grads: Vec<Tensor> = params
             .iter()
@@ -14,18 +16,16 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
             .filter(|g| g.defined())
             .collect();
         if grads.is_empty() {
-            return 0.0;
+            return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         }
         let norms: Vec<Tensor> = grads
             .iter()
             .map(|g| g.to_kind(Kind::Float).norm())
             .collect();
-        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-        let coef = max_norm / (total + 1e-6);
-        if coef < 1.0 {
-            for mut g in grads {
-                let _ = g.g_mul_scalar_(coef);
-            }
+        let total = Tensor::stack(&norms, 0).norm();
+        let coef = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+        for mut g in grads {
+            let _ = g.g_mul_(&coef.to_kind(g.kind()));
         }
         total
     })
@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn norm_clipping() {
         let ps = params();
-        let before = clip_grad_norm(&ps, 6.5);
+        let before = clip_grad_norm(&ps, 6.5).double_value(&[]);
         close(before, 13.0, 1e-5);
         let g = grads(&ps);
         let coef = 6.5 / (13.0 + 1e-6);
@@ -82,7 +82,7 @@ mod tests {
         let after = g.iter().map(|x| x * x).sum::<f64>().sqrt();
         close(after, 6.5, 1e-5);
         // Already below the limit: unchanged, and the returned norm is the current one.
-        close(clip_grad_norm(&ps, 100.0), 6.5, 1e-5);
+        close(clip_grad_norm(&ps, 100.0).double_value(&[]), 6.5, 1e-5);
         for (x, y) in grads(&ps).iter().zip(&g) {
             assert_eq!(x, y);
         }
@@ -91,7 +91,7 @@ mod tests {
     #[test]
     fn no_gradients_is_zero() {
         let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        assert_eq!(clip_grad_norm(&[p], 1.0), 0.0);
+        assert_eq!(clip_grad_norm(&[p], 1.0).double_value(&[]), 0.0);
     }
 
     #[test]

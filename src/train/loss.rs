@@ -48,12 +48,17 @@ pub fn distillation_loss(
 /// Top-1 and top-k correct counts for hard labels `[B]` (k clipped to the number of classes),
 /// as used for the paper's top-1/top-5 validation accuracy.
 pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
+    let (top1, topk) = topk_hits(logits, labels, k);
+    (top1.int64_value(&[]), topk.int64_value(&[]))
+}
+
+/// [`topk_correct`] as two 0-dim i64 tensors on the logits' device, to be summed over batches
+/// and read back once: a read per batch would make a GPU wait for its queue to drain.
+pub fn topk_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, Tensor) {
     let k = k.clamp(1, *logits.size().last().unwrap_or(&1));
     let (_, idx) = logits.topk(k, -1, true, true);
     let hits = idx.eq_tensor(&labels.to_kind(Kind::Int64).unsqueeze(-1));
-    let top1 = hits.select(1, 0).sum(Kind::Int64).int64_value(&[]);
-    let topk = hits.sum(Kind::Int64).int64_value(&[]);
-    (top1, topk)
+    (hits.select(1, 0).sum(Kind::Int64), hits.sum(Kind::Int64))
 }
 
 #[cfg(test)]

@@ -121,19 +121,22 @@ impl LossScaler {
             return true;
         }
         let inv = 1.0 / self.scale;
-        let mut finite = true;
         tch::no_grad(|| {
+            // One read for all gradients (not one per tensor, each of which would stall a GPU).
+            let mut all_finite: Option<Tensor> = None;
             for p in params {
                 let mut g = p.grad();
                 if g.defined() {
                     let _ = g.g_mul_scalar_(inv);
-                    if finite && !bool::try_from(g.isfinite().all()).unwrap_or(false) {
-                        finite = false;
-                    }
+                    let f = g.isfinite().all();
+                    all_finite = Some(match all_finite {
+                        None => f,
+                        Some(a) => a.logical_and(&f),
+                    });
                 }
             }
-        });
-        finite
+            all_finite.is_none_or(|f| bool::try_from(&f).unwrap_or(false))
+        })
     }
 
     /// Updates the scale after a step; `found_inf` means the step was skipped.

@@ -1,7 +1,7 @@
 //! One training run: data → model → epochs of (train, evaluate, checkpoint) → summary.
 
 use super::data_parallel::{dump_rank_weights, sync_from_rank0, DataParallel};
-use super::loss::{distillation_loss, smooth_targets, soft_cross_entropy, topk_correct};
+use super::loss::{distillation_loss, smooth_targets, soft_cross_entropy, topk_hits};
 use super::optim::Sgd;
 use super::precision::{check_supported, Autocast, LossScaler};
 use super::schedule::LrSchedule;
@@ -131,7 +131,14 @@ impl EvalSums {
         precision: Precision,
         channels_last: bool,
     ) -> Result<EvalSums> {
-        let (mut loss_sum, mut c1, mut c5, mut n) = (0.0, 0i64, 0i64, 0usize);
+        // Sums stay on the device until the end: a read per batch would stall a GPU's queue.
+        let zero = |kind| Tensor::zeros([], (kind, device));
+        let (mut loss_sum, mut c1, mut c5, mut n) = (
+            zero(Kind::Double),
+            zero(Kind::Int64),
+            zero(Kind::Int64),
+            0usize,
+        );
         for batch in loader {
             let batch = batch?;
             let x = to_device_input(&batch.images, device, channels_last);
@@ -142,16 +149,16 @@ impl EvalSums {
             })
             .to_kind(Kind::Float);
             let b = y.size()[0] as usize;
-            loss_sum += f64::try_from(logits.cross_entropy_for_logits(&y))? * b as f64;
-            let (a, k) = topk_correct(&logits, &y, 5);
+            loss_sum += logits.cross_entropy_for_logits(&y).to_kind(Kind::Double) * b as f64;
+            let (a, k) = topk_hits(&logits, &y, 5);
             c1 += a;
             c5 += k;
             n += b;
         }
         Ok(EvalSums {
-            loss: loss_sum,
-            top1: c1 as f64,
-            top5: c5 as f64,
+            loss: f64::try_from(&loss_sum)?,
+            top1: c1.int64_value(&[]) as f64,
+            top5: c5.int64_value(&[]) as f64,
             samples: n as f64,
         })
     }
@@ -410,6 +417,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     );
     let params = opt.tensors();
     let precision = cfg.train.precision;
+    // How often the epoch's sums are read back (EpochSums): every step on a CPU, where a read is
+    // free, and in a data-parallel run, whose ranks agree on the loss at every step anyway.
+    let read_every = if device.is_cuda() && dp.is_none() {
+        GPU_READ_EVERY
+    } else {
+        1
+    };
     let mut stopped_early = false;
     let mut last_eval: Option<EvalResult> = None;
     let mut last_ips = 0.0;
@@ -440,12 +454,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
         let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
-        let (mut loss_sum, mut correct, mut seen, mut skipped) = (
-            partial.loss_sum,
-            partial.correct,
-            partial.seen,
-            partial.skipped,
-        );
+        let mut sums = EpochSums::new(partial.loss_sum, partial.correct, device, read_every);
+        let (mut seen, mut skipped) = (partial.seen, partial.skipped);
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
         let mut steps_done = first_batch;
@@ -522,19 +532,29 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 at,
                 dp.as_ref(),
                 opts.stop.load(Ordering::SeqCst),
+                read_every == 1,
+            )?;
+            let (hits, _) = topk_hits(&logits.to_kind(Kind::Float), &y, 1);
+            let current = sums.add(
+                &step.loss,
+                &hits,
+                b,
+                state.global_step,
+                scaler.enabled,
+                &ckpt_dir,
             )?;
             state.global_step += 1;
-            loss_sum += step.loss * b as f64;
-            correct += topk_correct(&logits.to_kind(Kind::Float), &y, 1).0;
             seen += b as usize;
-            let ips = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "loss {:.4} acc {:.2}% lr {:.4} {:.0} img/s",
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / seen as f64,
-                lr,
-                ips
-            ));
+            if current {
+                let ips = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "loss {:.4} acc {:.2}% lr {:.4} {:.0} img/s",
+                    sums.loss / seen as f64,
+                    100.0 * sums.correct as f64 / seen as f64,
+                    lr,
+                    ips
+                ));
+            }
             bar.inc(1);
             steps_done = step_in_epoch + 1;
             let signalled = step.stop;
@@ -548,6 +568,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
         }
         bar.finish_and_clear();
+        sums.read(scaler.enabled, &ckpt_dir)?;
+        let (mut loss_sum, mut correct) = (sums.loss, sums.correct);
         if let Some(dp) = &dp {
             let v = dp.sum(&[loss_sum, correct as f64, seen as f64, skipped as f64])?;
             (loss_sum, correct, seen, skipped) = (v[0], v[1] as i64, v[2] as usize, v[3] as usize);
@@ -741,8 +763,8 @@ pub(crate) struct StepPosition {
 
 /// What [`optimizer_step`] reports.
 pub(crate) struct StepOutcome {
-    /// This process's loss value.
-    pub loss: f64,
+    /// This process's loss, detached, on the device (not read back).
+    pub loss: Tensor,
     /// Stop after this step: a stop was requested here or, in a data-parallel run, on any rank.
     pub stop: bool,
 }
@@ -752,6 +774,10 @@ pub(crate) struct StepOutcome {
 /// gradients over ranks in a data-parallel run), skip the step on inf/NaN gradients (f16), clip,
 /// SGD step. Data-parallel ranks agree first on the loss being finite and on stopping, so that
 /// they all take, or all refuse, the same step.
+///
+/// `check_loss = false` skips reading the loss back before the step (single process only): on a
+/// GPU that read makes the host wait for the queue to drain at every step, so the classification
+/// trainer reads its summed loss every few steps instead and stops there ([`EpochSums`]).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimizer_step(
     loss: &Tensor,
@@ -764,26 +790,28 @@ pub(crate) fn optimizer_step(
     at: StepPosition,
     dp: Option<&DataParallel>,
     stop_requested: bool,
+    check_loss: bool,
 ) -> Result<StepOutcome> {
-    let local_loss = f64::try_from(loss)?;
-    let (loss_value, stop) = match dp {
-        Some(dp) => {
-            let v = dp.sum(&[local_loss, f64::from(u8::from(stop_requested))])?;
-            (v[0] / dp.world_size() as f64, v[1] > 0.0)
+    let mut stop = stop_requested;
+    if check_loss || dp.is_some() {
+        let local_loss = f64::try_from(loss)?;
+        let loss_value = match dp {
+            Some(dp) => {
+                let v = dp.sum(&[local_loss, f64::from(u8::from(stop_requested))])?;
+                stop = v[1] > 0.0;
+                v[0] / dp.world_size() as f64
+            }
+            None => local_loss,
+        };
+        if !loss_value.is_finite() && !scaler.enabled {
+            let place = format!(
+                "at epoch {}, step {} (global step {})",
+                at.epoch,
+                at.step_in_epoch + 1,
+                at.global_step + 1
+            );
+            return Err(non_finite_loss(loss_value, &place, ckpt_dir));
         }
-        None => (local_loss, stop_requested),
-    };
-    if !loss_value.is_finite() && !scaler.enabled {
-        let last = checkpoint::list_epoch_checkpoints(ckpt_dir)
-            .first()
-            .map(|(_, p)| p.display().to_string())
-            .unwrap_or_else(|| "none yet".into());
-        bail!(
-            "the loss became {loss_value} at epoch {}, step {} (global step {}); training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)",
-            at.epoch,
-            at.step_in_epoch + 1,
-            at.global_step + 1
-        );
     }
     opt.zero_grad();
     if let Some(dp) = dp {
@@ -807,15 +835,111 @@ pub(crate) fn optimizer_step(
             clip::clip_grad_value(params, optim.clip_grad_value);
         }
         if optim.clip_grad_norm > 0.0 {
-            clip::clip_grad_norm(params, optim.clip_grad_norm);
+            let _ = clip::clip_grad_norm(params, optim.clip_grad_norm);
         }
         opt.step(lr);
     }
     scaler.update(!finite);
     Ok(StepOutcome {
-        loss: local_loss,
+        loss: loss.detach(),
         stop,
     })
+}
+
+/// The error for a NaN or infinite training loss, naming where it was seen and the checkpoint to
+/// go back to.
+fn non_finite_loss(value: f64, place: &str, ckpt_dir: &Path) -> anyhow::Error {
+    let last = checkpoint::list_epoch_checkpoints(ckpt_dir)
+        .first()
+        .map(|(_, p)| p.display().to_string())
+        .unwrap_or_else(|| "none yet".into());
+    anyhow!(
+        "the loss became {value} {place}; training stopped, the last good checkpoint is {last} (lower optim.lr, or enable optim.clip_grad_norm)"
+    )
+}
+
+/// Steps between reads of the running loss on a single GPU: the progress line's refresh, and the
+/// most steps a NaN loss (without a loss scaler) goes unnoticed before training stops.
+const GPU_READ_EVERY: usize = 25;
+
+/// The training loss and top-1 sums of an epoch. What each step adds stays on the device and is
+/// read back every `read_every` steps: a read makes a GPU wait until its queue has drained,
+/// which at every step would serialise the host's kernel launches with the GPU's work. On a CPU
+/// a read costs nothing and `read_every` is 1.
+struct EpochSums {
+    loss: f64,
+    correct: i64,
+    pending_loss: Tensor,
+    pending_correct: Tensor,
+    /// Global steps whose sums are pending: from `pending_from`, `pending_steps` of them.
+    pending_from: usize,
+    pending_steps: usize,
+    read_every: usize,
+}
+
+impl EpochSums {
+    fn new(loss: f64, correct: i64, device: Device, read_every: usize) -> EpochSums {
+        EpochSums {
+            loss,
+            correct,
+            pending_loss: Tensor::zeros([], (Kind::Double, device)),
+            pending_correct: Tensor::zeros([], (Kind::Int64, device)),
+            pending_from: 0,
+            pending_steps: 0,
+            read_every,
+        }
+    }
+
+    /// Adds a step's mean loss (times its batch size) and top-1 hits; returns true when the
+    /// sums were read back, i.e. the running figures are current.
+    fn add(
+        &mut self,
+        loss: &Tensor,
+        hits: &Tensor,
+        batch: i64,
+        global_step: usize,
+        loss_may_be_inf: bool,
+        ckpt_dir: &Path,
+    ) -> Result<bool> {
+        if self.pending_steps == 0 {
+            self.pending_from = global_step;
+        }
+        self.pending_loss += loss.to_kind(Kind::Double) * batch as f64;
+        self.pending_correct += hits;
+        self.pending_steps += 1;
+        if self.pending_steps < self.read_every {
+            return Ok(false);
+        }
+        self.read(loss_may_be_inf, ckpt_dir)?;
+        Ok(true)
+    }
+
+    /// Reads the pending sums back. Without a loss scaler (which skips inf/NaN steps itself) a
+    /// non-finite sum stops training, naming the steps it came from.
+    fn read(&mut self, loss_may_be_inf: bool, ckpt_dir: &Path) -> Result<()> {
+        if self.pending_steps == 0 {
+            return Ok(());
+        }
+        let loss = f64::try_from(&self.pending_loss)?;
+        if !loss.is_finite() && !loss_may_be_inf {
+            let (a, b) = (
+                self.pending_from + 1,
+                self.pending_from + self.pending_steps,
+            );
+            let place = if a == b {
+                format!("at global step {a}")
+            } else {
+                format!("within global steps {a}–{b}")
+            };
+            return Err(non_finite_loss(loss, &place, ckpt_dir));
+        }
+        self.loss += loss;
+        self.correct += self.pending_correct.int64_value(&[]);
+        let _ = self.pending_loss.zero_();
+        let _ = self.pending_correct.zero_();
+        self.pending_steps = 0;
+        Ok(())
+    }
 }
 
 /// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state.
@@ -901,4 +1025,65 @@ pub(crate) fn progress_bar(
     );
     bar.set_prefix(format!("epoch {epoch}/{epochs}"));
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scalar(v: f32) -> Tensor {
+        Tensor::from(v)
+    }
+
+    #[test]
+    fn epoch_sums_are_read_every_n_steps_and_carry_what_came_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = EpochSums::new(10.0, 7, Device::Cpu, 3);
+        let hits = Tensor::from(2i64);
+        assert!(!s.add(&scalar(1.5), &hits, 4, 0, false, dir.path()).unwrap());
+        assert!(!s.add(&scalar(0.5), &hits, 4, 1, false, dir.path()).unwrap());
+        // Nothing read yet: the running figures are still those carried in.
+        assert_eq!((s.loss, s.correct), (10.0, 7));
+        assert!(s.add(&scalar(1.0), &hits, 2, 2, false, dir.path()).unwrap());
+        assert_eq!((s.loss, s.correct), (10.0 + 6.0 + 2.0 + 2.0, 7 + 6));
+        // A partial window is read at the epoch's end.
+        assert!(!s
+            .add(&scalar(0.25), &hits, 4, 3, false, dir.path())
+            .unwrap());
+        s.read(false, dir.path()).unwrap();
+        assert_eq!((s.loss, s.correct), (21.0, 15));
+        s.read(false, dir.path()).unwrap(); // nothing pending: unchanged
+        assert_eq!((s.loss, s.correct), (21.0, 15));
+    }
+
+    #[test]
+    fn a_non_finite_loss_is_an_error_naming_its_steps_unless_a_scaler_skips_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let hits = Tensor::from(0i64);
+        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 4);
+        for (step, v) in [(10, 1.0), (11, f32::NAN), (12, 1.0)] {
+            assert!(!s
+                .add(&scalar(v), &hits, 2, step, false, dir.path())
+                .unwrap());
+        }
+        let e = s
+            .add(&scalar(1.0), &hits, 2, 13, false, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("loss became NaN within global steps 11–14"),
+            "{e}"
+        );
+        assert!(e.contains("last good checkpoint is none yet"), "{e}");
+        // With f16 loss scaling a NaN step is skipped by the scaler, not fatal.
+        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 1);
+        assert!(s
+            .add(&scalar(f32::INFINITY), &hits, 2, 0, true, dir.path())
+            .unwrap());
+        let e = EpochSums::new(0.0, 0, Device::Cpu, 1)
+            .add(&scalar(f32::INFINITY), &hits, 2, 4, false, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("loss became inf at global step 5"), "{e}");
+    }
 }

@@ -20,6 +20,7 @@ rm -rf "$dest"
 mkdir -p "$dest"
 xz -T0 -6 -c "$BIN" >"$dest/tricks.xz"
 cp -r "$DATA" "$dest/cifar10"
+chmod -R u+w "$dest/cifar10" # the shared copy is read-only; keep ours removable
 bytes() { find "$@" -type f -printf '%s\n' | awk '{s += $1} END {print s + 0}'; }
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
 total=$(( $(bytes "$dest") + tree ))

@@ -60,7 +60,7 @@ pub fn configure(threads: usize, device: Device) {
 /// Lets the process keep the memory libtorch frees for its next allocations instead of handing it
 /// back to the kernel. With glibc's defaults, freed blocks above a moving threshold go back with
 /// `munmap` and the heap top is trimmed, so every CPU training step page-faults its activations in
-/// again: 1.6–2.6 s of kernel time per 100 CIFAR ResNet-20 steps on the 2-core VM (5–7 % of the CPU
+/// again: 0.9–2.6 s of kernel time per 100 CIFAR ResNet-20 steps on the 2-core VM (3–7 % of the CPU
 /// time) against 0.3 s with these settings (BENCHMARKS.md). The cost is that the resident memory
 /// stays at its peak, which a training process reaches anyway. Blocks above 32 MiB (glibc's
 /// ceiling for this threshold) are still mapped per allocation. Settings the user made through

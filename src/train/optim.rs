@@ -339,16 +339,14 @@ mod tests {
         loss.backward();
     }
 
-    /// The store's variables in name order (`variables()` is a hash map: its order differs
-    /// from store to store).
-    fn snapshot_order(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
-        let mut v: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
+    /// The store's variables (shared, not copied) in name order: `variables()` is a hash map,
+    /// whose order differs from store to store.
+    fn by_name(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
+        vs.variables().into_iter().collect()
     }
 
     fn snapshot(vs: &nn::VarStore) -> BTreeMap<String, Tensor> {
-        vs.variables()
+        by_name(vs)
             .into_iter()
             .map(|(k, v)| (k, v.detach().copy()))
             .collect()
@@ -427,7 +425,7 @@ mod tests {
             // in parallel, so the two runs would not start alike).
             let vs = store();
             tch::no_grad(|| {
-                for (i, (_, mut v)) in snapshot_order(&vs).into_iter().enumerate() {
+                for (i, (_, mut v)) in by_name(&vs).into_iter().enumerate() {
                     let n = v.numel() as i64;
                     let vals = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + i as f64)
                         .sin()
@@ -446,7 +444,7 @@ mod tests {
             // gradients whatever kernels a layer would pick for differently placed weights.
             for step in 0..3 {
                 opt.zero_grad();
-                let loss = snapshot_order(&vs)
+                let loss = by_name(&vs)
                     .iter()
                     .filter(|(_, w)| w.requires_grad())
                     .map(|(_, w)| w)

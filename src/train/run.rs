@@ -454,7 +454,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
         let use_mixup = cfg.mixup.alpha > 0.0 && epoch + cfg.mixup.off_epochs <= epochs;
-        let mut sums = EpochSums::new(partial.loss_sum, partial.correct, device, read_every);
+        let mut sums = EpochSums::new(
+            partial.loss_sum,
+            partial.correct,
+            device,
+            read_every,
+            scaler.enabled,
+            &ckpt_dir,
+        );
         let (mut seen, mut skipped) = (partial.seen, partial.skipped);
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
@@ -535,14 +542,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 read_every == 1,
             )?;
             let (hits, _) = topk_hits(&logits.to_kind(Kind::Float), &y, 1);
-            let current = sums.add(
-                &step.loss,
-                &hits,
-                b,
-                state.global_step,
-                scaler.enabled,
-                &ckpt_dir,
-            )?;
+            let current = sums.add(&step.loss, &hits, b, state.global_step)?;
             state.global_step += 1;
             seen += b as usize;
             if current {
@@ -568,7 +568,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
         }
         bar.finish_and_clear();
-        sums.read(scaler.enabled, &ckpt_dir)?;
+        sums.read()?;
         let (mut loss_sum, mut correct) = (sums.loss, sums.correct);
         if let Some(dp) = &dp {
             let v = dp.sum(&[loss_sum, correct as f64, seen as f64, skipped as f64])?;
@@ -869,6 +869,10 @@ const GPU_READ_EVERY: usize = 25;
 struct EpochSums {
     loss: f64,
     correct: i64,
+    /// Non-finite losses are expected (an f16 loss scaler skips those steps), not an error.
+    loss_may_be_inf: bool,
+    /// Where the error for a non-finite loss finds the last good checkpoint.
+    ckpt_dir: PathBuf,
     pending_loss: Tensor,
     pending_correct: Tensor,
     /// Global steps whose sums are pending: from `pending_from`, `pending_steps` of them.
@@ -878,10 +882,19 @@ struct EpochSums {
 }
 
 impl EpochSums {
-    fn new(loss: f64, correct: i64, device: Device, read_every: usize) -> EpochSums {
+    fn new(
+        loss: f64,
+        correct: i64,
+        device: Device,
+        read_every: usize,
+        loss_may_be_inf: bool,
+        ckpt_dir: &Path,
+    ) -> EpochSums {
         EpochSums {
             loss,
             correct,
+            loss_may_be_inf,
+            ckpt_dir: ckpt_dir.to_path_buf(),
             pending_loss: Tensor::zeros([], (Kind::Double, device)),
             pending_correct: Tensor::zeros([], (Kind::Int64, device)),
             pending_from: 0,
@@ -898,8 +911,6 @@ impl EpochSums {
         hits: &Tensor,
         batch: i64,
         global_step: usize,
-        loss_may_be_inf: bool,
-        ckpt_dir: &Path,
     ) -> Result<bool> {
         if self.pending_steps == 0 {
             self.pending_from = global_step;
@@ -910,18 +921,18 @@ impl EpochSums {
         if self.pending_steps < self.read_every {
             return Ok(false);
         }
-        self.read(loss_may_be_inf, ckpt_dir)?;
+        self.read()?;
         Ok(true)
     }
 
     /// Reads the pending sums back. Without a loss scaler (which skips inf/NaN steps itself) a
     /// non-finite sum stops training, naming the steps it came from.
-    fn read(&mut self, loss_may_be_inf: bool, ckpt_dir: &Path) -> Result<()> {
+    fn read(&mut self) -> Result<()> {
         if self.pending_steps == 0 {
             return Ok(());
         }
         let loss = f64::try_from(&self.pending_loss)?;
-        if !loss.is_finite() && !loss_may_be_inf {
+        if !loss.is_finite() && !self.loss_may_be_inf {
             let (a, b) = (
                 self.pending_from + 1,
                 self.pending_from + self.pending_steps,
@@ -931,7 +942,7 @@ impl EpochSums {
             } else {
                 format!("within global steps {a}–{b}")
             };
-            return Err(non_finite_loss(loss, &place, ckpt_dir));
+            return Err(non_finite_loss(loss, &place, &self.ckpt_dir));
         }
         self.loss += loss;
         self.correct += self.pending_correct.int64_value(&[]);
@@ -1038,21 +1049,19 @@ mod tests {
     #[test]
     fn epoch_sums_are_read_every_n_steps_and_carry_what_came_before() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = EpochSums::new(10.0, 7, Device::Cpu, 3);
+        let mut s = EpochSums::new(10.0, 7, Device::Cpu, 3, false, dir.path());
         let hits = Tensor::from(2i64);
-        assert!(!s.add(&scalar(1.5), &hits, 4, 0, false, dir.path()).unwrap());
-        assert!(!s.add(&scalar(0.5), &hits, 4, 1, false, dir.path()).unwrap());
+        assert!(!s.add(&scalar(1.5), &hits, 4, 0).unwrap());
+        assert!(!s.add(&scalar(0.5), &hits, 4, 1).unwrap());
         // Nothing read yet: the running figures are still those carried in.
         assert_eq!((s.loss, s.correct), (10.0, 7));
-        assert!(s.add(&scalar(1.0), &hits, 2, 2, false, dir.path()).unwrap());
+        assert!(s.add(&scalar(1.0), &hits, 2, 2).unwrap());
         assert_eq!((s.loss, s.correct), (10.0 + 6.0 + 2.0 + 2.0, 7 + 6));
         // A partial window is read at the epoch's end.
-        assert!(!s
-            .add(&scalar(0.25), &hits, 4, 3, false, dir.path())
-            .unwrap());
-        s.read(false, dir.path()).unwrap();
+        assert!(!s.add(&scalar(0.25), &hits, 4, 3).unwrap());
+        s.read().unwrap();
         assert_eq!((s.loss, s.correct), (21.0, 15));
-        s.read(false, dir.path()).unwrap(); // nothing pending: unchanged
+        s.read().unwrap(); // nothing pending: unchanged
         assert_eq!((s.loss, s.correct), (21.0, 15));
     }
 
@@ -1060,28 +1069,21 @@ mod tests {
     fn a_non_finite_loss_is_an_error_naming_its_steps_unless_a_scaler_skips_them() {
         let dir = tempfile::tempdir().unwrap();
         let hits = Tensor::from(0i64);
-        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 4);
+        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 4, false, dir.path());
         for (step, v) in [(10, 1.0), (11, f32::NAN), (12, 1.0)] {
-            assert!(!s
-                .add(&scalar(v), &hits, 2, step, false, dir.path())
-                .unwrap());
+            assert!(!s.add(&scalar(v), &hits, 2, step).unwrap());
         }
-        let e = s
-            .add(&scalar(1.0), &hits, 2, 13, false, dir.path())
-            .unwrap_err()
-            .to_string();
+        let e = s.add(&scalar(1.0), &hits, 2, 13).unwrap_err().to_string();
         assert!(
             e.contains("loss became NaN within global steps 11–14"),
             "{e}"
         );
         assert!(e.contains("last good checkpoint is none yet"), "{e}");
         // With f16 loss scaling a NaN step is skipped by the scaler, not fatal.
-        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 1);
-        assert!(s
-            .add(&scalar(f32::INFINITY), &hits, 2, 0, true, dir.path())
-            .unwrap());
-        let e = EpochSums::new(0.0, 0, Device::Cpu, 1)
-            .add(&scalar(f32::INFINITY), &hits, 2, 4, false, dir.path())
+        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 1, true, dir.path());
+        assert!(s.add(&scalar(f32::INFINITY), &hits, 2, 0).unwrap());
+        let e = EpochSums::new(0.0, 0, Device::Cpu, 1, false, dir.path())
+            .add(&scalar(f32::INFINITY), &hits, 2, 4)
             .unwrap_err()
             .to_string();
         assert!(e.contains("loss became inf at global step 5"), "{e}");

@@ -13,7 +13,7 @@
 #   3. (when CIFAR10_DIR points at the carried ../shared/data/cifar10 JPEG folder, 57 MB)
 #      time to 90.5 % top-1 on its test split, each run capped at TTA_LIMIT_S seconds:
 #      configs/cifar10/resnet20-efficient.toml (the efficient baseline) and
-#      configs/cifar10/resnet56-tta.toml (the deeper net that can reach 90.5 % on these JPEGs),
+#      configs/cifar10/resnet56-tta.toml (the deeper net; ResNet-20 on this recipe reached 85.95 %),
 #      both with data.on_device; the summary gives the time to 90.5 % from the per-epoch
 #      metrics and the best top-1 within 60 s, beside airbench94's 2.76 s on this card and data.
 #   4. Data-parallel training through NCCL with world size 1 (`tricks launch --nproc 1`), on a

@@ -4,6 +4,7 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/core/ScalarType.h>
 #include <torch/headeronly/version.h>
 
@@ -34,6 +35,19 @@ void tricks_set_cudnn_benchmark(bool enabled) { at::globalContext().setBenchmark
 // Makes `g` the gradient tensor of `t` (autograd then accumulates into it in place): lets the
 // optimizer keep every gradient as a view of one flat buffer.
 void tricks_set_grad(at::Tensor* t, at::Tensor* g) { t->mutable_grad() = *g; }
+
+// An uninitialised f32 CPU tensor in page-locked memory from libtorch's caching host allocator
+// (PyTorch DataLoader's pin_memory): a copy from it to a GPU can be asynchronous, and the
+// allocator keeps the block until the copy using it has finished. NULL when it cannot be had
+// (no CUDA driver, or the allocation failed).
+at::Tensor* tricks_empty_pinned_f32(const int64_t* sizes, int ndim) {
+  try {
+    return new at::Tensor(at::empty(at::IntArrayRef(sizes, ndim),
+                                     at::TensorOptions().dtype(at::kFloat).pinned_memory(true)));
+  } catch (...) {
+    return nullptr;
+  }
+}
 
 // The libtorch version whose headers this binary was built against.
 void tricks_torch_version(int* major, int* minor, int* patch) {

@@ -247,6 +247,20 @@ pub struct DataConfig {
     pub val_limit: usize,
     /// Skip unreadable images (counted in the summary) instead of stopping with an error.
     pub skip_bad_images: bool,
+    /// Training on a GPU: the loader writes batches into page-locked host memory, so that their
+    /// upload runs beside the GPU's work (PyTorch DataLoader's `pin_memory`). No effect on a CPU.
+    pub pin_memory: bool,
+}
+
+impl DataConfig {
+    /// This configuration as seen by a loader that feeds `device`: page-locked batches only when
+    /// it is a GPU (pinning for a CPU would only cost).
+    pub fn for_device(&self, device: tch::Device) -> DataConfig {
+        DataConfig {
+            pin_memory: self.pin_memory && device.is_cuda(),
+            ..self.clone()
+        }
+    }
 }
 
 impl Default for DataConfig {
@@ -274,6 +288,7 @@ impl Default for DataConfig {
             train_limit: 0,
             val_limit: 0,
             skip_bad_images: false,
+            pin_memory: true,
         }
     }
 }
@@ -724,6 +739,27 @@ mod tests {
         assert!(c.distill.teacher.is_empty());
         assert_eq!(c.train.precision, Precision::Fp32);
         assert_eq!(c.model.variant, "a");
+    }
+
+    #[test]
+    fn pinned_batches_only_for_a_gpu() {
+        let c = DataConfig::default();
+        assert!(c.pin_memory);
+        assert!(!c.for_device(tch::Device::Cpu).pin_memory);
+        assert!(c.for_device(tch::Device::Cuda(0)).pin_memory);
+        let off = DataConfig {
+            pin_memory: false,
+            ..c.clone()
+        };
+        assert!(!off.for_device(tch::Device::Cuda(0)).pin_memory);
+        // Everything else is unchanged.
+        assert_eq!(
+            c.for_device(tch::Device::Cpu),
+            DataConfig {
+                pin_memory: false,
+                ..c
+            }
+        );
     }
 
     #[test]

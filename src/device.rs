@@ -136,3 +136,72 @@ pub fn weights_to_channels_last(vs: &nn::VarStore) {
         }
     });
 }
+
+/// Copies a CPU tensor to `device` without making the host wait for the GPU's queue to drain (a
+/// blocking copy synchronises the stream: one stall per batch). Safe for any source: from
+/// page-locked memory the copy is asynchronous and libtorch's host allocator keeps the block
+/// until it is done; from pageable memory CUDA stages the bytes before returning. On a CPU this
+/// is a plain (no-op) move.
+pub fn upload(t: &Tensor, device: Device) -> Tensor {
+    t.to_device_(device, t.kind(), device.is_cuda(), false)
+}
+
+/// An uninitialised `[sizes]` f32 CPU tensor in page-locked memory, so that [`upload`] of it runs
+/// asynchronously beside the GPU's work. Needs a CUDA driver.
+pub fn empty_pinned(sizes: &[i64]) -> Result<Tensor> {
+    // SAFETY: `sizes` outlives the call; a non-null result is a fresh `at::Tensor*` whose
+    // ownership passes to the returned Tensor.
+    let ptr = unsafe { crate::ffi::tricks_empty_pinned_f32(sizes.as_ptr(), sizes.len() as i32) };
+    if ptr.is_null() {
+        let bytes: i64 = 4 * sizes.iter().product::<i64>();
+        bail!(
+            "cannot allocate {:.1} MB of page-locked host memory for a batch{} (set data.pin_memory = false)",
+            bytes as f64 / 1e6,
+            if tch::Cuda::is_available() {
+                ""
+            } else {
+                ": it needs a CUDA driver"
+            }
+        );
+    }
+    Ok(unsafe { Tensor::from_ptr(ptr as *mut _) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn upload_to_the_cpu_keeps_the_values() {
+        let t = Tensor::from_slice(&[1.5f32, -2.0, 3.25]).view([3, 1]);
+        let u = upload(&t, Device::Cpu);
+        assert_eq!(u.device(), Device::Cpu);
+        assert_eq!(u.kind(), Kind::Float);
+        assert_eq!(u.size(), [3, 1]);
+        assert_eq!(
+            Vec::<f32>::try_from(u.flatten(0, -1)).unwrap(),
+            [1.5, -2.0, 3.25]
+        );
+    }
+
+    #[test]
+    fn pinned_batches_have_the_shape_or_a_clear_error() {
+        match empty_pinned(&[2, 3, 4, 4]) {
+            Ok(t) => {
+                assert!(tch::Cuda::is_available());
+                assert_eq!(t.size(), [2, 3, 4, 4]);
+                assert_eq!(t.kind(), Kind::Float);
+                assert_eq!(t.device(), Device::Cpu);
+            }
+            Err(e) => {
+                // Without a CUDA driver libtorch has no page-locked memory to give.
+                assert!(!tch::Cuda::is_available());
+                let e = e.to_string();
+                assert!(e.contains("page-locked"), "{e}");
+                assert!(e.contains("CUDA driver"), "{e}");
+                assert!(e.contains("data.pin_memory = false"), "{e}");
+            }
+        }
+    }
+}

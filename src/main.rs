@@ -482,7 +482,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
     }
     device::configure(cfg.train.threads, device);
-    let loader = data::Loader::eval(ds, &cfg.data, a.batch_size);
+    let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
     let r = train::evaluate(
         &model,
         loader,

@@ -29,7 +29,8 @@ use tch::{Device, Kind, Tensor};
 /// One batch.
 #[derive(Debug)]
 pub struct Batch {
-    /// `[B,3,H,W]` f32, normalised with `data.mean` / `data.std`, on the CPU.
+    /// `[B,3,H,W]` f32, normalised with `data.mean` / `data.std`, on the CPU (page-locked with
+    /// `data.pin_memory`; see [`DataConfig::for_device`]).
     pub images: Tensor,
     /// `[B]` i64.
     pub labels: Tensor,
@@ -102,6 +103,8 @@ struct Job {
     transform: Transform,
     pool: Arc<ThreadPool>,
     skip_bad: bool,
+    /// Batches in page-locked memory.
+    pin: bool,
     /// Batches before this one are not produced (resuming in the middle of an epoch).
     first_batch: usize,
     /// This process's share of a data-parallel run (see [`Loader::train_shard`]).
@@ -144,7 +147,12 @@ impl Job {
         // `empty`, not `zeros`: no libtorch kernel (whose OpenMP threads would compete with the
         // decoding pool) and no extra pass over the memory; every row is zeroed then written by
         // the worker that owns it.
-        let images = Tensor::empty([rows as i64, 3, side, side], (Kind::Float, Device::Cpu));
+        let shape = [rows as i64, 3, side, side];
+        let images = if self.pin {
+            crate::device::empty_pinned(&shape)?
+        } else {
+            Tensor::empty(shape, (Kind::Float, Device::Cpu))
+        };
         let base = SendPtr(images.data_ptr() as *mut f32);
         let (ds, order, transform, mode) =
             (self.ds.as_ref(), &self.order, &self.transform, self.mode);
@@ -360,6 +368,8 @@ impl Loader {
             transform: Transform::new(cfg),
             pool: thread_pool(cfg.workers),
             skip_bad: cfg.skip_bad_images,
+            // Without a CUDA driver there is no page-locked memory to be had (and no GPU to feed).
+            pin: cfg.pin_memory && tch::Cuda::is_available(),
             first_batch: first_batch.min(num_batches),
             shard,
         };

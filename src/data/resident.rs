@@ -146,9 +146,10 @@ impl Resident {
         ResidentBatches {
             data: self.clone(),
             mode: Mode::Train {
-                draws: Tensor::from_slice(&draws)
-                    .view([4, n as i64])
-                    .to_device(device),
+                draws: crate::device::upload(
+                    &Tensor::from_slice(&draws).view([4, n as i64]),
+                    device,
+                ),
             },
             batch_size,
             next: first_batch,
@@ -167,7 +168,7 @@ impl Resident {
             data: self.clone(),
             num_batches: order.len().div_ceil(batch_size),
             mode: Mode::Eval {
-                order: Tensor::from_slice(&order).to_device(self.images.device()),
+                order: crate::device::upload(&Tensor::from_slice(&order), self.images.device()),
             },
             batch_size,
             next: 0,

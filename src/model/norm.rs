@@ -64,7 +64,10 @@ impl BatchNorm2d {
             &[
                 xs.sum_dim_intlist(dims, false, Kind::Float),
                 xs.square().sum_dim_intlist(dims, false, Kind::Float),
-                Tensor::from_slice(&[(x.numel() as i64 / c) as f32]).to_device(x.device()),
+                crate::device::upload(
+                    &Tensor::from_slice(&[(x.numel() as i64 / c) as f32]),
+                    x.device(),
+                ),
             ],
             0,
         );

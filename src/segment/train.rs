@@ -142,7 +142,7 @@ pub fn evaluate(
     for batch in loader {
         let batch = batch?;
         let x = to_device_input(&batch.images, device, channels_last);
-        let y = batch.masks.to_device(device);
+        let y = crate::device::upload(&batch.masks, device);
         let logits = tch::no_grad(|| {
             let _ac = Autocast::enter(precision, device);
             model.forward_t(&x, false)
@@ -299,7 +299,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             }
             lr = schedule.lr_at(state.global_step);
             let x = to_device_input(&batch.images, device, channels_last);
-            let y = batch.masks.to_device(device);
+            let y = crate::device::upload(&batch.masks, device);
             let n_labelled = labelled(&batch.masks, ignore);
             // Dropout draws from libtorch's generator: seed it per step so a resume replays them.
             tch::manual_seed(

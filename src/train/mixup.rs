@@ -32,10 +32,8 @@ pub fn mixup(
     perm: &[i64],
 ) -> (Tensor, Tensor) {
     tch::no_grad(|| {
-        let blend = |t: &Tensor| {
-            let idx = Tensor::from_slice(perm).to_device(t.device());
-            t * lambda + t.index_select(0, &idx) * (1.0 - lambda)
-        };
+        let idx = crate::device::upload(&Tensor::from_slice(perm), images.device());
+        let blend = |t: &Tensor| t * lambda + t.index_select(0, &idx) * (1.0 - lambda);
         (blend(images), blend(target_probs))
     })
 }

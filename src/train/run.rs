@@ -9,7 +9,7 @@ use super::{clip, derive_seed, mixup};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision};
 use crate::data::{self, Batch, Batches, Loader, Resident, Shard};
-use crate::device::{to_channels_last, weights_to_channels_last};
+use crate::device::{to_channels_last, upload, weights_to_channels_last};
 use crate::distributed::ProcessGroup;
 use crate::metrics;
 use crate::model::{self, ResNet};
@@ -142,7 +142,7 @@ impl EvalSums {
         for batch in loader {
             let batch = batch?;
             let x = to_device_input(&batch.images, device, channels_last);
-            let y = batch.labels.to_device(device);
+            let y = upload(&batch.labels, device);
             let logits = tch::no_grad(|| {
                 let _ac = Autocast::enter(precision, device);
                 model.forward_t(&x, false)
@@ -190,7 +190,7 @@ impl EvalSums {
 
 /// Moves a batch to the device, in NHWC memory layout when `channels_last`.
 pub(crate) fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -> Tensor {
-    let x = x.to_device(device);
+    let x = upload(x, device);
     if channels_last {
         to_channels_last(&x)
     } else {
@@ -338,9 +338,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         None
     };
+    let loader_cfg = cfg.data.for_device(device);
     let eval_batches = |bs: usize| match &resident {
         Some((_, val)) => Batches::Resident(val.eval_batches(bs, shard)),
-        None => Batches::Loader(Loader::eval_shard(val_ds.clone(), &cfg.data, bs, shard)),
+        None => Batches::Loader(Loader::eval_shard(val_ds.clone(), &loader_cfg, bs, shard)),
     };
     let bs = cfg.train.batch_size;
     let iters_per_epoch = train_ds.len() / (bs * shard.world);
@@ -443,7 +444,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             None => Batches::Loader(Loader::train_shard(
                 train_ds.clone(),
-                &cfg.data,
+                &loader_cfg,
                 bs,
                 cfg.seed,
                 epoch,
@@ -483,7 +484,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             lr = schedule.lr_at(state.global_step);
             let x = to_device_input(&batch.images, device, channels_last);
-            let y = batch.labels.to_device(device);
+            let y = upload(&batch.labels, device);
             let mut targets = smooth_targets(&y, num_classes, cfg.loss.label_smoothing);
             let mut inputs = x;
             if use_mixup {

@@ -59,17 +59,29 @@ for d in "$site"/nvidia/*/lib; do [[ -d "$d" ]] && ld="$ld:$d"; done
 export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 log="$OUT/gpu-$(date +%Y%m%d-%H%M%S).jsonl"
 
-"$BIN" info | tee "$OUT/info.txt"
+# Every measurement runs under `try`: a failure is logged as {"failed": ...} and the script goes
+# on, since a device call is too scarce to lose the other figures to one error.
+try() {
+    local what="$1"
+    shift
+    "$@" || echo "{\"failed\": \"$what\", \"exit\": $?}" | tee -a "$log"
+}
+
+try "tricks info" "$BIN" info | tee "$OUT/info.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null | tee -a "$OUT/info.txt" || true
 
+tricks_bench() { "$BIN" bench "$@" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$log"; }
+torch_bench() {
+    "$PY" bench/pytorch_bench.py "$@" --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" |
+        tail -n 1 | tee -a "$log"
+}
+
 pair() { # model variant batch size precision channels_last(0/1)
-    local cl=() pcl=()
-    [[ "$6" == 1 ]] && cl=(--channels-last) && pcl=(--channels-last)
-    "$BIN" bench --model "$1" --variant "$2" --batch "$3" --size "$4" --precision "$5" "${cl[@]}" \
-        --device "$DEVICE" --steps "$STEPS" --warmup "$WARMUP" | tee -a "$log"
-    "$PY" bench/pytorch_bench.py --model "$1" \
-        --batch "$3" --size "$4" --precision "$5" "${pcl[@]}" --device "$DEVICE" \
-        --steps "$STEPS" --warmup "$WARMUP" | tail -n 1 | tee -a "$log"
+    local cl=()
+    [[ "$6" == 1 ]] && cl=(--channels-last)
+    try "tricks bench $1 $5" tricks_bench --model "$1" --variant "$2" --batch "$3" --size "$4" \
+        --precision "$5" "${cl[@]}"
+    try "pytorch bench $1 $5" torch_bench --model "$1" --batch "$3" --size "$4" --precision "$5" "${cl[@]}"
 }
 
 pair resnet50 b "${R50_BATCH:-256}" 224 bf16 1
@@ -93,9 +105,9 @@ PYEOF
             --set train.precision=bf16 --set train.channels_last=true)
         start=$(now)
         if [[ "$mode" == nccl ]]; then
-            "$BIN" launch --nproc 1 -- "${cmd[@]}" 2>&1 | tail -n 3
+            try "launch --nproc 1 (NCCL)" "$BIN" launch --nproc 1 -- "${cmd[@]}"
         else
-            "$BIN" "${cmd[@]}" 2>&1 | tail -n 2
+            try "single-process reference of the NCCL run" "$BIN" "${cmd[@]}"
         fi
         echo "{\"data_parallel\": \"$mode\", \"seconds\": $(elapsed "$start" "$(now)"), \"last_epoch\": $(tail -n 1 "$OUT/dp-$mode/metrics.jsonl" 2>/dev/null || echo null)}" | tee -a "$log"
     done
@@ -106,9 +118,10 @@ if [[ "$DEVICE" == cuda && -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; 
     for round in 1 2; do
         for pin in true false; do
             run="$OUT/loader-pin-$pin-$round"
-            "$BIN" train --config configs/cifar10/resnet20-efficient.toml --data "$CIFAR10_DIR" \
+            try "CPU loader on the GPU, pin_memory=$pin" "$BIN" train \
+                --config configs/cifar10/resnet20-efficient.toml --data "$CIFAR10_DIR" \
                 --out "$run" --device cuda --no-progress --set train.epochs=2 \
-                --set data.cache=true --set data.pin_memory=$pin 2>&1 | tail -n 1
+                --set data.cache=true --set data.pin_memory=$pin
             "$PY" - "$pin" "$round" "$run/metrics.jsonl" <<'PYEOF' | tee -a "$log"
 import json, os, sys
 pin, rnd, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -161,9 +174,13 @@ fi
 "$PY" - "$log" <<'PYEOF'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{") and '"impl"' in l]
+by = {(r["impl"], r["model"], r["precision"], bool(r["channels_last"])): r for r in rows}
 print("| model | precision | channels_last | tricks train | pytorch train | ratio | tricks infer | pytorch infer | ratio |")
 print("|---|---|---|---|---|---|---|---|---|")
-for t, p in zip(rows[0::2], rows[1::2]):
+for (impl, *key), t in by.items():
+    p = by.get(("pytorch", *key))
+    if impl != "tricks" or p is None:
+        continue
     print(f"| {t['model']} | {t['precision']} | {t['channels_last']} | {t['train_img_s']:.0f} | {p['train_img_s']:.0f} | "
           f"{t['train_img_s'] / p['train_img_s']:.2f} | {t['infer_img_s']:.0f} | {p['infer_img_s']:.0f} | "
           f"{t['infer_img_s'] / p['infer_img_s']:.2f} |")

@@ -44,21 +44,17 @@ impl ConfusionMatrix {
         }
     }
 
-    /// Adds a batch: `gt` `[B,H,W]` (ignore index outside `0..K`) and `pred` of the same shape,
-    /// counted on the tensors' device with one `bincount`.
+    /// Adds a batch: `gt` `[B,H,W]` (ignore index outside `0..K`) and `pred` of the same shape.
     pub fn add(&mut self, gt: &Tensor, pred: &Tensor) {
-        let k = self.num_classes as i64;
-        let gt = gt.to_kind(Kind::Int64).flatten(0, -1);
-        let pred = pred
-            .to_kind(Kind::Int64)
-            .flatten(0, -1)
-            .to_device(gt.device());
-        let valid = gt.ge(0).logical_and(&gt.lt(k));
-        let idx = gt.masked_select(&valid) * k + pred.masked_select(&valid).clamp(0, k - 1);
-        let counts = idx
-            .bincount(None::<Tensor>, k * k)
-            .to_device(tch::Device::Cpu);
-        let counts: Vec<i64> = Vec::try_from(&counts).expect("bincount is i64");
+        let counts = batch_counts(gt, pred, self.num_classes as i64);
+        self.add_counts(&counts);
+    }
+
+    /// Adds `[K·K]` counts from [`batch_counts`] (or their sum over batches), reading them back.
+    pub fn add_counts(&mut self, counts: &Tensor) {
+        let counts = counts.to_kind(Kind::Int64).to_device(tch::Device::Cpu);
+        let counts: Vec<i64> = Vec::try_from(&counts).expect("i64 counts");
+        assert_eq!(counts.len(), self.counts.len(), "counts of another size");
         for (c, n) in self.counts.iter_mut().zip(counts) {
             *c += n as u64;
         }
@@ -113,5 +109,68 @@ impl ConfusionMatrix {
         } else {
             present.iter().sum::<f64>() / present.len() as f64
         }
+    }
+}
+
+/// A batch's confusion counts, `[K·K]` i64 on the tensors' device (`counts[gt · K + pred]`; a
+/// prediction outside `0..K` is clamped into it), computed without reading anything back: on a GPU
+/// a read (or an op whose output size depends on the data, like `masked_select`) would make the
+/// host wait for the queue at every batch. Sum them over a pass, then
+/// [`ConfusionMatrix::add_counts`] once.
+pub fn batch_counts(gt: &Tensor, pred: &Tensor, num_classes: i64) -> Tensor {
+    let k = num_classes;
+    let gt = gt.to_kind(Kind::Int64).flatten(0, -1);
+    let pred = pred
+        .to_kind(Kind::Int64)
+        .flatten(0, -1)
+        .to_device(gt.device());
+    let valid = gt.ge(0).logical_and(&gt.lt(k));
+    // Void pixels land in an extra bin, K·K, which is dropped.
+    let idx = (gt.clamp(0, k - 1) * k + pred.clamp(0, k - 1)).where_scalarother(&valid, k * k);
+    Tensor::zeros([k * k + 1], (Kind::Int64, idx.device()))
+        .index_add_(0, &idx, &idx.ones_like())
+        .narrow(0, 0, k * k)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn batch_counts_agree_with_counting_pixel_pairs() {
+        let k = 5i64;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        // Ground truth with void pixels (255 and -1); predictions in range.
+        let gt: Vec<i64> = (0..600)
+            .map(|_| match rng.gen_range(0..8) {
+                6 => 255,
+                7 => -1,
+                c => c % k,
+            })
+            .collect();
+        let pred: Vec<i64> = (0..600).map(|_| rng.gen_range(0..k)).collect();
+        let mut by_pairs = ConfusionMatrix::new(k as usize);
+        by_pairs.add_pairs(&gt, &pred);
+        let (g, p) = (
+            Tensor::from_slice(&gt).view([2, 15, 20]),
+            Tensor::from_slice(&pred).view([2, 15, 20]),
+        );
+        let mut by_tensor = ConfusionMatrix::new(k as usize);
+        by_tensor.add(&g, &p);
+        assert_eq!(by_tensor, by_pairs);
+        assert!(by_pairs.total() > 0 && by_pairs.total() < 600);
+        // Summed over batches and read once: the same as added batch by batch.
+        let mut summed = ConfusionMatrix::new(k as usize);
+        let halves = (
+            g.narrow(0, 0, 1),
+            g.narrow(0, 1, 1),
+            p.narrow(0, 0, 1),
+            p.narrow(0, 1, 1),
+        );
+        summed.add_counts(
+            &(batch_counts(&halves.0, &halves.2, k) + batch_counts(&halves.1, &halves.3, k)),
+        );
+        assert_eq!(summed, by_pairs);
     }
 }

@@ -13,7 +13,7 @@
 
 use super::dataset;
 use super::loader::SegLoader;
-use super::metrics::ConfusionMatrix;
+use super::metrics::{batch_counts, ConfusionMatrix};
 use super::model::{load_backbone, SegModel, HEAD_PREFIX};
 use crate::checkpoint::{self, TrainState};
 use crate::config::{Config, Precision, Task};
@@ -24,7 +24,8 @@ use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
     derive_seed, optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint,
-    save_training_checkpoint, save_weights, to_device_input, RunOptions, RunSummary, StepPosition,
+    save_training_checkpoint, save_weights, to_device_input, EpochSums, RunOptions, RunSummary,
+    StepPosition,
 };
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -137,8 +138,11 @@ pub fn evaluate(
     channels_last: bool,
     ignore: i64,
 ) -> Result<SegEval> {
-    let mut cm = ConfusionMatrix::new(model.num_classes as usize);
-    let (mut loss_sum, mut pixels, mut images) = (0.0f64, 0i64, 0usize);
+    let k = model.num_classes;
+    // The sums stay on the device until the end: a read per batch would stall a GPU's queue.
+    let mut counts = Tensor::zeros([k * k], (Kind::Int64, device));
+    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+    let (mut pixels, mut images) = (0i64, 0usize);
     for batch in loader {
         let batch = batch?;
         let x = to_device_input(&batch.images, device, channels_last);
@@ -148,16 +152,18 @@ pub fn evaluate(
             model.forward_t(&x, false)
         })
         .to_kind(Kind::Float);
-        loss_sum += f64::try_from(tch::no_grad(|| pixel_ce_sum(&logits, &y, ignore)))?;
+        loss_sum += tch::no_grad(|| pixel_ce_sum(&logits, &y, ignore)).to_kind(Kind::Double);
         pixels += labelled(&batch.masks, ignore);
-        cm.add(&y, &logits.argmax(1, false));
+        counts += batch_counts(&y, &logits.argmax(1, false), k);
         images += batch.len();
     }
     if images == 0 {
         bail!("the evaluation split has no images");
     }
+    let mut cm = ConfusionMatrix::new(k as usize);
+    cm.add_counts(&counts);
     Ok(SegEval {
-        loss: loss_sum / pixels.max(1) as f64,
+        loss: f64::try_from(&loss_sum)? / pixels.max(1) as f64,
         pixel_acc: cm.pixel_accuracy(),
         miou: cm.mean_iou(),
         iou: cm.iou(),
@@ -265,6 +271,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), iters_per_epoch, epochs);
     let params = opt.tensors();
     let precision = cfg.train.precision;
+    let read_every = EpochSums::read_every(device, false);
     let mut stopped_early = false;
     let mut last_eval: Option<SegEval> = None;
     let mut last_ips = 0.0;
@@ -280,12 +287,17 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         let loader = SegLoader::train_from(train_ds.clone(), cfg, bs, cfg.seed, epoch, first_batch);
         let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
         bar.set_position(first_batch as u64);
-        let (mut loss_sum, mut seen, mut correct, mut pixels) = (
+        // Loss and correct-pixel sums stay on the device between reads, as in classification;
+        // the labelled-pixel count comes from the CPU masks.
+        let mut sums = EpochSums::new(
             partial.loss_sum,
-            partial.seen,
             partial.correct,
-            partial.skipped as i64,
+            device,
+            read_every,
+            scaler.enabled,
+            &ckpt_dir,
         );
+        let (mut seen, mut pixels) = (partial.seen, partial.skipped as i64);
         let seen_before = seen;
         let mut lr = schedule.lr_at(state.global_step);
         let train_start = Instant::now();
@@ -327,27 +339,30 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 at,
                 None,
                 opts.stop.load(Ordering::SeqCst),
-                true,
+                read_every == 1,
             )?;
-            state.global_step += 1;
-            loss_sum += f64::try_from(&step.loss)? * b as f64;
-            seen += b;
             let hits = tch::no_grad(|| {
                 logits
                     .argmax(1, false)
                     .eq_tensor(&y)
                     .logical_and(&y.ne(ignore))
+                    .sum(Kind::Int64)
             });
-            correct += hits.sum(Kind::Int64).int64_value(&[]);
+            let current = sums.add(&step.loss, &hits, b as i64, state.global_step)?;
+            state.global_step += 1;
+            seen += b;
             pixels += n_labelled;
-            let ips = (seen - seen_before) as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "loss {:.4} pixel acc {:.2}% lr {:.4} {:.1} img/s",
-                loss_sum / seen as f64,
-                100.0 * correct as f64 / pixels.max(1) as f64,
-                lr,
-                ips
-            ));
+            if current {
+                let ips =
+                    (seen - seen_before) as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
+                bar.set_message(format!(
+                    "loss {:.4} pixel acc {:.2}% lr {:.4} {:.1} img/s",
+                    sums.loss / seen as f64,
+                    100.0 * sums.correct as f64 / pixels.max(1) as f64,
+                    lr,
+                    ips
+                ));
+            }
             bar.inc(1);
             steps_done = step_in_epoch + 1;
             let step_limit = cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps;
@@ -360,6 +375,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             }
         }
         bar.finish_and_clear();
+        sums.read()?;
+        let (loss_sum, correct) = (sums.loss, sums.correct);
         if seen == 0 {
             bail!("epoch {epoch}: no training batches");
         }

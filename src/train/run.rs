@@ -418,13 +418,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     );
     let params = opt.tensors();
     let precision = cfg.train.precision;
-    // How often the epoch's sums are read back (EpochSums): every step on a CPU, where a read is
-    // free, and in a data-parallel run, whose ranks agree on the loss at every step anyway.
-    let read_every = if device.is_cuda() && dp.is_none() {
-        GPU_READ_EVERY
-    } else {
-        1
-    };
+    let read_every = EpochSums::read_every(device, dp.is_some());
     let mut stopped_early = false;
     let mut last_eval: Option<EvalResult> = None;
     let mut last_ips = 0.0;
@@ -867,9 +861,9 @@ const GPU_READ_EVERY: usize = 25;
 /// read back every `read_every` steps: a read makes a GPU wait until its queue has drained,
 /// which at every step would serialise the host's kernel launches with the GPU's work. On a CPU
 /// a read costs nothing and `read_every` is 1.
-struct EpochSums {
-    loss: f64,
-    correct: i64,
+pub(crate) struct EpochSums {
+    pub(crate) loss: f64,
+    pub(crate) correct: i64,
     /// Non-finite losses are expected (an f16 loss scaler skips those steps), not an error.
     loss_may_be_inf: bool,
     /// Where the error for a non-finite loss finds the last good checkpoint.
@@ -883,7 +877,18 @@ struct EpochSums {
 }
 
 impl EpochSums {
-    fn new(
+    /// How often the sums are read back: every step on a CPU, where a read is free, and in a
+    /// data-parallel run, whose ranks agree on the loss at every step anyway; else every
+    /// [`GPU_READ_EVERY`] steps.
+    pub(crate) fn read_every(device: Device, data_parallel: bool) -> usize {
+        if device.is_cuda() && !data_parallel {
+            GPU_READ_EVERY
+        } else {
+            1
+        }
+    }
+
+    pub(crate) fn new(
         loss: f64,
         correct: i64,
         device: Device,
@@ -904,9 +909,10 @@ impl EpochSums {
         }
     }
 
-    /// Adds a step's mean loss (times its batch size) and top-1 hits; returns true when the
-    /// sums were read back, i.e. the running figures are current.
-    fn add(
+    /// Adds a step's mean loss (times its batch size) and hits (top-1 hits; correct pixels in
+    /// segmentation); returns true when the sums were read back, i.e. the running figures are
+    /// current.
+    pub(crate) fn add(
         &mut self,
         loss: &Tensor,
         hits: &Tensor,
@@ -928,7 +934,7 @@ impl EpochSums {
 
     /// Reads the pending sums back. Without a loss scaler (which skips inf/NaN steps itself) a
     /// non-finite sum stops training, naming the steps it came from.
-    fn read(&mut self) -> Result<()> {
+    pub(crate) fn read(&mut self) -> Result<()> {
         if self.pending_steps == 0 {
             return Ok(());
         }

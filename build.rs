@@ -28,6 +28,7 @@ fn torch_dir() -> PathBuf {
 fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/bn_relu.cpp");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PYTHON");
     let torch = torch_dir();
@@ -40,14 +41,27 @@ fn main() {
             "cargo:rustc-link-arg=-Wl,--push-state,--no-as-needed,-ltorch_cuda,-ltorch,--pop-state"
         );
     }
+    if lib.join("libgomp.so.1").exists() {
+        println!("cargo:rustc-link-arg=-l:libgomp.so.1");
+    } else {
+        println!("cargo:rustc-link-lib=gomp");
+    }
     let mut build = cc::Build::new();
     build
         .cpp(true)
         .file("csrc/shim.cpp")
         .file("csrc/dist.cpp")
+        .file("csrc/bn_relu.cpp")
         .include(&include)
         .include(include.join("torch/csrc/api/include"))
         .flag("-std=c++17")
+        // The fused batch norm recomputes its ReLU mask in the backward pass: the same
+        // expression must round the same way in both passes, so no a·b+c contraction into FMA.
+        .flag("-ffp-contract=off")
+        // at::parallel_for is an inline `#pragma omp parallel` in the OpenMP build of libtorch:
+        // without -fopenmp the fused batch norm would run on one thread. The pragmas call the
+        // libgomp that libtorch itself loads (torch/lib/libgomp.so.1), linked below.
+        .flag("-fopenmp")
         .flag("-D_GLIBCXX_USE_CXX11_ABI=1")
         .flag_if_supported("-Wno-unused-parameter")
         .flag_if_supported("-Wno-deprecated-declarations")

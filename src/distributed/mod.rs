@@ -72,7 +72,7 @@ impl DistEnv {
     }
 }
 
-fn take_error(err: *mut c_char) -> Option<String> {
+pub(crate) fn take_error(err: *mut c_char) -> Option<String> {
     if err.is_null() {
         return None;
     }

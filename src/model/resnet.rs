@@ -166,10 +166,12 @@ impl ModuleT for ResBlock {
         let last = self.branch.len() - 1;
         let mut y = x.shallow_clone();
         for (i, (c, b)) in self.branch.iter().enumerate() {
-            y = y.apply(c).apply_t(b, train);
-            if i < last {
-                y = y.relu();
-            }
+            let z = y.apply(c);
+            y = if i < last {
+                b.forward_relu(&z, train)
+            } else {
+                z.apply_t(b, train)
+            };
         }
         (y + self.shortcut.forward_t(x, train)).relu()
     }
@@ -219,10 +221,10 @@ impl ModuleT for Stem {
         for (c, b) in &self.convs {
             y = y.apply(c);
             if let Some(b) = b {
-                y = y.apply_t(b, train).relu();
+                y = b.forward_relu(&y, train);
             }
         }
-        let y = y.apply_t(&self.bn, train).relu();
+        let y = self.bn.forward_relu(&y, train);
         if self.max_pool {
             y.max_pool2d([3, 3], [2, 2], [1, 1], [1, 1], false)
         } else {
@@ -471,6 +473,60 @@ mod tests {
         let sa = spec("resnet50", "a", false);
         let sb = spec("resnet50", "b", false);
         assert!(!sa.tweaks.stride_on_3x3 && sb.tweaks.stride_on_3x3);
+    }
+
+    /// A channels_last training step goes through the fused CPU batch norm + ReLU
+    /// (csrc/bn_relu.cpp), an NCHW one through libtorch's kernels: same weights and batch, same
+    /// loss, running statistics and weight gradients. ResNet-D on 32 px covers the deep stem, the
+    /// average-pool shortcut and bottleneck-free basic blocks.
+    #[test]
+    fn channels_last_training_through_the_fused_batch_norm_matches_nchw() {
+        use crate::device::{to_channels_last, weights_to_channels_last};
+        let spec = spec("resnet18", "d", false);
+        tch::manual_seed(2);
+        let x = Tensor::randn([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[1i64, 0, 4, 2]);
+        let step = |channels_last: bool| {
+            tch::manual_seed(9);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = ResNet::new(&vs.root(), &spec, 5);
+            let input = if channels_last {
+                weights_to_channels_last(&vs);
+                to_channels_last(&x)
+            } else {
+                x.shallow_clone()
+            };
+            let loss = net.forward_t(&input, true).cross_entropy_for_logits(&y);
+            loss.backward();
+            let named: std::collections::BTreeMap<String, (Tensor, Tensor)> = vs
+                .variables()
+                .into_iter()
+                .map(|(k, v)| {
+                    let g = if v.requires_grad() {
+                        v.grad().contiguous()
+                    } else {
+                        v.zeros_like()
+                    };
+                    (k, (v.detach().contiguous(), g))
+                })
+                .collect();
+            (loss.double_value(&[]), named)
+        };
+        let (loss_cl, cl) = step(true);
+        let (loss_nchw, nchw) = step(false);
+        assert!(
+            (loss_cl - loss_nchw).abs() < 1e-5,
+            "{loss_cl} vs {loss_nchw}"
+        );
+        assert_eq!(cl.len(), nchw.len());
+        for (name, (v, g)) in &cl {
+            let (v2, g2) = &nchw[name];
+            let scale = 1.0 + g2.abs().max().double_value(&[]);
+            let err = (g - g2).abs().max().double_value(&[]);
+            assert!(err < 1e-3 * scale, "{name}: gradient differs by {err}");
+            // Weights are untouched; running statistics were updated from the same batch.
+            assert!(v.allclose(v2, 1e-5, 1e-5, false), "{name}: value differs");
+        }
     }
 
     #[test]

@@ -209,25 +209,41 @@ TRICKS_INLINE void fold(const Tiling& t, float* a1, float* a2, double* s1, doubl
 TRICKS_DEFINE_KERNELS(float, f32)
 TRICKS_DEFINE_KERNELS(bf16, bf16)
 
-// Whole tiles per parallel task: enough work to be worth a thread.
-int64_t grain(const Tiling& t) { return std::max<int64_t>(1, 32768 / t.L) * t.R; }
+// The rows are cut into chunks of whole tiles (enough work to be worth a thread, and at most
+// kMaxChunks of them), run in parallel. Each chunk has its own partial sums, summed in chunk order
+// afterwards: the result is the same whatever the number of threads (and a thread count changed
+// elsewhere in the process between two calls cannot make threads share a slot).
+constexpr int64_t kMaxChunks = 256;
 
-// Runs f(first_row, rows, thread) over the M rows in parallel, in whole tiles (so that every
-// task's tiles line up with the repeated parameters).
+struct Chunks {
+  int64_t rows, count;
+  Chunks(int64_t M, const Tiling& t) {
+    const int64_t tiles = std::max<int64_t>(1, 32768 / t.L);  // per chunk, at least
+    const int64_t total_tiles = (M + t.R - 1) / t.R;
+    const int64_t per = std::max(tiles, (total_tiles + kMaxChunks - 1) / kMaxChunks);
+    rows = per * t.R;
+    count = (M + rows - 1) / rows;
+  }
+};
+
+// Runs f(first_row, rows, chunk) for every chunk of the M rows, in parallel.
 template <typename F>
-void over_rows(int64_t M, const Tiling& t, const F& f) {
-  at::parallel_for(0, M, grain(t), [&](int64_t begin, int64_t end) {
-    f(begin, end - begin, at::get_thread_num());
+void over_rows(int64_t M, const Chunks& ch, const F& f) {
+  at::parallel_for(0, ch.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r = k * ch.rows;
+      f(r, std::min(ch.rows, M - r), int(k));
+    }
   });
 }
 
-// Per-thread f64 totals (two per channel) and f32 block sums (two per tile value).
+// Per-chunk f64 totals (two per channel) and f32 block sums (two per tile value).
 struct Partials {
   int64_t C, L, T;
   std::vector<double> s1, s2;
   std::vector<float> a1, a2;
-  Partials(const Tiling& t, int64_t threads)
-      : C(t.C), L(t.L), T(threads), s1(C * T, 0.0), s2(C * T, 0.0), a1(L * T, 0.f),
+  Partials(const Tiling& t, const Chunks& ch)
+      : C(t.C), L(t.L), T(ch.count), s1(C * T, 0.0), s2(C * T, 0.0), a1(L * T, 0.f),
         a2(L * T, 0.f) {}
   double* sum1(int t) { return s1.data() + t * C; }
   double* sum2(int t) { return s2.data() + t * C; }
@@ -266,12 +282,13 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
                             const at::Tensor& invstd, bool relu) {
     const int64_t C = x.size(1), M = x.numel() / C;
     const Tiling t(C);
+    const Chunks ch(M, t);
     at::Tensor scale = weight.detach() * invstd;
     at::Tensor shift = bias.detach() - mean * scale;
     const auto sc = t.repeat(scale.const_data_ptr<float>());
     const auto sh = t.repeat(shift.const_data_ptr<float>());
     at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-    over_rows(M, t, [&](int64_t r, int64_t n, int) {
+    over_rows(M, ch, [&](int64_t r, int64_t n, int) {
       if (x.scalar_type() == at::kFloat) {
         norm_f32(x.const_data_ptr<float>() + r * C, y.data_ptr<float>() + r * C, n, t, sc.data(),
                  sh.data(), relu);
@@ -294,6 +311,7 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
         grads[0].to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t C = x.size(1), M = x.numel() / C;
     const Tiling t(C);
+    const Chunks ch(M, t);
     at::Tensor scale = weight.detach() * invstd;
     at::Tensor shift = bias.detach() - mean * scale;
     const float* mu = mean.const_data_ptr<float>();
@@ -302,16 +320,16 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     const auto sc = t.repeat(sc1);
     const auto sh = t.repeat(shift.const_data_ptr<float>());
     const auto mr = t.repeat(mu);
-    Partials p(t, at::get_num_threads());
-    over_rows(M, t, [&](int64_t r, int64_t n, int th) {
+    Partials p(t, ch);
+    over_rows(M, ch, [&](int64_t r, int64_t n, int k) {
       if (x.scalar_type() == at::kFloat) {
         grad_stats_f32(x.const_data_ptr<float>() + r * C, dy.const_data_ptr<float>() + r * C, n,
-                       t, sc.data(), sh.data(), mr.data(), relu, p.sum1(th), p.sum2(th),
-                       p.block1(th), p.block2(th));
+                       t, sc.data(), sh.data(), mr.data(), relu, p.sum1(k), p.sum2(k),
+                       p.block1(k), p.block2(k));
       } else {
         grad_stats_bf16(x.const_data_ptr<bf16>() + r * C, dy.const_data_ptr<bf16>() + r * C, n,
-                        t, sc.data(), sh.data(), mr.data(), relu, p.sum1(th), p.sum2(th),
-                        p.block1(th), p.block2(th));
+                        t, sc.data(), sh.data(), mr.data(), relu, p.sum1(k), p.sum2(k),
+                        p.block1(k), p.block2(k));
       }
     });
     std::vector<double> g1, g2;  // Σ g and Σ g·(x − mean)
@@ -331,7 +349,7 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     }
     const auto ar = t.repeat(a.data()), br = t.repeat(b.data()), kr = t.repeat(k.data());
     at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-    over_rows(M, t, [&](int64_t r, int64_t n, int) {
+    over_rows(M, ch, [&](int64_t r, int64_t n, int) {
       if (x.scalar_type() == at::kFloat) {
         grad_input_f32(x.const_data_ptr<float>() + r * C, dy.const_data_ptr<float>() + r * C,
                        dx.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), relu, ar.data(),
@@ -355,18 +373,19 @@ at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at
   const int64_t C = x.size(1), M = x.numel() / C;
   TORCH_CHECK(M > 1, "fused batch norm: more than one value per channel is needed in training");
   const Tiling t(C);
+  const Chunks ch(M, t);
   at::Tensor shift_t = running_mean.detach().to(at::kFloat).contiguous();
   const float* shift = shift_t.const_data_ptr<float>();
   const auto shr = t.repeat(shift);
-  Partials p(t, at::get_num_threads());
+  Partials p(t, ch);
   const at::Tensor xd = x.detach();
-  over_rows(M, t, [&](int64_t r, int64_t n, int th) {
+  over_rows(M, ch, [&](int64_t r, int64_t n, int k) {
     if (xd.scalar_type() == at::kFloat) {
-      stats_f32(xd.const_data_ptr<float>() + r * C, n, t, shr.data(), p.sum1(th), p.sum2(th),
-                p.block1(th), p.block2(th));
+      stats_f32(xd.const_data_ptr<float>() + r * C, n, t, shr.data(), p.sum1(k), p.sum2(k),
+                p.block1(k), p.block2(k));
     } else {
-      stats_bf16(xd.const_data_ptr<bf16>() + r * C, n, t, shr.data(), p.sum1(th), p.sum2(th),
-                 p.block1(th), p.block2(th));
+      stats_bf16(xd.const_data_ptr<bf16>() + r * C, n, t, shr.data(), p.sum1(k), p.sum2(k),
+                 p.block1(k), p.block2(k));
     }
   });
   std::vector<double> sum, sumsq;

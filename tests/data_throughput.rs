@@ -4,6 +4,9 @@
 //! where the folder holds `cifar10/{train,test}` and/or `imagenette2-160/{train,val}` ImageFolder trees.
 //! `TRICKS_BENCH_LIMIT_CIFAR` / `TRICKS_BENCH_LIMIT_IMAGENET` cap the images per pass (defaults 10000 / 2000).
 
+mod common;
+
+use common::env_or;
 use std::path::PathBuf;
 use std::time::Instant;
 use tricks::config::{DataConfig, Pipeline};
@@ -25,13 +28,6 @@ fn cpu_seconds() -> f64 {
     (ticks(14) + ticks(15)) / 100.0
 }
 
-fn env_usize(key: &str, default: usize) -> usize {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 #[ignore]
 fn loader_throughput() {
@@ -46,7 +42,7 @@ fn loader_throughput() {
             "cifar10",
             Pipeline::Cifar,
             32,
-            env_usize("TRICKS_BENCH_LIMIT_CIFAR", 10_000),
+            env_or::<usize>("TRICKS_BENCH_LIMIT_CIFAR", 10_000),
             256,
         ),
         (
@@ -54,7 +50,7 @@ fn loader_throughput() {
             "imagenette2-160",
             Pipeline::Imagenet,
             224,
-            env_usize("TRICKS_BENCH_LIMIT_IMAGENET", 2_000),
+            env_or::<usize>("TRICKS_BENCH_LIMIT_IMAGENET", 2_000),
             64,
         ),
     ];

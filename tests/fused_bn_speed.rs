@@ -8,6 +8,9 @@
 //! Environment: MODEL (cifar_resnet20; any `model.name`), VARIANT (a), BATCH (128), SIZE (32),
 //! ROUNDS (8 blocks each), STEPS (6 timed steps per block, after 2 untimed), THREADS (2).
 
+mod common;
+
+use common::env_or;
 use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
@@ -17,21 +20,14 @@ use tricks::model::norm::set_fused_batch_norm;
 use tricks::model::{ModelSpec, ResNet};
 use tricks::train::precision::Autocast;
 
-fn env<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 #[ignore]
 fn fused_batch_norm_against_libtorch() {
-    let model: String = env("MODEL", "cifar_resnet20".to_string());
-    let variant: String = env("VARIANT", "a".to_string());
-    let (batch, size): (i64, i64) = (env("BATCH", 128), env("SIZE", 32));
-    let (rounds, steps): (usize, usize) = (env("ROUNDS", 8), env("STEPS", 6));
-    configure(env("THREADS", 2), Device::Cpu);
+    let model: String = env_or("MODEL", "cifar_resnet20".to_string());
+    let variant: String = env_or("VARIANT", "a".to_string());
+    let (batch, size): (i64, i64) = (env_or("BATCH", 128), env_or("SIZE", 32));
+    let (rounds, steps): (usize, usize) = (env_or("ROUNDS", 8), env_or("STEPS", 6));
+    configure(env_or("THREADS", 2), Device::Cpu);
     let spec = ModelSpec::from_config(&ModelConfig {
         name: model.clone(),
         variant: variant.clone(),

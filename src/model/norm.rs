@@ -64,7 +64,7 @@ fn fused_enabled() -> bool {
 /// 0: not decided yet (read `TRICKS_FUSED_BN`), 1: on, 2: off.
 static FUSED: AtomicU8 = AtomicU8::new(0);
 
-/// Turns the fused CPU kernel on or off for the whole process (`tricks bench` alternates).
+/// Turns the fused CPU kernel on or off for the whole process (tests/fused_bn_speed.rs alternates).
 pub fn set_fused_batch_norm(on: bool) {
     FUSED.store(if on { 1 } else { 2 }, Ordering::Relaxed);
 }

@@ -29,6 +29,7 @@ fn main() {
     println!("cargo:rerun-if-changed=csrc/shim.cpp");
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
     println!("cargo:rerun-if-changed=csrc/bn_relu.cpp");
+    println!("cargo:rerun-if-changed=csrc/ffi_error.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=PYTHON");
     let torch = torch_dir();

@@ -20,11 +20,11 @@
 #include <c10/util/BFloat16.h>
 #include <torch/csrc/autograd/custom_function.h>
 
+#include "ffi_error.h"
+
 #include <cmath>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <vector>
 
 namespace {
@@ -408,12 +408,6 @@ at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at
   return BnReluFn::apply(x, weight, bias, mean, invstd, relu);
 }
 
-char* error_copy(const std::string& msg) {
-  char* out = static_cast<char*>(std::malloc(msg.size() + 1));
-  if (out != nullptr) std::memcpy(out, msg.c_str(), msg.size() + 1);
-  return out;
-}
-
 }  // namespace
 
 extern "C" {
@@ -424,15 +418,10 @@ extern "C" {
 char* tricks_bn_relu_train(at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
                            at::Tensor* running_mean, at::Tensor* running_var, double momentum,
                            double eps, bool relu, at::Tensor** out) {
-  try {
+  return tricks::guarded([&] {
     *out = new at::Tensor(
         bn_relu_train(*x, *weight, *bias, *running_mean, *running_var, momentum, eps, relu));
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return error_copy(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return error_copy(e.what());
-  }
+  });
 }
 
 }  // extern "C"

@@ -15,6 +15,8 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 #endif
 
+#include "ffi_error.h"
+
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -48,25 +50,7 @@ static constexpr size_t kProcessGroupGlooSize = 0x1e8;
 
 namespace {
 
-char* error_copy(const std::string& msg) {
-  char* out = static_cast<char*>(std::malloc(msg.size() + 1));
-  if (out != nullptr) std::memcpy(out, msg.c_str(), msg.size() + 1);
-  return out;
-}
-
-template <typename F>
-char* guarded(F&& f) {
-  try {
-    f();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return error_copy(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return error_copy(e.what());
-  } catch (...) {
-    return error_copy("unknown C++ exception in c10d");
-  }
-}
+using tricks::guarded;
 
 struct Group {
   c10::intrusive_ptr<c10d::Store> store;

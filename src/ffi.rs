@@ -67,3 +67,17 @@ extern "C" {
     pub fn tricks_reducer_free(reducer: *mut c_void) -> *mut c_char;
     pub fn tricks_dist_has_nccl() -> i32;
 }
+
+/// The message of an error returned across the C ABI (csrc/ffi_error.h), freeing it; `None` for
+/// NULL (success).
+pub(crate) fn take_error(err: *mut c_char) -> Option<String> {
+    if err.is_null() {
+        return None;
+    }
+    // SAFETY: a non-null error is a NUL-terminated malloc'ed string from csrc/ffi_error.h.
+    let msg = unsafe { std::ffi::CStr::from_ptr(err) }
+        .to_string_lossy()
+        .into_owned();
+    unsafe { tricks_dist_free_error(err) };
+    Some(msg)
+}

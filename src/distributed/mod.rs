@@ -12,7 +12,7 @@ pub mod launch;
 use crate::config::{DistBackend, DistributedConfig};
 use crate::ffi;
 use anyhow::{anyhow, bail, Context, Result};
-use std::ffi::{c_char, c_void, CStr, CString};
+use std::ffi::{c_char, c_void, CString};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
@@ -72,18 +72,6 @@ impl DistEnv {
     }
 }
 
-pub(crate) fn take_error(err: *mut c_char) -> Option<String> {
-    if err.is_null() {
-        return None;
-    }
-    // SAFETY: a non-null error is a NUL-terminated malloc'ed string from csrc/dist.cpp.
-    let msg = unsafe { CStr::from_ptr(err) }
-        .to_string_lossy()
-        .into_owned();
-    unsafe { ffi::tricks_dist_free_error(err) };
-    Some(msg)
-}
-
 fn tensor_ptr(t: &Tensor) -> *mut c_void {
     t.as_ptr() as *mut c_void
 }
@@ -137,7 +125,7 @@ impl ProcessGroup {
                 &mut raw,
             )
         };
-        if let Some(msg) = take_error(err) {
+        if let Some(msg) = ffi::take_error(err) {
             bail!(
                 "cannot join the process group at {}:{} ({} ranks, {} backend, timeout {:.0}s): {msg}",
                 env.master_addr,
@@ -157,7 +145,7 @@ impl ProcessGroup {
     }
 
     fn check(&self, what: &str, err: *mut c_char) -> Result<()> {
-        match take_error(err) {
+        match ffi::take_error(err) {
             None => Ok(()),
             Some(msg) => Err(anyhow!(
                 "{what} across {} ranks failed: {msg} (another rank has probably stopped or died: see its output; timeout {:.0}s, key `distributed.timeout_s`)",
@@ -302,7 +290,7 @@ impl GradReducer {
 
 impl Drop for GradReducer {
     fn drop(&mut self) {
-        if let Some(msg) = take_error(unsafe { ffi::tricks_reducer_free(self.raw) }) {
+        if let Some(msg) = ffi::take_error(unsafe { ffi::tricks_reducer_free(self.raw) }) {
             eprintln!("warning: releasing the gradient reducer: {msg}");
         }
     }

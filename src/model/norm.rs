@@ -119,7 +119,7 @@ impl BatchNorm2d {
                 &mut out,
             )
         };
-        match crate::distributed::take_error(err) {
+        match crate::ffi::take_error(err) {
             None => Some(unsafe { Tensor::from_ptr(out as *mut _) }),
             Some(msg) => {
                 // The checks above make this a bug, not bad input: say so once, keep training.

@@ -339,7 +339,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 at,
                 None,
                 opts.stop.load(Ordering::SeqCst),
-                read_every == 1,
+                sums.reads_every_step(),
             )?;
             let hits = tch::no_grad(|| {
                 logits

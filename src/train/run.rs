@@ -534,7 +534,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 at,
                 dp.as_ref(),
                 opts.stop.load(Ordering::SeqCst),
-                read_every == 1,
+                sums.reads_every_step(),
             )?;
             let (hits, _) = topk_hits(&logits.to_kind(Kind::Float), &y, 1);
             let current = sums.add(&step.loss, &hits, b, state.global_step)?;
@@ -907,6 +907,12 @@ impl EpochSums {
             pending_steps: 0,
             read_every,
         }
+    }
+
+    /// Whether every step is read back: then the optimizer step checks the loss itself, before
+    /// applying a NaN step.
+    pub(crate) fn reads_every_step(&self) -> bool {
+        self.read_every == 1
     }
 
     /// Adds a step's mean loss (times its batch size) and hits (top-1 hits; correct pixels in

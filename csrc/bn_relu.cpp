@@ -1,11 +1,13 @@
-// Fused batch norm + ReLU for CPU training in channels_last layout (f32 or bf16 activations,
-// f32 parameters and statistics, as under bf16 autocast).
+// Fused batch norm + ReLU, and batch norm + residual add + ReLU, for CPU training in channels_last
+// layout (f32 or bf16 activations, f32 parameters and statistics, as under bf16 autocast).
 //
 // Why: on a CPU, libtorch's training-mode batch norm and ReLU are separate kernels that together
 // pass over the activation 13 times per step (norm forward 3, ReLU forward 2, ReLU backward 3,
 // norm backward 5); batch norm and ReLU were about a third of a CIFAR ResNet-20 bf16 step in
 // PyTorch's profile. Here it is 8: the forward pass reads x twice and writes y once; the backward
 // pass recomputes the ReLU mask from x (no saved output), reads x and dy twice and writes dx once.
+// At the end of a residual block (batch norm, add the shortcut, ReLU) it is 11 passes instead of
+// 16 (see BnReluFn).
 // Each pass runs over the rows in parallel on libtorch's OpenMP threads (this file is built with
 // -fopenmp: at::parallel_for is an inline OpenMP pragma) in loops the compiler vectorises, built
 // for x86-64-v4 (AVX-512), v3 (AVX2) and baseline x86-64 and picked at load time. Speed against
@@ -25,15 +27,19 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define TRICKS_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+// flatten: the tile loops' lambdas must be inlined into each clone, or they are compiled once for
+// baseline x86-64 (a lambda does not inherit the clone's target) and the AVX clones run SSE code;
+// this happened, unseen, when a lambda grew a switch (measured 0.87x, fixed by this).
+#define TRICKS_CLONES                                                                     \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten))
 #else
-#define TRICKS_CLONES
+#define TRICKS_CLONES __attribute__((flatten))
 #endif
 #define TRICKS_INLINE __attribute__((always_inline)) inline
 
@@ -90,21 +96,25 @@ TRICKS_INLINE void stats_span(const T* __restrict__ x, int64_t n, const float* _
   }
 }
 
-// y = x·scale + shift, then max(·, 0) when RELU.
-template <typename T, bool RELU>
-TRICKS_INLINE void norm_span(const T* __restrict__ x, T* __restrict__ y, int64_t n,
-                             const float* __restrict__ scale, const float* __restrict__ shift) {
+// y = x·scale + shift, plus the residual r when RES, then max(·, 0) when RELU.
+template <typename T, bool RELU, bool RES>
+TRICKS_INLINE void norm_span(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
+                             int64_t n, const float* __restrict__ scale,
+                             const float* __restrict__ shift) {
   for (int64_t j = 0; j < n; ++j) {
     float v = to_f(x[j]) * scale[j] + shift[j];
+    if (RES) v += to_f(r[j]);
     if (RELU) v = v > 0.f ? v : 0.f;
     y[j] = from_f<T>(v);
   }
 }
 
-// With g = dy where the forward output was positive (all of dy without RELU):
-// a1 += g and a2 += g·(x − mean), value by value.
-template <typename T, bool RELU>
-TRICKS_INLINE void grad_stats_span(const T* __restrict__ x, const T* __restrict__ dy, int64_t n,
+// With g = dy where the forward output was positive (all of dy without RELU; the mask is
+// recomputed from x, and from the residual r when RES): a1 += g and a2 += g·(x − mean), value by
+// value. With RES, g is also the residual's gradient, written to dr.
+template <typename T, bool RELU, bool RES>
+TRICKS_INLINE void grad_stats_span(const T* __restrict__ x, const T* __restrict__ r,
+                                   const T* __restrict__ dy, T* __restrict__ dr, int64_t n,
                                    const float* __restrict__ scale,
                                    const float* __restrict__ shift,
                                    const float* __restrict__ mean, float* __restrict__ a1,
@@ -112,7 +122,10 @@ TRICKS_INLINE void grad_stats_span(const T* __restrict__ x, const T* __restrict_
   for (int64_t j = 0; j < n; ++j) {
     float xv = to_f(x[j]);
     float g = to_f(dy[j]);
-    if (RELU) g = xv * scale[j] + shift[j] > 0.f ? g : 0.f;
+    float v = xv * scale[j] + shift[j];
+    if (RES) v += to_f(r[j]);
+    if (RELU) g = v > 0.f ? g : 0.f;
+    if (RES) dr[j] = from_f<T>(g);  // exact: g is dy or 0
     a1[j] += g;
     a2[j] += g * (xv - mean[j]);
   }
@@ -156,7 +169,13 @@ TRICKS_INLINE void fold(const Tiling& t, float* a1, float* a2, double* s1, doubl
   }
 }
 
+// How the normalised value ends: as it is, through a ReLU, or added to a residual then through a
+// ReLU (the end of a residual block).
+enum class Epilogue { None, Relu, AddRelu };
+
 // One multiversioned entry per kernel and dtype (GCC cannot clone templates), over `rows` rows.
+// `r` and `dr` (the residual and its gradient) are read and written with Epilogue::AddRelu only.
+// The input gradient pass never masks with AddRelu: it is given the masked gradient, dr.
 #define TRICKS_DEFINE_KERNELS(T, SUFFIX)                                                          \
   TRICKS_CLONES void stats_##SUFFIX(const T* x, int64_t rows, const Tiling& t,                    \
                                     const float* shift, double* s1, double* s2, float* a1,        \
@@ -165,29 +184,40 @@ TRICKS_INLINE void fold(const Tiling& t, float* a1, float* a2, double* s1, doubl
         rows, t, [&](int64_t o, int64_t n) { stats_span<T>(x + o, n, shift, a1, a2); },           \
         [&] { fold(t, a1, a2, s1, s2); });                                                        \
   }                                                                                               \
-  TRICKS_CLONES void norm_##SUFFIX(const T* x, T* y, int64_t rows, const Tiling& t,               \
-                                   const float* scale, const float* shift, bool relu) {           \
+  TRICKS_CLONES void norm_##SUFFIX(const T* x, const T* r, T* y, int64_t rows, const Tiling& t,   \
+                                   const float* scale, const float* shift, Epilogue e) {          \
     over_tiles(                                                                                   \
         rows, t,                                                                                  \
         [&](int64_t o, int64_t n) {                                                               \
-          if (relu)                                                                               \
-            norm_span<T, true>(x + o, y + o, n, scale, shift);                                    \
-          else                                                                                    \
-            norm_span<T, false>(x + o, y + o, n, scale, shift);                                   \
+          switch (e) {                                                                            \
+            case Epilogue::None:                                                                  \
+              return norm_span<T, false, false>(x + o, nullptr, y + o, n, scale, shift);          \
+            case Epilogue::Relu:                                                                  \
+              return norm_span<T, true, false>(x + o, nullptr, y + o, n, scale, shift);           \
+            case Epilogue::AddRelu:                                                               \
+              return norm_span<T, true, true>(x + o, r + o, y + o, n, scale, shift);              \
+          }                                                                                       \
         },                                                                                        \
         [] {});                                                                                   \
   }                                                                                               \
-  TRICKS_CLONES void grad_stats_##SUFFIX(const T* x, const T* dy, int64_t rows, const Tiling& t,  \
-                                         const float* scale, const float* shift,                 \
-                                         const float* mean, bool relu, double* s1, double* s2,   \
-                                         float* a1, float* a2) {                                  \
+  TRICKS_CLONES void grad_stats_##SUFFIX(const T* x, const T* r, const T* dy, T* dr,             \
+                                         int64_t rows, const Tiling& t, const float* scale,       \
+                                         const float* shift, const float* mean, Epilogue e,       \
+                                         double* s1, double* s2, float* a1, float* a2) {          \
     over_tiles(                                                                                   \
         rows, t,                                                                                  \
         [&](int64_t o, int64_t n) {                                                               \
-          if (relu)                                                                               \
-            grad_stats_span<T, true>(x + o, dy + o, n, scale, shift, mean, a1, a2);              \
-          else                                                                                    \
-            grad_stats_span<T, false>(x + o, dy + o, n, scale, shift, mean, a1, a2);             \
+          switch (e) {                                                                            \
+            case Epilogue::None:                                                                  \
+              return grad_stats_span<T, false, false>(x + o, nullptr, dy + o, nullptr, n, scale,  \
+                                                      shift, mean, a1, a2);                       \
+            case Epilogue::Relu:                                                                  \
+              return grad_stats_span<T, true, false>(x + o, nullptr, dy + o, nullptr, n, scale,   \
+                                                     shift, mean, a1, a2);                        \
+            case Epilogue::AddRelu:                                                               \
+              return grad_stats_span<T, true, true>(x + o, r + o, dy + o, dr + o, n, scale,       \
+                                                    shift, mean, a1, a2);                         \
+          }                                                                                       \
         },                                                                                        \
         [&] { fold(t, a1, a2, s1, s2); });                                                        \
   }                                                                                               \
@@ -260,7 +290,7 @@ struct Partials {
   }
 };
 
-void check_input(const at::Tensor& x, const at::Tensor& weight) {
+void check_input(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fused batch norm: a 4-D CPU tensor is needed");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "fused batch norm: f32 or bf16 activations are needed");
@@ -268,18 +298,45 @@ void check_input(const at::Tensor& x, const at::Tensor& weight) {
               "fused batch norm: a channels_last tensor is needed");
   TORCH_CHECK(weight.scalar_type() == at::kFloat && weight.numel() == x.size(1),
               "fused batch norm: f32 parameters of one value per channel are needed");
+  if (residual.defined()) {
+    TORCH_CHECK(residual.sizes() == x.sizes() && residual.scalar_type() == x.scalar_type() &&
+                    residual.device().is_cpu() &&
+                    residual.is_contiguous(at::MemoryFormat::ChannelsLast),
+                "fused batch norm: the residual must be a channels_last CPU tensor of the input's "
+                "shape and dtype");
+  }
+}
+
+// A typed pointer to the data of an optional tensor (nullptr when undefined).
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t, int64_t offset) {
+  return t.defined() ? t.const_data_ptr<T>() + offset : nullptr;
+}
+template <typename T>
+T* mut_ptr_or_null(at::Tensor& t, int64_t offset) {
+  return t.defined() ? t.data_ptr<T>() + offset : nullptr;
 }
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Normalisation (+ ReLU) with given batch statistics; its backward is the training-mode batch
-// norm gradient (the statistics depend on x), with the ReLU mask recomputed from x.
+// Normalisation with given batch statistics, then the epilogue (ReLU, or residual add + ReLU); its
+// backward is the training-mode batch norm gradient (the statistics depend on x), with the ReLU
+// mask recomputed from x (and the residual) rather than saved.
+//
+// With a residual (the end of a residual block: relu(bn(x) + r)), libtorch's batch norm, add and
+// ReLU pass over the activation 16 times per step; here 11: the forward pass reads x twice and r
+// once and writes y once; the backward pass reads x, r and dy and writes dr (the masked gradient,
+// which is also the gradient of bn's output), then reads x and dr and writes dx.
 class BnReluFn : public torch::autograd::Function<BnReluFn> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const at::Tensor& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd, bool relu) {
+                            const at::Tensor& invstd,
+                            const std::optional<at::Tensor>& residual_or_none, int64_t epilogue) {
+    // Optional, not an undefined tensor: autograd rejects undefined tensor inputs.
+    const at::Tensor residual = residual_or_none.value_or(at::Tensor());
+    const Epilogue e = Epilogue(epilogue);
     const int64_t C = x.size(1), M = x.numel() / C;
     const Tiling t(C);
     const Chunks ch(M, t);
@@ -290,23 +347,23 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
     over_rows(M, ch, [&](int64_t r, int64_t n, int) {
       if (x.scalar_type() == at::kFloat) {
-        norm_f32(x.const_data_ptr<float>() + r * C, y.data_ptr<float>() + r * C, n, t, sc.data(),
-                 sh.data(), relu);
+        norm_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
+                 y.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), e);
       } else {
-        norm_bf16(x.const_data_ptr<bf16>() + r * C, y.data_ptr<bf16>() + r * C, n, t, sc.data(),
-                  sh.data(), relu);
+        norm_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
+                  y.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), e);
       }
     });
-    ctx->save_for_backward({x, weight, bias, mean, invstd});
-    ctx->saved_data["relu"] = relu;
+    ctx->save_for_backward({x, weight, bias, mean, invstd, residual});
+    ctx->saved_data["epilogue"] = epilogue;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor &x = saved[0], &weight = saved[1], &bias = saved[2], &mean = saved[3],
-                     &invstd = saved[4];
-    const bool relu = ctx->saved_data["relu"].toBool();
+                     &invstd = saved[4], &residual = saved[5];
+    const Epilogue e = Epilogue(ctx->saved_data["epilogue"].toInt());
     const at::Tensor dy =
         grads[0].to(x.scalar_type()).contiguous(at::MemoryFormat::ChannelsLast);
     const int64_t C = x.size(1), M = x.numel() / C;
@@ -320,15 +377,19 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     const auto sc = t.repeat(sc1);
     const auto sh = t.repeat(shift.const_data_ptr<float>());
     const auto mr = t.repeat(mu);
+    at::Tensor dr;  // the residual's gradient: dy where the output was positive
+    if (e == Epilogue::AddRelu) dr = at::empty_like(x, at::MemoryFormat::ChannelsLast);
     Partials p(t, ch);
     over_rows(M, ch, [&](int64_t r, int64_t n, int k) {
       if (x.scalar_type() == at::kFloat) {
-        grad_stats_f32(x.const_data_ptr<float>() + r * C, dy.const_data_ptr<float>() + r * C, n,
-                       t, sc.data(), sh.data(), mr.data(), relu, p.sum1(k), p.sum2(k),
-                       p.block1(k), p.block2(k));
+        grad_stats_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
+                       dy.const_data_ptr<float>() + r * C, mut_ptr_or_null<float>(dr, r * C), n,
+                       t, sc.data(), sh.data(), mr.data(), e, p.sum1(k), p.sum2(k), p.block1(k),
+                       p.block2(k));
       } else {
-        grad_stats_bf16(x.const_data_ptr<bf16>() + r * C, dy.const_data_ptr<bf16>() + r * C, n,
-                        t, sc.data(), sh.data(), mr.data(), relu, p.sum1(k), p.sum2(k),
+        grad_stats_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
+                        dy.const_data_ptr<bf16>() + r * C, mut_ptr_or_null<bf16>(dr, r * C), n,
+                        t, sc.data(), sh.data(), mr.data(), e, p.sum1(k), p.sum2(k),
                         p.block1(k), p.block2(k));
       }
     });
@@ -348,28 +409,33 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
       dbias.data_ptr<float>()[c] = float(sg);
     }
     const auto ar = t.repeat(a.data()), br = t.repeat(b.data()), kr = t.repeat(k.data());
+    // With a residual, g is dr, already masked; otherwise dy, masked here when there is a ReLU.
+    const at::Tensor& g = dr.defined() ? dr : dy;
+    const bool mask = e == Epilogue::Relu;
     at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
     over_rows(M, ch, [&](int64_t r, int64_t n, int) {
       if (x.scalar_type() == at::kFloat) {
-        grad_input_f32(x.const_data_ptr<float>() + r * C, dy.const_data_ptr<float>() + r * C,
-                       dx.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), relu, ar.data(),
+        grad_input_f32(x.const_data_ptr<float>() + r * C, g.const_data_ptr<float>() + r * C,
+                       dx.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), mask, ar.data(),
                        br.data(), kr.data());
       } else {
-        grad_input_bf16(x.const_data_ptr<bf16>() + r * C, dy.const_data_ptr<bf16>() + r * C,
-                        dx.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), relu, ar.data(),
+        grad_input_bf16(x.const_data_ptr<bf16>() + r * C, g.const_data_ptr<bf16>() + r * C,
+                        dx.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), mask, ar.data(),
                         br.data(), kr.data());
       }
     });
-    return {dx, dweight, dbias, at::Tensor(), at::Tensor(), at::Tensor()};
+    return {dx, dweight, dbias, at::Tensor(), at::Tensor(), dr, at::Tensor()};
   }
 };
 
-// Training-mode batch norm (+ ReLU): batch statistics, running-statistics update, then the
+// Training-mode batch norm and its epilogue: batch statistics, running-statistics update, then the
 // autograd function above.
 at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& running_mean, const at::Tensor& running_var,
-                         double momentum, double eps, bool relu) {
-  check_input(x, weight);
+                         double momentum, double eps, Epilogue e, const at::Tensor& residual) {
+  TORCH_CHECK(residual.defined() == (e == Epilogue::AddRelu),
+              "fused batch norm: a residual goes with the add + ReLU epilogue, and only with it");
+  check_input(x, weight, residual);
   const int64_t C = x.size(1), M = x.numel() / C;
   TORCH_CHECK(M > 1, "fused batch norm: more than one value per channel is needed in training");
   const Tiling t(C);
@@ -405,22 +471,27 @@ at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at
     running_mean.mul_(1.0 - momentum).add_(mean, momentum);
     running_var.mul_(1.0 - momentum).add_(var_unbiased, momentum);
   }
-  return BnReluFn::apply(x, weight, bias, mean, invstd, relu);
+  return BnReluFn::apply(x, weight, bias, mean, invstd,
+                         residual.defined() ? std::optional<at::Tensor>(residual) : std::nullopt,
+                         int64_t(e));
 }
 
 }  // namespace
 
 extern "C" {
 
-// Training-mode batch norm of a channels_last CPU tensor, followed by a ReLU when `relu`; the
-// running statistics are updated in place. NULL on success (the result in *out), else a malloc'ed
-// message for tricks_dist_free_error.
+// Training-mode batch norm of a channels_last CPU tensor, then `epilogue`: 0 none, 1 ReLU, 2 add
+// `residual` (NULL otherwise) then ReLU. The running statistics are updated in place. NULL on
+// success (the result in *out), else a malloc'ed message for tricks_dist_free_error.
 char* tricks_bn_relu_train(at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
                            at::Tensor* running_mean, at::Tensor* running_var, double momentum,
-                           double eps, bool relu, at::Tensor** out) {
+                           double eps, int32_t epilogue, at::Tensor* residual, at::Tensor** out) {
   return tricks::guarded([&] {
-    *out = new at::Tensor(
-        bn_relu_train(*x, *weight, *bias, *running_mean, *running_var, momentum, eps, relu));
+    TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "fused batch norm: unknown epilogue ", epilogue);
+    const at::Tensor none;
+    *out = new at::Tensor(bn_relu_train(*x, *weight, *bias, *running_mean, *running_var,
+                                        momentum, eps, Epilogue(epilogue),
+                                        residual ? *residual : none));
   });
 }
 

@@ -11,8 +11,9 @@ extern "C" {
     pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
     /// An uninitialised page-locked f32 CPU tensor (`at::Tensor*`), or NULL.
     pub fn tricks_empty_pinned_f32(sizes: *const i64, ndim: i32) -> *mut std::ffi::c_void;
-    /// Training-mode batch norm (+ ReLU) of a channels_last CPU tensor (csrc/bn_relu.cpp); NULL
-    /// or an error for `tricks_dist_free_error`.
+    /// Training-mode batch norm of a channels_last CPU tensor, then `epilogue` (0 none, 1 ReLU,
+    /// 2 add `residual` then ReLU; `residual` NULL unless 2) (csrc/bn_relu.cpp); NULL or an error
+    /// for `tricks_dist_free_error`.
     #[allow(clippy::too_many_arguments)]
     pub fn tricks_bn_relu_train(
         x: *mut std::ffi::c_void,
@@ -22,7 +23,8 @@ extern "C" {
         running_var: *mut std::ffi::c_void,
         momentum: f64,
         eps: f64,
-        relu: bool,
+        epilogue: i32,
+        residual: *mut std::ffi::c_void,
         out: *mut *mut std::ffi::c_void,
     ) -> *mut std::ffi::c_char;
     /// `t.grad = g` (both `at::Tensor*`, i.e. tch's `*mut C_tensor`).

@@ -42,7 +42,7 @@ impl ModuleT for BatchNorm2d {
                 }
             },
             _ => self
-                .fused(x, train, false)
+                .fused(x, train, Epilogue::None)
                 .unwrap_or_else(|| x.apply_t(&self.bn, train)),
         }
     }
@@ -75,36 +75,73 @@ fn is_channels_last(x: &Tensor) -> bool {
     s.len() == 4 && st == [s[1] * s[2] * s[3], 1, s[3] * s[1], s[1]]
 }
 
+/// What follows the normalisation inside the fused kernel.
+#[derive(Clone, Copy)]
+enum Epilogue<'a> {
+    None,
+    Relu,
+    /// `relu(bn(x) + residual)`: the end of a residual block.
+    AddRelu(&'a Tensor),
+}
+
 impl BatchNorm2d {
     /// `relu(self(x))`. In CPU training on a channels_last batch, one fused kernel does both.
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
         if distributed::sync_bn_group().is_none() {
-            if let Some(y) = self.fused(x, train, true) {
+            if let Some(y) = self.fused(x, train, Epilogue::Relu) {
                 return y;
             }
         }
         self.forward_t(x, train).relu()
     }
 
-    /// Training-mode batch norm (+ ReLU) through csrc/bn_relu.cpp, when it applies: CPU,
-    /// channels_last, f32 or bf16 activations. It passes over the activations 8 times per step
-    /// where libtorch's two kernels pass 13 times (see the file). `None`: use libtorch's.
-    fn fused(&self, x: &Tensor, train: bool, relu: bool) -> Option<Tensor> {
+    /// `relu(self(x) + residual)`, the end of a residual block. In CPU training on channels_last
+    /// batches of one dtype, one fused kernel does all three.
+    pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Tensor {
+        if distributed::sync_bn_group().is_none() {
+            if let Some(y) = self.fused(x, train, Epilogue::AddRelu(residual)) {
+                return y;
+            }
+        }
+        (self.forward_t(x, train) + residual).relu()
+    }
+
+    /// Training-mode batch norm and its epilogue through csrc/bn_relu.cpp, when it applies: CPU,
+    /// channels_last, f32 or bf16 activations (and a residual of the same shape, layout and
+    /// dtype). It passes over the activations 8 times per step where libtorch's batch norm and
+    /// ReLU pass 13 times, 11 where they and the residual add pass 16 (see the file). `None`: use
+    /// libtorch's.
+    fn fused(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Option<Tensor> {
         let (Some(w), Some(b)) = (&self.bn.ws, &self.bn.bs) else {
             return None;
+        };
+        let residual_fits = match epilogue {
+            Epilogue::AddRelu(r) => {
+                r.device() == tch::Device::Cpu
+                    && r.kind() == x.kind()
+                    && r.size() == x.size()
+                    && is_channels_last(r)
+            }
+            _ => true,
         };
         let eligible = train
             && x.device() == tch::Device::Cpu
             && matches!(x.kind(), Kind::Float | Kind::BFloat16)
             && is_channels_last(x)
             && x.size()[0] * x.size()[2] * x.size()[3] > 1
+            && residual_fits
             && fused_enabled();
         if !eligible {
             return None;
         }
         let mut out = std::ptr::null_mut();
         let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
-        // SAFETY: all five are live tensors for the duration of the call; a non-null `out` is a
+        let (code, residual) = match epilogue {
+            Epilogue::None => (0, std::ptr::null_mut()),
+            Epilogue::Relu => (1, std::ptr::null_mut()),
+            Epilogue::AddRelu(r) => (2, ptr(r)),
+        };
+        // SAFETY: all tensors passed are live for the duration of the call; a non-null `out` is a
         // fresh `at::Tensor*` whose ownership passes to the returned Tensor.
         let err = unsafe {
             crate::ffi::tricks_bn_relu_train(
@@ -115,7 +152,8 @@ impl BatchNorm2d {
                 ptr(&self.bn.running_var),
                 MOMENTUM,
                 EPS,
-                relu,
+                code,
+                residual,
                 &mut out,
             )
         };
@@ -254,20 +292,20 @@ mod tests {
         }
     }
 
-    /// The fused CPU kernel against libtorch's batch norm (+ ReLU) on the same channels_last
-    /// batch: output, running statistics, and the gradients of x, γ and β.
+    /// The fused CPU kernel against libtorch's batch norm (+ ReLU, + residual add and ReLU) on the
+    /// same channels_last batch: output, running statistics, and the gradients of x, γ, β and the
+    /// residual.
     #[test]
-    fn fused_batch_norm_relu_matches_libtorch() {
+    fn fused_batch_norm_epilogues_match_libtorch() {
         tch::manual_seed(5);
         for (kind, tol) in [(Kind::Float, 2e-5), (Kind::BFloat16, 2e-2)] {
-            for relu in [true, false] {
+            for epilogue in ["none", "relu", "add_relu"] {
                 for (n, c, h) in [(4, 24, 5), (3, 3, 7)] {
-                    let x0 = (Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu)) * 3.0 + 1.5)
-                        .to_kind(kind);
-                    let x0 = crate::device::to_channels_last(&x0);
-                    let g = crate::device::to_channels_last(
-                        &Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu)).to_kind(kind),
-                    );
+                    let cl = |t: Tensor| crate::device::to_channels_last(&t.to_kind(kind));
+                    let randn = || Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu));
+                    let x0 = cl(randn() * 3.0 + 1.5);
+                    let r0 = cl(randn() * 2.0);
+                    let g = cl(randn());
                     let gamma = Tensor::rand([c], (Kind::Float, Device::Cpu)) + 0.5;
                     let beta = Tensor::randn([c], (Kind::Float, Device::Cpu)) * 0.5;
                     // The reference's ReLU takes its mask from the fused output: where the
@@ -282,24 +320,31 @@ mod tests {
                             let _ = bn.bn.running_mean.shallow_clone().fill_(0.3);
                         });
                         let x = x0.copy().set_requires_grad(true);
-                        let y = match mask {
-                            None => bn.fused(&x, true, relu).expect("the fused kernel applies"),
-                            Some(m) if relu => x.apply_t(&bn.bn, true) * m,
-                            Some(_) => x.apply_t(&bn.bn, true),
-                        };
+                        let r = r0.copy().set_requires_grad(true);
+                        let y = match (mask, epilogue) {
+                            (None, "none") => bn.fused(&x, true, Epilogue::None),
+                            (None, "relu") => bn.fused(&x, true, Epilogue::Relu),
+                            (None, _) => bn.fused(&x, true, Epilogue::AddRelu(&r)),
+                            (Some(_), "none") => Some(x.apply_t(&bn.bn, true)),
+                            (Some(m), "relu") => Some(x.apply_t(&bn.bn, true) * m),
+                            (Some(m), _) => Some((x.apply_t(&bn.bn, true) + &r) * m),
+                        }
+                        .expect("the fused kernel applies");
                         assert_eq!(y.kind(), kind);
+                        assert!(is_channels_last(&y));
                         (&y * &g).sum(Kind::Float).backward();
                         let grads = [
                             x.grad(),
                             bn.bn.ws.as_ref().unwrap().grad(),
                             bn.bn.bs.as_ref().unwrap().grad(),
+                            r.grad(),
                         ];
                         (y.detach(), grads, bn)
                     };
                     let (y_fused, g_fused, bn_fused) = run(None);
                     let mask = y_fused.gt(0.0).to_kind(kind);
                     let (y_ref, g_ref, bn_ref) = run(Some(&mask));
-                    let what = format!("{kind:?} relu={relu} [{n},{c},{h},{h}]");
+                    let what = format!("{kind:?} {epilogue} [{n},{c},{h},{h}]");
                     assert_close(&y_fused, &y_ref, tol, &format!("{what}: output"));
                     for (name, a, b) in [
                         (
@@ -324,9 +369,37 @@ mod tests {
                         let t = if kind == Kind::Float { 2e-4 } else { 5e-2 };
                         assert_close(a, b, t, &format!("{what}: {name}"));
                     }
+                    // The residual's gradient is dy masked: exact in either dtype.
+                    if epilogue == "add_relu" {
+                        assert_close(&g_fused[3], &g_ref[3], 0.0, &format!("{what}: dr"));
+                    } else {
+                        assert!(!g_fused[3].defined(), "{what}: no residual, no gradient");
+                    }
                 }
             }
         }
+    }
+
+    /// A residual of another dtype or layout is not fused (libtorch's kernels run instead),
+    /// and the fallback computes the same block end.
+    #[test]
+    fn mismatched_residual_falls_back_to_libtorch() {
+        tch::manual_seed(6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let bn = batch_norm2d(vs.root(), 8, 1.0);
+        let x = crate::device::to_channels_last(&Tensor::randn(
+            [2, 8, 4, 4],
+            (Kind::Float, Device::Cpu),
+        ));
+        let nchw = Tensor::randn([2, 8, 4, 4], (Kind::Float, Device::Cpu));
+        assert!(bn.fused(&x, true, Epilogue::AddRelu(&nchw)).is_none());
+        let half = crate::device::to_channels_last(&nchw.to_kind(Kind::BFloat16));
+        assert!(bn.fused(&x, true, Epilogue::AddRelu(&half)).is_none());
+        let cl = crate::device::to_channels_last(&nchw);
+        assert!(bn.fused(&x, true, Epilogue::AddRelu(&cl)).is_some());
+        let y = bn.forward_add_relu(&x, &nchw, false);
+        let expected = (x.apply_t(&bn.bn, false) + &nchw).relu();
+        assert_close(&y, &expected, 1e-6, "eval-mode block end");
     }
 
     /// |a − b| ≤ tol · (1 + max |b|), elementwise, in f64.

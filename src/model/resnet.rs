@@ -163,17 +163,13 @@ impl ResBlock {
 
 impl ModuleT for ResBlock {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let last = self.branch.len() - 1;
+        let (last, inner) = self.branch.split_last().expect("a block has convolutions");
         let mut y = x.shallow_clone();
-        for (i, (c, b)) in self.branch.iter().enumerate() {
-            let z = y.apply(c);
-            y = if i < last {
-                b.forward_relu(&z, train)
-            } else {
-                z.apply_t(b, train)
-            };
+        for (c, b) in inner {
+            y = b.forward_relu(&y.apply(c), train);
         }
-        (y + self.shortcut.forward_t(x, train)).relu()
+        let (c, b) = last;
+        b.forward_add_relu(&y.apply(c), &self.shortcut.forward_t(x, train), train)
     }
 }
 

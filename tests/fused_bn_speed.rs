@@ -1,5 +1,6 @@
-//! Benchmark, not a test (ignored): the fused CPU batch norm + ReLU (csrc/bn_relu.cpp) against
-//! libtorch's kernels, in one process, alternating blocks of training steps (forward + backward,
+//! Benchmark, not a test (ignored): the fused CPU batch norm kernels (csrc/bn_relu.cpp: batch
+//! norm + ReLU, and batch norm + residual add + ReLU at block ends) against libtorch's kernels,
+//! in one process, alternating blocks of training steps (forward + backward,
 //! bf16 autocast, channels_last) between the two, because this VM drifts between processes by
 //! more than the effect. Also times inference after each block (which does not use the kernel).
 //!

@@ -63,29 +63,38 @@ void wait(const c10::intrusive_ptr<c10d::Work>& work, const Group& g) {
   work->wait(g.timeout);
 }
 
-void all_reduce_sum(Group& g, at::Tensor& t) {
+void all_reduce_sum(c10d::Backend& backend, std::chrono::milliseconds timeout, at::Tensor& t) {
   std::vector<at::Tensor> ts{t};
   c10d::AllreduceOptions opts;
   opts.reduceOp = c10d::ReduceOp::SUM;
-  wait(g.backend->allreduce(ts, opts), g);
+  backend.allreduce(ts, opts)->wait(timeout);
 }
+
+void all_reduce_sum(Group& g, at::Tensor& t) { all_reduce_sum(*g.backend, g.timeout, t); }
 
 // Sum over ranks in the forward pass and, since every rank's loss depends on the sum, sum of
 // the incoming gradients over ranks in the backward pass (what SyncBatchNorm's statistics need).
+// The graph node holds its own reference to the backend: a graph may outlive the Rust
+// ProcessGroup that built it (a raw Group pointer here once made a backward pass crash after the
+// group was released).
 class AllReduceSumFn : public torch::autograd::Function<AllReduceSumFn> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             int64_t group) {
-    ctx->saved_data["group"] = group;
+    const Group& g = *reinterpret_cast<Group*>(group);
+    ctx->saved_data["backend"] = c10::IValue::make_capsule(g.backend);
+    ctx->saved_data["timeout_ms"] = static_cast<int64_t>(g.timeout.count());
     at::Tensor y = x.detach().clone(at::MemoryFormat::Contiguous);
-    all_reduce_sum(*reinterpret_cast<Group*>(group), y);
+    all_reduce_sum(*g.backend, g.timeout, y);
     return y;
   }
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    auto* g = reinterpret_cast<Group*>(ctx->saved_data["group"].toInt());
+    auto backend = c10::static_intrusive_pointer_cast<c10d::Backend>(
+        ctx->saved_data["backend"].toCapsule());
+    const std::chrono::milliseconds timeout(ctx->saved_data["timeout_ms"].toInt());
     at::Tensor gy = grads[0].contiguous().clone();
-    all_reduce_sum(*g, gy);
+    all_reduce_sum(*backend, timeout, gy);
     return {gy, at::Tensor()};
   }
 };

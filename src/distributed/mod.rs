@@ -12,8 +12,9 @@ pub mod launch;
 use crate::config::{DistBackend, DistributedConfig};
 use crate::ffi;
 use anyhow::{anyhow, bail, Context, Result};
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CString};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tch::{Device, Kind, Tensor};
 
@@ -296,49 +297,56 @@ impl Drop for GradReducer {
     }
 }
 
-/// The group whose ranks share batch-norm statistics (`distributed.sync_bn`), if any. Process-
-/// wide like PyTorch's default group: batch-norm layers look it up when they run in training mode.
-static SYNC_BN_GROUP: RwLock<Option<Arc<ProcessGroup>>> = RwLock::new(None);
+thread_local! {
+    /// The group whose ranks share batch-norm statistics (`distributed.sync_bn`) in the forward
+    /// passes this thread runs, if any. Per thread rather than per process: a trainer runs its
+    /// forward passes on the thread that set it up, and other models in the process (an
+    /// ablation's parallel workers, tests) must not start synchronising with it. A process-wide
+    /// slot once made a test's backward pass crash, after another test's group was released.
+    static SYNC_BN_GROUP: RefCell<Option<Arc<ProcessGroup>>> = const { RefCell::new(None) };
 
-/// The first error of a synchronised batch-norm collective since the last [`take_sync_bn_error`]
-/// (a forward pass cannot return an error; the trainer checks after each forward).
-static SYNC_BN_ERROR: Mutex<Option<String>> = Mutex::new(None);
-
-/// Makes batch-norm layers synchronise over `group` until the guard is dropped.
-pub fn enable_sync_bn(group: Arc<ProcessGroup>) -> SyncBnGuard {
-    *SYNC_BN_GROUP.write().unwrap_or_else(|e| e.into_inner()) = Some(group);
-    SyncBnGuard
+    /// The first error of a synchronised batch-norm collective on this thread since the last
+    /// [`take_sync_bn_error`] (a forward pass cannot return an error; the trainer checks after
+    /// each forward).
+    static SYNC_BN_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
 }
 
-pub struct SyncBnGuard;
+/// Makes batch-norm layers run by this thread synchronise over `group` until the guard is dropped.
+pub fn enable_sync_bn(group: Arc<ProcessGroup>) -> SyncBnGuard {
+    let previous = SYNC_BN_GROUP.with(|slot| slot.replace(Some(group)));
+    SyncBnGuard {
+        previous,
+        _same_thread: std::marker::PhantomData,
+    }
+}
+
+/// Restores the thread's previous sync-BN group when dropped; it cannot leave its thread.
+pub struct SyncBnGuard {
+    previous: Option<Arc<ProcessGroup>>,
+    _same_thread: std::marker::PhantomData<*const ()>,
+}
 
 impl Drop for SyncBnGuard {
     fn drop(&mut self) {
-        *SYNC_BN_GROUP.write().unwrap_or_else(|e| e.into_inner()) = None;
+        let previous = self.previous.take();
+        SYNC_BN_GROUP.with(|slot| *slot.borrow_mut() = previous);
     }
 }
 
 pub fn sync_bn_group() -> Option<Arc<ProcessGroup>> {
-    SYNC_BN_GROUP
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .clone()
+    SYNC_BN_GROUP.with(|slot| slot.borrow().clone())
 }
 
 pub(crate) fn record_sync_bn_error(err: anyhow::Error) {
-    let mut slot = SYNC_BN_ERROR.lock().unwrap_or_else(|e| e.into_inner());
-    if slot.is_none() {
-        *slot = Some(format!("{err:#}"));
-    }
+    SYNC_BN_ERROR.with(|slot| {
+        slot.borrow_mut().get_or_insert_with(|| format!("{err:#}"));
+    });
 }
 
-/// Fails with the first synchronised batch-norm error recorded since the last call.
+/// Fails with the first synchronised batch-norm error recorded on this thread since the last
+/// call.
 pub fn take_sync_bn_error() -> Result<()> {
-    match SYNC_BN_ERROR
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take()
-    {
+    match SYNC_BN_ERROR.with(|slot| slot.borrow_mut().take()) {
         Some(msg) => Err(anyhow!(msg)).context("synchronised batch norm"),
         None => Ok(()),
     }

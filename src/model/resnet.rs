@@ -471,14 +471,19 @@ mod tests {
         assert!(!sa.tweaks.stride_on_3x3 && sb.tweaks.stride_on_3x3);
     }
 
-    /// A channels_last training step goes through the fused CPU batch norm + ReLU
-    /// (csrc/bn_relu.cpp), an NCHW one through libtorch's kernels: same weights and batch, same
-    /// loss, running statistics and weight gradients. ResNet-D on 32 px covers the deep stem, the
-    /// average-pool shortcut and bottleneck-free basic blocks.
+    /// A channels_last training step goes through the fused CPU batch norm kernels
+    /// (csrc/bn_relu.cpp: + ReLU, + residual add + ReLU), an NCHW one through libtorch's: same
+    /// weights and batch, same loss, running statistics and weight gradients. CIFAR ResNet-8-D
+    /// covers the deep stem, the average-pool shortcut and basic blocks. Not ResNet-18-D, which
+    /// this test used before: about one run in ten, its stem's gradients (upstream of the max
+    /// pool) differed by 1–4 %, both before and after the block-end fusion, while 20 runs of this
+    /// net (no max pool) differed by at most 3.3e-6. The likely cause: a max pool routes its
+    /// gradient by an argmax, which flips where two values in a window are within the layouts'
+    /// rounding differences of each other.
     #[test]
     fn channels_last_training_through_the_fused_batch_norm_matches_nchw() {
         use crate::device::{to_channels_last, weights_to_channels_last};
-        let spec = spec("resnet18", "d", false);
+        let spec = spec("cifar_resnet8", "d", false);
         // Weights and batch from a seeded Rust generator, not libtorch's process-wide one (tests
         // run in parallel): the same draw every time, shared by both steps.
         let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(4);
@@ -550,11 +555,11 @@ mod tests {
         assert_eq!(cl.len(), nchw.len());
         for (name, (v, g)) in &cl {
             let (v2, g2) = &nchw[name];
-            // Relative to the gradient's norm: where a pre-activation is within rounding of 0
-            // the two ReLUs may fall on either side (both are right) and move single elements
-            // of the gradients below; this draw has no such element (largest error 1.4e-4).
+            // Relative to the gradient's norm. Measured: at most 3.3e-6 over 5 runs. A ReLU whose
+            // input is within rounding of 0 could still fall either way (both are right) and
+            // move a gradient more; no run of 20 had one.
             let err = (g - g2).norm().double_value(&[]) / (1e-6 + g2.norm().double_value(&[]));
-            assert!(err < 5e-3, "{name}: gradient differs by {err} of its norm");
+            assert!(err < 1e-4, "{name}: gradient differs by {err} of its norm");
             // Weights are untouched; running statistics were updated from the same batch.
             assert!(v.allclose(v2, 1e-4, 1e-4, false), "{name}: value differs");
         }

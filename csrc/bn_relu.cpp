@@ -1,5 +1,6 @@
-// Fused batch norm + ReLU, and batch norm + residual add + ReLU, for CPU training in channels_last
-// layout (f32 or bf16 activations, f32 parameters and statistics, as under bf16 autocast).
+// Fused batch norm + ReLU, and batch norm + residual add + ReLU, for CPU training and inference in
+// channels_last layout (f32 or bf16 activations, f32 parameters and statistics, as under bf16
+// autocast).
 //
 // Why: on a CPU, libtorch's training-mode batch norm and ReLU are separate kernels that together
 // pass over the activation 13 times per step (norm forward 3, ReLU forward 2, ReLU backward 3,
@@ -7,7 +8,7 @@
 // PyTorch's profile. Here it is 8: the forward pass reads x twice and writes y once; the backward
 // pass recomputes the ReLU mask from x (no saved output), reads x and dy twice and writes dx once.
 // At the end of a residual block (batch norm, add the shortcut, ReLU) it is 11 passes instead of
-// 16 (see BnReluFn).
+// 16 (see BnReluFn). In inference it is one pass (bn_eval).
 // Each pass runs over the rows in parallel on libtorch's OpenMP threads (this file is built with
 // -fopenmp: at::parallel_for is an inline OpenMP pragma) in loops the compiler vectorises, built
 // for x86-64-v4 (AVX-512), v3 (AVX2) and baseline x86-64 and picked at load time. Speed against
@@ -476,22 +477,65 @@ at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at
                          int64_t(e));
 }
 
+// Inference-mode batch norm (running statistics) and its epilogue in one pass: x (and the
+// residual) read once, y written once, where libtorch's batch norm, ReLU and add pass 2 + 2 + 3
+// times. It builds no autograd graph, so it declines (an undefined result) where one is needed:
+// grad mode on and an input or parameter requiring grad (eval-mode BN inside training).
+at::Tensor bn_eval(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                   const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                   Epilogue e, const at::Tensor& residual) {
+  TORCH_CHECK(residual.defined() == (e == Epilogue::AddRelu),
+              "fused batch norm: a residual goes with the add + ReLU epilogue, and only with it");
+  check_input(x, weight, residual);
+  const bool needs_graph =
+      at::GradMode::is_enabled() &&
+      (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||
+       (residual.defined() && residual.requires_grad()));
+  if (needs_graph) return at::Tensor();
+  const int64_t C = x.size(1), M = x.numel() / C;
+  const Tiling t(C);
+  const Chunks ch(M, t);
+  // scale and shift as libtorch's CPU batch norm forms them (w·invstd, b − mean·w·invstd).
+  const at::Tensor invstd = (running_var.detach().to(at::kFloat) + eps).rsqrt();
+  const at::Tensor scale = (weight.detach() * invstd).contiguous();
+  const at::Tensor shift =
+      (bias.detach() - running_mean.detach().to(at::kFloat) * scale).contiguous();
+  const auto sc = t.repeat(scale.const_data_ptr<float>());
+  const auto sh = t.repeat(shift.const_data_ptr<float>());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  over_rows(M, ch, [&](int64_t r, int64_t n, int) {
+    if (x.scalar_type() == at::kFloat) {
+      norm_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
+               y.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), e);
+    } else {
+      norm_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
+                y.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), e);
+    }
+  });
+  return y;
+}
+
 }  // namespace
 
 extern "C" {
 
-// Training-mode batch norm of a channels_last CPU tensor, then `epilogue`: 0 none, 1 ReLU, 2 add
-// `residual` (NULL otherwise) then ReLU. The running statistics are updated in place. NULL on
-// success (the result in *out), else a malloc'ed message for tricks_dist_free_error.
-char* tricks_bn_relu_train(at::Tensor* x, at::Tensor* weight, at::Tensor* bias,
-                           at::Tensor* running_mean, at::Tensor* running_var, double momentum,
-                           double eps, int32_t epilogue, at::Tensor* residual, at::Tensor** out) {
+// Batch norm of a channels_last CPU tensor (training mode: batch statistics, running statistics
+// updated in place; else the running statistics), then `epilogue`: 0 none, 1 ReLU, 2 add
+// `residual` (NULL otherwise) then ReLU. NULL on success, with the result in *out, or *out NULL
+// where an inference-mode call needs an autograd graph (use libtorch's); else a malloc'ed message
+// for tricks_dist_free_error.
+char* tricks_bn_fused(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, at::Tensor* running_mean,
+                      at::Tensor* running_var, bool train, double momentum, double eps,
+                      int32_t epilogue, at::Tensor* residual, at::Tensor** out) {
   return tricks::guarded([&] {
     TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "fused batch norm: unknown epilogue ", epilogue);
     const at::Tensor none;
-    *out = new at::Tensor(bn_relu_train(*x, *weight, *bias, *running_mean, *running_var,
-                                        momentum, eps, Epilogue(epilogue),
-                                        residual ? *residual : none));
+    const at::Tensor& r = residual ? *residual : none;
+    at::Tensor y = train ? bn_relu_train(*x, *weight, *bias, *running_mean, *running_var,
+                                         momentum, eps, Epilogue(epilogue), r)
+                         : bn_eval(*x, *weight, *bias, *running_mean, *running_var, eps,
+                                   Epilogue(epilogue), r);
+    *out = y.defined() ? new at::Tensor(std::move(y)) : nullptr;
   });
 }
 

@@ -11,16 +11,18 @@ extern "C" {
     pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
     /// An uninitialised page-locked f32 CPU tensor (`at::Tensor*`), or NULL.
     pub fn tricks_empty_pinned_f32(sizes: *const i64, ndim: i32) -> *mut std::ffi::c_void;
-    /// Training-mode batch norm of a channels_last CPU tensor, then `epilogue` (0 none, 1 ReLU,
-    /// 2 add `residual` then ReLU; `residual` NULL unless 2) (csrc/bn_relu.cpp); NULL or an error
-    /// for `tricks_dist_free_error`.
+    /// Batch norm of a channels_last CPU tensor (batch statistics when `train`, else running
+    /// ones), then `epilogue` (0 none, 1 ReLU, 2 add `residual` then ReLU; `residual` NULL unless
+    /// 2) (csrc/bn_relu.cpp). NULL with `*out` set, NULL with `*out` NULL when an inference-mode
+    /// call would need an autograd graph, or an error for `tricks_dist_free_error`.
     #[allow(clippy::too_many_arguments)]
-    pub fn tricks_bn_relu_train(
+    pub fn tricks_bn_fused(
         x: *mut std::ffi::c_void,
         weight: *mut std::ffi::c_void,
         bias: *mut std::ffi::c_void,
         running_mean: *mut std::ffi::c_void,
         running_var: *mut std::ffi::c_void,
+        train: bool,
         momentum: f64,
         eps: f64,
         epilogue: i32,

@@ -2,7 +2,8 @@
 //! norm + ReLU, and batch norm + residual add + ReLU at block ends) against libtorch's kernels,
 //! in one process, alternating blocks of training steps (forward + backward,
 //! bf16 autocast, channels_last) between the two, because this VM drifts between processes by
-//! more than the effect. Also times inference after each block (which does not use the kernel).
+//! more than the effect. Also times inference after each block (the one-pass inference kernel
+//! against libtorch's).
 //!
 //!   cargo test --release --test fused_bn_speed -- --ignored --nocapture
 //!

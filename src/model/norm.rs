@@ -48,7 +48,7 @@ impl ModuleT for BatchNorm2d {
     }
 }
 
-/// Whether CPU training uses the fused kernel (csrc/bn_relu.cpp); `TRICKS_FUSED_BN=0` turns it
+/// Whether the CPU uses the fused kernels (csrc/bn_relu.cpp); `TRICKS_FUSED_BN=0` turns them
 /// off (for A/B measurements and as an escape hatch).
 fn fused_enabled() -> bool {
     match FUSED.load(Ordering::Relaxed) {
@@ -85,7 +85,7 @@ enum Epilogue<'a> {
 }
 
 impl BatchNorm2d {
-    /// `relu(self(x))`. In CPU training on a channels_last batch, one fused kernel does both.
+    /// `relu(self(x))`. On a channels_last CPU batch, one fused kernel does both.
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
         if distributed::sync_bn_group().is_none() {
             if let Some(y) = self.fused(x, train, Epilogue::Relu) {
@@ -95,8 +95,8 @@ impl BatchNorm2d {
         self.forward_t(x, train).relu()
     }
 
-    /// `relu(self(x) + residual)`, the end of a residual block. In CPU training on channels_last
-    /// batches of one dtype, one fused kernel does all three.
+    /// `relu(self(x) + residual)`, the end of a residual block. On channels_last CPU batches of
+    /// one dtype, one fused kernel does all three.
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Tensor {
         if distributed::sync_bn_group().is_none() {
             if let Some(y) = self.fused(x, train, Epilogue::AddRelu(residual)) {
@@ -106,11 +106,12 @@ impl BatchNorm2d {
         (self.forward_t(x, train) + residual).relu()
     }
 
-    /// Training-mode batch norm and its epilogue through csrc/bn_relu.cpp, when it applies: CPU,
-    /// channels_last, f32 or bf16 activations (and a residual of the same shape, layout and
-    /// dtype). It passes over the activations 8 times per step where libtorch's batch norm and
-    /// ReLU pass 13 times, 11 where they and the residual add pass 16 (see the file). `None`: use
-    /// libtorch's.
+    /// Batch norm and its epilogue through csrc/bn_relu.cpp, when it applies: CPU, channels_last,
+    /// f32 or bf16 activations (and a residual of the same shape, layout and dtype). In training
+    /// it passes over the activations 8 times per step where libtorch's batch norm and ReLU pass
+    /// 13 times, 11 where they and the residual add pass 16; in inference once (read, write)
+    /// where they pass 4 or 7 times (see the file). `None`: use libtorch's (also for inference
+    /// that needs an autograd graph, which the kernel does not build).
     fn fused(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Option<Tensor> {
         let (Some(w), Some(b)) = (&self.bn.ws, &self.bn.bs) else {
             return None;
@@ -124,11 +125,12 @@ impl BatchNorm2d {
             }
             _ => true,
         };
-        let eligible = train
-            && x.device() == tch::Device::Cpu
+        // Batch statistics need more than one value per channel.
+        let enough_values = !train || x.size()[0] * x.size()[2] * x.size()[3] > 1;
+        let eligible = x.device() == tch::Device::Cpu
             && matches!(x.kind(), Kind::Float | Kind::BFloat16)
             && is_channels_last(x)
-            && x.size()[0] * x.size()[2] * x.size()[3] > 1
+            && enough_values
             && residual_fits
             && fused_enabled();
         if !eligible {
@@ -144,12 +146,13 @@ impl BatchNorm2d {
         // SAFETY: all tensors passed are live for the duration of the call; a non-null `out` is a
         // fresh `at::Tensor*` whose ownership passes to the returned Tensor.
         let err = unsafe {
-            crate::ffi::tricks_bn_relu_train(
+            crate::ffi::tricks_bn_fused(
                 ptr(x),
                 ptr(w),
                 ptr(b),
                 ptr(&self.bn.running_mean),
                 ptr(&self.bn.running_var),
+                train,
                 MOMENTUM,
                 EPS,
                 code,
@@ -158,6 +161,7 @@ impl BatchNorm2d {
             )
         };
         match crate::ffi::take_error(err) {
+            None if out.is_null() => None,
             None => Some(unsafe { Tensor::from_ptr(out as *mut _) }),
             Some(msg) => {
                 // The checks above make this a bug, not bad input: say so once, keep training.
@@ -377,6 +381,51 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Inference mode (running statistics, no graph): the fused kernel against libtorch's batch
+    /// norm (+ ReLU, + residual add and ReLU); with a graph needed, it declines.
+    #[test]
+    fn fused_inference_matches_libtorch_and_declines_when_a_graph_is_needed() {
+        tch::manual_seed(7);
+        let (n, c, h) = (3, 20, 6);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let bn = batch_norm2d(vs.root(), c, 1.0);
+        tch::no_grad(|| {
+            let opts = (Kind::Float, Device::Cpu);
+            let set = |t: &Tensor, v: Tensor| {
+                t.shallow_clone().copy_(&v);
+            };
+            set(bn.bn.ws.as_ref().unwrap(), Tensor::rand([c], opts) + 0.5);
+            set(bn.bn.bs.as_ref().unwrap(), Tensor::randn([c], opts) * 0.5);
+            set(&bn.bn.running_mean, Tensor::randn([c], opts));
+            set(&bn.bn.running_var, Tensor::rand([c], opts) * 2.0 + 0.1);
+        });
+        for (kind, tol) in [(Kind::Float, 1e-6), (Kind::BFloat16, 1e-2)] {
+            let cl = |t: Tensor| crate::device::to_channels_last(&t.to_kind(kind));
+            let x = cl(Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu)) * 2.0 + 0.5);
+            let r = cl(Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu)));
+            let reference = x.apply_t(&bn.bn, false);
+            let cases = [
+                ("none", Epilogue::None, reference.shallow_clone()),
+                ("relu", Epilogue::Relu, reference.relu()),
+                ("add_relu", Epilogue::AddRelu(&r), (&reference + &r).relu()),
+            ];
+            let stats = (bn.bn.running_mean.copy(), bn.bn.running_var.copy());
+            for (name, epilogue, expected) in cases {
+                let y = tch::no_grad(|| bn.fused(&x, false, epilogue))
+                    .expect("the fused kernel applies without a graph");
+                assert_eq!(y.kind(), kind);
+                assert!(is_channels_last(&y));
+                assert_close(&y, &expected, tol, &format!("{kind:?} {name}: output"));
+            }
+            assert!(
+                bn.bn.running_mean.equal(&stats.0) && bn.bn.running_var.equal(&stats.1),
+                "inference must not move the running statistics"
+            );
+            // γ and β require grad and grad mode is on: the result would need a graph.
+            assert!(bn.fused(&x, false, Epilogue::Relu).is_none());
         }
     }
 

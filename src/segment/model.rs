@@ -9,6 +9,7 @@
 
 use crate::checkpoint;
 use crate::config::Config;
+use crate::model::norm::{batch_norm2d, BatchNorm2d};
 use crate::model::{ModelSpec, ResNet};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -23,7 +24,7 @@ pub const HEAD_PREFIX: &str = "head.";
 #[derive(Debug)]
 pub struct FcnHead {
     conv: nn::Conv2D,
-    bn: nn::BatchNorm,
+    bn: BatchNorm2d,
     classifier: nn::Conv2D,
     dropout: f64,
 }
@@ -42,7 +43,9 @@ impl FcnHead {
                 ..Default::default()
             },
         );
-        let bn = nn::batch_norm2d(p / "1", inter, Default::default());
+        // The model's own batch norm: γ starts at 1 as in torchvision (tch's default draws it
+        // from U(0, 1)), it joins sync-BN in data-parallel runs, and uses the fused CPU kernel.
+        let bn = batch_norm2d(p / "1", inter, 1.0);
         let classifier = nn::conv2d(p / "4", inter, num_classes, 1, Default::default());
         FcnHead {
             conv,
@@ -55,9 +58,8 @@ impl FcnHead {
 
 impl ModuleT for FcnHead {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        x.apply(&self.conv)
-            .apply_t(&self.bn, train)
-            .relu()
+        self.bn
+            .forward_relu(&x.apply(&self.conv), train)
             .dropout(self.dropout, train)
             .apply(&self.classifier)
     }

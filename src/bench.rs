@@ -6,7 +6,7 @@ use crate::device::{parse_device, to_channels_last, weights_to_channels_last};
 use crate::model::{ModelSpec, ResNet};
 use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Instant;
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
@@ -26,19 +26,10 @@ pub struct BenchSpec {
     pub per_tensor_optimizer: bool,
 }
 
-fn parse_precision(s: &str) -> Result<Precision> {
-    Ok(match s {
-        "fp32" => Precision::Fp32,
-        "bf16" => Precision::Bf16,
-        "fp16" => Precision::Fp16,
-        _ => bail!("unknown precision {s:?}; expected fp32, bf16 or fp16"),
-    })
-}
-
 /// Runs the benchmark and returns its JSON line.
 pub fn run(spec: &BenchSpec) -> Result<String> {
     let device = parse_device(&spec.device)?;
-    let precision = parse_precision(&spec.precision)?;
+    let precision: Precision = spec.precision.parse()?;
     check_supported(precision, device)?;
     crate::device::configure(spec.threads, device);
     let mcfg = ModelConfig {

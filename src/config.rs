@@ -303,6 +303,20 @@ pub enum Precision {
     Fp16,
 }
 
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+
+    /// The config file's spelling: `fp32`, `bf16` or `fp16`.
+    fn from_str(s: &str) -> Result<Precision> {
+        Ok(match s {
+            "fp32" => Precision::Fp32,
+            "bf16" => Precision::Bf16,
+            "fp16" => Precision::Fp16,
+            _ => bail!("unknown precision {s:?}; expected fp32, bf16 or fp16"),
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {

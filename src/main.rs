@@ -147,6 +147,13 @@ struct EvalArgs {
     device: String,
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
+    /// fp32, bf16 or fp16 (autocast). With the training's precision and layout, the figures are
+    /// those its validation wrote to metrics.jsonl.
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Run the model in channels_last layout.
+    #[arg(long)]
+    channels_last: bool,
 }
 
 #[derive(Args)]
@@ -443,6 +450,13 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
+        if a.precision != "fp32" || a.channels_last {
+            anyhow::bail!(
+                "{}: --precision and --channels-last apply to classification checkpoints; a \
+                 segmentation checkpoint is evaluated in fp32",
+                a.checkpoint.display()
+            );
+        }
         let (e, cfg) = tricks::segment::evaluate_checkpoint(
             &a.checkpoint,
             a.data.as_deref(),
@@ -467,7 +481,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let (model, _vs, mut cfg, classes) = tricks::model::load_model(&a.checkpoint, device)?;
+    let precision: tricks::config::Precision = a.precision.parse()?;
+    tricks::train::precision::check_supported(precision, device)?;
+    let (model, vs, mut cfg, classes) = tricks::model::load_model(&a.checkpoint, device)?;
+    if a.channels_last {
+        device::weights_to_channels_last(&vs);
+    }
     if let Some(d) = a.data {
         cfg.data.dir = d;
     }
@@ -483,13 +502,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     device::configure(cfg.train.threads, device);
     let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
-    let r = train::evaluate(
-        &model,
-        loader,
-        device,
-        tricks::config::Precision::Fp32,
-        false,
-    )?;
+    let r = train::evaluate(&model, loader, device, precision, a.channels_last)?;
     println!(
         "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images)",
         a.checkpoint.display(),

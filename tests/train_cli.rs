@@ -110,6 +110,34 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         data.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // In channels_last (the fused inference batch norm on a CPU): the same accuracy.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        ckpts[0].1.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--channels-last",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains(&expected),
+        "{} vs {expected}",
+        stdout(&o)
+    );
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        ckpts[0].1.to_str().unwrap(),
+        "--precision",
+        "fp8",
+    ]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown precision \"fp8\""),
+        "{}",
+        stderr(&o)
+    );
 
     // A second plain `train` into the same folder refuses instead of overwriting.
     let o = run(&[

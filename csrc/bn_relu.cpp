@@ -318,6 +318,31 @@ T* mut_ptr_or_null(at::Tensor& t, int64_t offset) {
   return t.defined() ? t.data_ptr<T>() + offset : nullptr;
 }
 
+// y = epilogue((x − mean)·invstd·weight + bias), as x·scale + shift with libtorch's CPU batch
+// norm's scale = weight·invstd and shift = bias − mean·scale; f32 statistics and parameters.
+at::Tensor normalise(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                     const at::Tensor& bias, const at::Tensor& mean, const at::Tensor& invstd,
+                     Epilogue e) {
+  const int64_t C = x.size(1), M = x.numel() / C;
+  const Tiling t(C);
+  const Chunks ch(M, t);
+  const at::Tensor scale = (weight.detach() * invstd).contiguous();
+  const at::Tensor shift = (bias.detach() - mean * scale).contiguous();
+  const auto sc = t.repeat(scale.const_data_ptr<float>());
+  const auto sh = t.repeat(shift.const_data_ptr<float>());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  over_rows(M, ch, [&](int64_t r, int64_t n, int) {
+    if (x.scalar_type() == at::kFloat) {
+      norm_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
+               y.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), e);
+    } else {
+      norm_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
+                y.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), e);
+    }
+  });
+  return y;
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -338,23 +363,7 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     // Optional, not an undefined tensor: autograd rejects undefined tensor inputs.
     const at::Tensor residual = residual_or_none.value_or(at::Tensor());
     const Epilogue e = Epilogue(epilogue);
-    const int64_t C = x.size(1), M = x.numel() / C;
-    const Tiling t(C);
-    const Chunks ch(M, t);
-    at::Tensor scale = weight.detach() * invstd;
-    at::Tensor shift = bias.detach() - mean * scale;
-    const auto sc = t.repeat(scale.const_data_ptr<float>());
-    const auto sh = t.repeat(shift.const_data_ptr<float>());
-    at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-    over_rows(M, ch, [&](int64_t r, int64_t n, int) {
-      if (x.scalar_type() == at::kFloat) {
-        norm_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
-                 y.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), e);
-      } else {
-        norm_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
-                  y.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), e);
-      }
-    });
+    at::Tensor y = normalise(x, residual, weight, bias, mean, invstd, e);
     ctx->save_for_backward({x, weight, bias, mean, invstd, residual});
     ctx->saved_data["epilogue"] = epilogue;
     return y;
@@ -492,27 +501,8 @@ at::Tensor bn_eval(const at::Tensor& x, const at::Tensor& weight, const at::Tens
       (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||
        (residual.defined() && residual.requires_grad()));
   if (needs_graph) return at::Tensor();
-  const int64_t C = x.size(1), M = x.numel() / C;
-  const Tiling t(C);
-  const Chunks ch(M, t);
-  // scale and shift as libtorch's CPU batch norm forms them (w·invstd, b − mean·w·invstd).
   const at::Tensor invstd = (running_var.detach().to(at::kFloat) + eps).rsqrt();
-  const at::Tensor scale = (weight.detach() * invstd).contiguous();
-  const at::Tensor shift =
-      (bias.detach() - running_mean.detach().to(at::kFloat) * scale).contiguous();
-  const auto sc = t.repeat(scale.const_data_ptr<float>());
-  const auto sh = t.repeat(shift.const_data_ptr<float>());
-  at::Tensor y = at::empty_like(x, at::MemoryFormat::ChannelsLast);
-  over_rows(M, ch, [&](int64_t r, int64_t n, int) {
-    if (x.scalar_type() == at::kFloat) {
-      norm_f32(x.const_data_ptr<float>() + r * C, ptr_or_null<float>(residual, r * C),
-               y.data_ptr<float>() + r * C, n, t, sc.data(), sh.data(), e);
-    } else {
-      norm_bf16(x.const_data_ptr<bf16>() + r * C, ptr_or_null<bf16>(residual, r * C),
-                y.data_ptr<bf16>() + r * C, n, t, sc.data(), sh.data(), e);
-    }
-  });
-  return y;
+  return normalise(x, residual, weight, bias, running_mean.detach().to(at::kFloat), invstd, e);
 }
 
 }  // namespace

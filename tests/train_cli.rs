@@ -87,51 +87,32 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     assert_eq!(summary.epochs, 2);
     assert_eq!(summary.final_top1, m[1].val_top1.unwrap());
 
-    // eval reproduces the final validation accuracy from the last checkpoint.
-    let o = run(&[
-        "eval",
-        "--checkpoint",
-        ckpts[0].1.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
+    // eval reproduces the final validation accuracy from the last checkpoint, also in
+    // channels_last (on a CPU, through the fused inference batch norm).
+    let eval = |checkpoint: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
     let expected = format!("top-1 {:.2}%", m[1].val_top1.unwrap());
-    assert!(
-        stdout(&o).contains(&expected),
-        "{} vs {expected}",
-        stdout(&o)
-    );
-    let o = run(&[
-        "eval",
-        "--checkpoint",
-        out.join("best.safetensors").to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-    ]);
+    for extra in [&[][..], &["--channels-last"]] {
+        let o = eval(&ckpts[0].1, extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(
+            stdout(&o).contains(&expected),
+            "{extra:?}: {} vs {expected}",
+            stdout(&o)
+        );
+    }
+    let o = eval(&out.join("best.safetensors"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
-    // In channels_last (the fused inference batch norm on a CPU): the same accuracy.
-    let o = run(&[
-        "eval",
-        "--checkpoint",
-        ckpts[0].1.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--channels-last",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(
-        stdout(&o).contains(&expected),
-        "{} vs {expected}",
-        stdout(&o)
-    );
-    let o = run(&[
-        "eval",
-        "--checkpoint",
-        ckpts[0].1.to_str().unwrap(),
-        "--precision",
-        "fp8",
-    ]);
+    let o = eval(&ckpts[0].1, &["--precision", "fp8"]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("unknown precision \"fp8\""),

@@ -44,7 +44,7 @@ impl FcnHead {
             },
         );
         // The model's own batch norm: γ starts at 1 as in torchvision (tch's default draws it
-        // from U(0, 1)), it joins sync-BN in data-parallel runs, and uses the fused CPU kernel.
+        // from U(0, 1)), and on a CPU it runs the fused batch norm + ReLU kernel.
         let bn = batch_norm2d(p / "1", inter, 1.0);
         let classifier = nn::conv2d(p / "4", inter, num_classes, 1, Default::default());
         FcnHead {

@@ -32,19 +32,7 @@ pub fn batch_norm2d(p: nn::Path, c: i64, gamma: f64) -> BatchNorm2d {
 
 impl ModuleT for BatchNorm2d {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        match distributed::sync_bn_group() {
-            Some(group) if train => match self.synchronised(x, &group) {
-                Ok(y) => y,
-                Err(e) => {
-                    // forward cannot fail: the trainer picks the error up after the forward pass.
-                    distributed::record_sync_bn_error(e);
-                    x.shallow_clone()
-                }
-            },
-            _ => self
-                .fused(x, train, Epilogue::None)
-                .unwrap_or_else(|| x.apply_t(&self.bn, train)),
-        }
+        self.forward_with(x, train, Epilogue::None)
     }
 }
 
@@ -87,23 +75,38 @@ enum Epilogue<'a> {
 impl BatchNorm2d {
     /// `relu(self(x))`. On a channels_last CPU batch, one fused kernel does both.
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
-        if distributed::sync_bn_group().is_none() {
-            if let Some(y) = self.fused(x, train, Epilogue::Relu) {
-                return y;
-            }
-        }
-        self.forward_t(x, train).relu()
+        self.forward_with(x, train, Epilogue::Relu)
     }
 
     /// `relu(self(x) + residual)`, the end of a residual block. On channels_last CPU batches of
     /// one dtype, one fused kernel does all three.
     pub fn forward_add_relu(&self, x: &Tensor, residual: &Tensor, train: bool) -> Tensor {
-        if distributed::sync_bn_group().is_none() {
-            if let Some(y) = self.fused(x, train, Epilogue::AddRelu(residual)) {
-                return y;
-            }
+        self.forward_with(x, train, Epilogue::AddRelu(residual))
+    }
+
+    /// Batch norm then `epilogue`, by one of three paths: sync-BN's global statistics (training
+    /// in a data-parallel run with `distributed.sync_bn`), the fused CPU kernel where it applies,
+    /// or libtorch's batch norm; the last two compute the epilogue as separate tensor ops.
+    fn forward_with(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Tensor {
+        let normalised = match distributed::sync_bn_group() {
+            Some(group) if train => match self.synchronised(x, &group) {
+                Ok(y) => y,
+                Err(e) => {
+                    // forward cannot fail: the trainer picks the error up after the forward pass.
+                    distributed::record_sync_bn_error(e);
+                    x.shallow_clone()
+                }
+            },
+            _ => match self.fused(x, train, epilogue) {
+                Some(y) => return y,
+                None => x.apply_t(&self.bn, train),
+            },
+        };
+        match epilogue {
+            Epilogue::None => normalised,
+            Epilogue::Relu => normalised.relu(),
+            Epilogue::AddRelu(r) => (normalised + r).relu(),
         }
-        (self.forward_t(x, train) + residual).relu()
     }
 
     /// Batch norm and its epilogue through csrc/bn_relu.cpp, when it applies: CPU, channels_last,

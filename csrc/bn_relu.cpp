@@ -291,7 +291,10 @@ struct Partials {
   }
 };
 
-void check_input(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual) {
+void check_input(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual,
+                 Epilogue e) {
+  TORCH_CHECK(residual.defined() == (e == Epilogue::AddRelu),
+              "fused batch norm: a residual goes with the add + ReLU epilogue, and only with it");
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "fused batch norm: a 4-D CPU tensor is needed");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "fused batch norm: f32 or bf16 activations are needed");
@@ -443,9 +446,7 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
 at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                          const at::Tensor& running_mean, const at::Tensor& running_var,
                          double momentum, double eps, Epilogue e, const at::Tensor& residual) {
-  TORCH_CHECK(residual.defined() == (e == Epilogue::AddRelu),
-              "fused batch norm: a residual goes with the add + ReLU epilogue, and only with it");
-  check_input(x, weight, residual);
+  check_input(x, weight, residual, e);
   const int64_t C = x.size(1), M = x.numel() / C;
   TORCH_CHECK(M > 1, "fused batch norm: more than one value per channel is needed in training");
   const Tiling t(C);
@@ -493,9 +494,7 @@ at::Tensor bn_relu_train(const at::Tensor& x, const at::Tensor& weight, const at
 at::Tensor bn_eval(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                    const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
                    Epilogue e, const at::Tensor& residual) {
-  TORCH_CHECK(residual.defined() == (e == Epilogue::AddRelu),
-              "fused batch norm: a residual goes with the add + ReLU epilogue, and only with it");
-  check_input(x, weight, residual);
+  check_input(x, weight, residual, e);
   const bool needs_graph =
       at::GradMode::is_enabled() &&
       (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||

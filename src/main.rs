@@ -449,8 +449,9 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
+    let precision: tricks::config::Precision = a.precision.parse()?;
     if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
-        if a.precision != "fp32" || a.channels_last {
+        if precision != tricks::config::Precision::Fp32 || a.channels_last {
             anyhow::bail!(
                 "{}: --precision and --channels-last apply to classification checkpoints; a \
                  segmentation checkpoint is evaluated in fp32",
@@ -481,7 +482,6 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let precision: tricks::config::Precision = a.precision.parse()?;
     tricks::train::precision::check_supported(precision, device)?;
     let (model, vs, mut cfg, classes) = tricks::model::load_model(&a.checkpoint, device)?;
     if a.channels_last {

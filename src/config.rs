@@ -171,6 +171,11 @@ pub struct ModelConfig {
     pub num_classes: i64,
     /// Zero γ (paper §3.1): the last BN of every residual block starts with γ = 0.
     pub zero_gamma: bool,
+    /// ImageNet ResNets (resnet18..152) on 32-px images: the stem keeps full resolution (3x3
+    /// stride-1 conv, or ResNet-C's three at stride 1, and no max-pool), as the CIFAR ResNet-18
+    /// of kuangliu/pytorch-cifar, so the four stages see 32, 16, 8 and 4 px instead of 8 to 1.
+    /// Widths and names are unchanged; only `conv1` differs in shape from ImageNet weights.
+    pub cifar_stem: bool,
 }
 
 impl Default for ModelConfig {
@@ -180,6 +185,7 @@ impl Default for ModelConfig {
             variant: "a".into(),
             num_classes: 0,
             zero_gamma: false,
+            cifar_stem: false,
         }
     }
 }

@@ -108,6 +108,7 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         variant: e.variant.clone(),
         num_classes: e.num_classes,
         zero_gamma: false,
+        cifar_stem: false,
     };
     let spec = ModelSpec::from_config(&cfg).with_context(|| {
         format!(

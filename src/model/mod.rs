@@ -73,6 +73,8 @@ pub struct ModelSpec {
     pub block: Block,
     pub tweaks: Tweaks,
     pub zero_gamma: bool,
+    /// An ImageNet layout whose stem keeps full resolution (`model.cifar_stem`).
+    pub cifar_stem: bool,
 }
 
 impl ModelSpec {
@@ -99,13 +101,29 @@ impl ModelSpec {
                 ),
             },
         };
+        if cfg.cifar_stem && matches!(layout, Layout::Cifar { .. }) {
+            bail!(
+                "key `model.cifar_stem`: only for the ImageNet ResNets (resnet18..152); {} has a full-resolution stem already",
+                cfg.name
+            );
+        }
         Ok(ModelSpec {
             name: cfg.name.clone(),
             layout,
             block,
             tweaks,
             zero_gamma: cfg.zero_gamma,
+            cifar_stem: cfg.cifar_stem,
         })
+    }
+
+    /// The stem's total stride: 4 for an ImageNet stem (stride-2 conv, stride-2 max-pool), 1 for
+    /// the CIFAR ResNets and `model.cifar_stem`.
+    pub fn stem_stride(&self) -> i64 {
+        match self.layout {
+            Layout::ImageNet { .. } if !self.cifar_stem => 4,
+            _ => 1,
+        }
     }
 }
 

@@ -183,8 +183,10 @@ struct Stem {
 
 impl Stem {
     fn new(p: &nn::Path, spec: &ModelSpec, width: i64) -> Stem {
-        let imagenet = matches!(spec.layout, Layout::ImageNet { .. });
-        let stride = if imagenet { 2 } else { 1 };
+        // An ImageNet stem reduces by 4: a stride-2 conv (7x7, or ResNet-C's first 3x3) and a
+        // stride-2 max-pool.
+        let reduce = spec.stem_stride() > 1;
+        let stride = if reduce { 2 } else { 1 };
         let convs = if spec.tweaks.deep_stem {
             // timm's deep stem: conv1 = Sequential(conv, bn, relu, conv, bn, relu, conv).
             let (mid, c) = (width / 2, p / "conv1");
@@ -200,13 +202,13 @@ impl Stem {
                 (conv(&c / "6", mid, width, 3, 1), None),
             ]
         } else {
-            let k = if imagenet { 7 } else { 3 };
+            let k = if reduce { 7 } else { 3 };
             vec![(conv(p / "conv1", 3, width, k, stride), None)]
         };
         Stem {
             convs,
             bn: bn(p / "bn1", width, false),
-            max_pool: imagenet,
+            max_pool: reduce,
         }
     }
 }
@@ -296,10 +298,7 @@ impl ResNet {
         let mut stages = Vec::new();
         // timm's make_blocks: the stride so far (the stem's), the dilation of this and the
         // previous stage.
-        let mut net_stride = match &spec.layout {
-            Layout::ImageNet { .. } => 4,
-            Layout::Cifar { .. } => 1,
-        };
+        let mut net_stride = spec.stem_stride();
         let (mut dilation, mut prev_dilation) = (1, 1);
         for (i, (width, blocks, stage_stride)) in stage_plan.into_iter().enumerate() {
             let mut stride = stage_stride;
@@ -394,6 +393,7 @@ mod tests {
             variant: variant.into(),
             num_classes: 0,
             zero_gamma,
+            cifar_stem: false,
         })
         .unwrap()
     }
@@ -629,6 +629,51 @@ mod tests {
         let expected =
             Tensor::from_slice(&[3f32, 4.5, 7.5, 9.0]).view([1, 1, 2, 2]) / (1.0 + 1e-5f64).sqrt();
         assert!(y.allclose(&expected, 1e-5, 1e-5, false), "{y}");
+    }
+
+    #[test]
+    fn cifar_stem_keeps_full_resolution_into_the_stages() {
+        let cifar_spec = |variant: &str| {
+            ModelSpec::from_config(&ModelConfig {
+                name: "resnet18".into(),
+                variant: variant.into(),
+                cifar_stem: true,
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        tch::manual_seed(0);
+        let x = Tensor::randn([2, 3, 32, 32], (Kind::Float, Device::Cpu));
+        for (variant, conv1) in [("a", "conv1.weight"), ("d", "conv1.0.weight")] {
+            let s = cifar_spec(variant);
+            assert_eq!(s.stem_stride(), 1);
+            let vs = nn::VarStore::new(Device::Cpu);
+            let net = ResNet::new(&vs.root(), &s, 10);
+            // Stages at 32, 16, 8 and 4 px: the ImageNet stem would leave 1x1 here.
+            assert_eq!(
+                net.features(&x, false).size(),
+                vec![2, 512, 4, 4],
+                "{variant}"
+            );
+            assert_eq!(net.forward_t(&x, false).size(), vec![2, 10]);
+            assert_eq!(vs.variables()[conv1].size()[2..], [3, 3]);
+        }
+        // Only conv1 differs from torchvision's resnet18: 64·3·3·3 weights instead of 64·3·7·7.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = ResNet::new(&vs.root(), &cifar_spec("a"), 1000);
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        assert_eq!(n, 11_689_512 - 64 * 3 * (49 - 9));
+        assert_eq!(spec("resnet18", "a", false).stem_stride(), 4);
+        let err = ModelSpec::from_config(&ModelConfig {
+            cifar_stem: true,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("model.cifar_stem"), "{err}");
     }
 
     #[test]

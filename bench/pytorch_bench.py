@@ -13,7 +13,8 @@ Training step = forward + cross-entropy + backward + SGD step (momentum 0.9, nes
 weight decay 1e-4, lr 0.1, foreach default) on one fixed synthetic batch, timed after
 `--warmup` steps. Inference = eval mode under torch.no_grad(), same batch. With
 `--precision bf16` forward and loss run under torch.autocast(device, dtype=torch.bfloat16)
-(weights stay f32); `--channels-last` converts model and input to channels_last.
+(weights stay f32); `--channels-last` converts model and input to channels_last. On a GPU,
+cuDNN's benchmark mode is on, as in tricks.
 
 Prints one JSON line per model:
   {"impl":"pytorch","model":...,"batch":...,"size":...,"precision":...,"channels_last":...,
@@ -161,6 +162,9 @@ def measure(args, name: str) -> dict:
     bf16 = args.precision == "bf16"
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
+    if device.type == "cuda":
+        # tricks autotunes cuDNN's convolution algorithms on a GPU: the reference does the same.
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = build(name, num_classes).to(device=device, memory_format=fmt)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
@@ -210,6 +214,7 @@ def measure(args, name: str) -> dict:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,
+        "cudnn_benchmark": device.type == "cuda" and torch.backends.cudnn.benchmark,
     }
 
 

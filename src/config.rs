@@ -335,6 +335,9 @@ pub struct TrainConfig {
     pub channels_last: bool,
     /// Evaluate every N epochs (the last epoch always).
     pub eval_every: usize,
+    /// Test-time flip augmentation: evaluation scores the mean logits of each image and its
+    /// mirror image (one more forward pass per evaluated image), as airbench does.
+    pub eval_flip: bool,
     /// Keep the last K epoch checkpoints (plus `best`).
     pub keep_checkpoints: usize,
     /// Intra-op threads for libtorch; 0 = all cores.
@@ -351,6 +354,7 @@ impl Default for TrainConfig {
             precision: Precision::Fp32,
             channels_last: false,
             eval_every: 1,
+            eval_flip: false,
             keep_checkpoints: 2,
             threads: 0,
             max_steps: 0,

@@ -154,6 +154,10 @@ struct EvalArgs {
     /// Run the model in channels_last layout.
     #[arg(long)]
     channels_last: bool,
+    /// Test-time flip augmentation (true/false): score the mean logits of each image and its
+    /// mirror image. Default: the checkpoint's `train.eval_flip`.
+    #[arg(long)]
+    flip: Option<bool>,
 }
 
 #[derive(Args)]
@@ -502,14 +506,20 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     device::configure(cfg.train.threads, device);
     let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
-    let r = train::evaluate(&model, loader, device, precision, a.channels_last)?;
+    let flip = a.flip.unwrap_or(cfg.train.eval_flip);
+    let r = train::evaluate(&model, loader, device, precision, a.channels_last, flip)?;
     println!(
-        "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images)",
+        "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images{})",
         a.checkpoint.display(),
         r.top1,
         r.top5,
         r.loss,
-        r.samples
+        r.samples,
+        if flip {
+            ", each with its mirror image"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -112,6 +112,16 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
     }
     let o = eval(&out.join("best.safetensors"), &[]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // Test-time flip is off unless asked for (the run's train.eval_flip is false).
+    let o = eval(&ckpts[0].1, &["--flip", "false"]);
+    assert!(stdout(&o).contains(&expected), "{}", stdout(&o));
+    let o = eval(&ckpts[0].1, &["--flip", "true"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("each with its mirror image"),
+        "{}",
+        stdout(&o)
+    );
     let o = eval(&ckpts[0].1, &["--precision", "fp8"]);
     assert!(!o.status.success());
     assert!(

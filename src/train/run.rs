@@ -103,15 +103,38 @@ pub struct EvalResult {
     pub samples: usize,
 }
 
-/// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
+/// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader; with `flip`, of the
+/// mean logits of each image and its mirror image (`train.eval_flip`).
 pub fn evaluate(
     model: &ResNet,
     loader: impl Iterator<Item = Result<Batch>>,
     device: Device,
     precision: Precision,
     channels_last: bool,
+    flip: bool,
 ) -> Result<EvalResult> {
-    EvalSums::over(model, loader, device, precision, channels_last)?.result()
+    EvalSums::over(model, loader, device, precision, channels_last, flip)?.result()
+}
+
+/// Evaluation logits (f32) of a batch already on the device. With `flip`, test-time flip
+/// augmentation: the mean of the logits of the images and of their mirror images (the training
+/// flips too, so both views are in-distribution; airbench scores this way).
+fn eval_logits(
+    model: &ResNet,
+    x: &Tensor,
+    device: Device,
+    precision: Precision,
+    flip: bool,
+) -> Tensor {
+    tch::no_grad(|| {
+        let _ac = Autocast::enter(precision, device);
+        let logits = model.forward_t(x, false).to_kind(Kind::Float);
+        if flip {
+            (logits + model.forward_t(&x.flip([3]), false).to_kind(Kind::Float)) * 0.5
+        } else {
+            logits
+        }
+    })
 }
 
 /// Evaluation sums (summable over the ranks of a data-parallel run).
@@ -130,6 +153,7 @@ impl EvalSums {
         device: Device,
         precision: Precision,
         channels_last: bool,
+        flip: bool,
     ) -> Result<EvalSums> {
         // Sums stay on the device until the end: a read per batch would stall a GPU's queue.
         let zero = |kind| Tensor::zeros([], (kind, device));
@@ -143,11 +167,7 @@ impl EvalSums {
             let batch = batch?;
             let x = to_device_input(&batch.images, device, channels_last);
             let y = upload(&batch.labels, device);
-            let logits = tch::no_grad(|| {
-                let _ac = Autocast::enter(precision, device);
-                model.forward_t(&x, false)
-            })
-            .to_kind(Kind::Float);
+            let logits = eval_logits(model, &x, device, precision, flip);
             let b = y.size()[0] as usize;
             loss_sum += logits.cross_entropy_for_logits(&y).to_kind(Kind::Double) * b as f64;
             let (a, k) = topk_hits(&logits, &y, 5);
@@ -379,6 +399,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     let channels_last = cfg.train.channels_last;
+    let eval_flip = cfg.train.eval_flip;
     if channels_last {
         weights_to_channels_last(&vs);
     }
@@ -608,7 +629,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         let is_last = epoch == epochs || stopped_early;
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
-            let sums = EvalSums::over(&net, eval_batches(bs), device, precision, channels_last)?;
+            let sums = EvalSums::over(
+                &net,
+                eval_batches(bs),
+                device,
+                precision,
+                channels_last,
+                eval_flip,
+            )?;
             Some(sums.all_ranks(dp.as_ref())?.result()?)
         } else {
             None
@@ -651,7 +679,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let final_eval = match last_eval {
         Some(e) => e,
         None => {
-            let sums = EvalSums::over(&net, eval_batches(bs), device, precision, channels_last)?;
+            let sums = EvalSums::over(
+                &net,
+                eval_batches(bs),
+                device,
+                precision,
+                channels_last,
+                eval_flip,
+            )?;
             sums.all_ranks(dp.as_ref())?.result()?
         }
     };
@@ -1057,6 +1092,56 @@ mod tests {
 
     fn scalar(v: f32) -> Tensor {
         Tensor::from(v)
+    }
+
+    #[test]
+    fn flip_evaluation_scores_the_mean_logits_of_each_image_and_its_mirror() {
+        let spec = crate::model::ModelSpec::from_config(&crate::config::ModelConfig {
+            name: "cifar_resnet8".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        tch::manual_seed(3);
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        let net = ResNet::new(&vs.root(), &spec, 5);
+        // Not square, so that flipping the wrong axis would give other logits.
+        let x = Tensor::randn([6, 3, 8, 12], (Kind::Float, Device::Cpu));
+        let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
+        let eval = |flip: bool| {
+            let batch = Batch {
+                images: x.shallow_clone(),
+                labels: y.shallow_clone(),
+                skipped: 0,
+            };
+            let (p, cl) = (Precision::Fp32, false);
+            evaluate(&net, std::iter::once(Ok(batch)), Device::Cpu, p, cl, flip).unwrap()
+        };
+        let mirrored =
+            tch::no_grad(|| (net.forward_t(&x, false) + net.forward_t(&x.flip([3]), false)) * 0.5);
+        let expected_loss = mirrored.cross_entropy_for_logits(&y).double_value(&[]);
+        let expected_top1 = 100.0
+            * mirrored
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .sum(Kind::Int64)
+                .double_value(&[])
+            / 6.0;
+        let with_flip = eval(true);
+        assert!(
+            (with_flip.loss - expected_loss).abs() < 1e-6,
+            "{with_flip:?} vs {expected_loss}"
+        );
+        assert_eq!(with_flip.top1, expected_top1);
+        assert_eq!(with_flip.samples, 6);
+        let plain = eval(false);
+        let plain_loss = tch::no_grad(|| net.forward_t(&x, false))
+            .cross_entropy_for_logits(&y)
+            .double_value(&[]);
+        assert!((plain.loss - plain_loss).abs() < 1e-6);
+        assert!(
+            (plain.loss - with_flip.loss).abs() > 1e-4,
+            "the flip changed nothing"
+        );
     }
 
     #[test]

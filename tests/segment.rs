@@ -86,14 +86,16 @@ fn miou_and_pixel_accuracy_match_a_hand_count_with_void_ignored() {
 
     // The tensor path counts exactly as the slice path, accumulated over batches.
     let mut a = ConfusionMatrix::new(3);
-    a.add(
+    a.add_counts(&segment::metrics::batch_counts(
         &Tensor::from_slice(&gt[..5]).view([1, 5]),
         &Tensor::from_slice(&pred[..5]).view([1, 5]),
-    );
-    a.add(
+        3,
+    ));
+    a.add_counts(&segment::metrics::batch_counts(
         &Tensor::from_slice(&gt[5..]).view([1, 1, 5]),
         &Tensor::from_slice(&pred[5..]).view([1, 1, 5]),
-    );
+        3,
+    ));
     let mut b = ConfusionMatrix::new(3);
     b.add_pairs(&gt, &pred);
     assert_eq!(a, b);

@@ -44,12 +44,6 @@ impl ConfusionMatrix {
         }
     }
 
-    /// Adds a batch: `gt` `[B,H,W]` (ignore index outside `0..K`) and `pred` of the same shape.
-    pub fn add(&mut self, gt: &Tensor, pred: &Tensor) {
-        let counts = batch_counts(gt, pred, self.num_classes as i64);
-        self.add_counts(&counts);
-    }
-
     /// Adds `[K·K]` counts from [`batch_counts`] (or their sum over batches), reading them back.
     pub fn add_counts(&mut self, counts: &Tensor) {
         let counts = counts.to_kind(Kind::Int64).to_device(tch::Device::Cpu);
@@ -157,7 +151,7 @@ mod tests {
             Tensor::from_slice(&pred).view([2, 15, 20]),
         );
         let mut by_tensor = ConfusionMatrix::new(k as usize);
-        by_tensor.add(&g, &p);
+        by_tensor.add_counts(&batch_counts(&g, &p, k));
         assert_eq!(by_tensor, by_pairs);
         assert!(by_pairs.total() > 0 && by_pairs.total() < 600);
         // Summed over batches and read once: the same as added batch by batch.

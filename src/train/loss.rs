@@ -45,15 +45,10 @@ pub fn distillation_loss(
     hard * hard_weight + soft * (soft_weight * t * t)
 }
 
-/// Top-1 and top-k correct counts for hard labels `[B]` (k clipped to the number of classes),
-/// as used for the paper's top-1/top-5 validation accuracy.
-pub fn topk_correct(logits: &Tensor, labels: &Tensor, k: i64) -> (i64, i64) {
-    let (top1, topk) = topk_hits(logits, labels, k);
-    (top1.int64_value(&[]), topk.int64_value(&[]))
-}
-
-/// [`topk_correct`] as two 0-dim i64 tensors on the logits' device, to be summed over batches
-/// and read back once: a read per batch would make a GPU wait for its queue to drain.
+/// Top-1 and top-k correct counts for hard labels `[B]` (k clipped to the number of classes), as
+/// used for the paper's top-1/top-5 validation accuracy: two 0-dim i64 tensors on the logits'
+/// device, to be summed over batches and read back once (a read per batch would make a GPU wait
+/// for its queue to drain).
 pub fn topk_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, Tensor) {
     let k = k.clamp(1, *logits.size().last().unwrap_or(&1));
     let (_, idx) = logits.topk(k, -1, true, true);
@@ -194,10 +189,14 @@ mod tests {
         ])
         .view([3, 4]);
         let labels = Tensor::from_slice(&[2i64, 3, 0]);
+        let counts = |k| {
+            let (top1, topk) = topk_hits(&logits, &labels, k);
+            (top1.int64_value(&[]), topk.int64_value(&[]))
+        };
         // Row 0 top-1 hit; row 1 is 2nd; row 2 is last.
-        assert_eq!(topk_correct(&logits, &labels, 1), (1, 1));
-        assert_eq!(topk_correct(&logits, &labels, 2), (1, 2));
-        assert_eq!(topk_correct(&logits, &labels, 3), (1, 2));
-        assert_eq!(topk_correct(&logits, &labels, 5), (1, 3)); // clipped to 4
+        assert_eq!(counts(1), (1, 1));
+        assert_eq!(counts(2), (1, 2));
+        assert_eq!(counts(3), (1, 2));
+        assert_eq!(counts(5), (1, 3)); // clipped to 4
     }
 }

@@ -445,6 +445,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let mut last_ips = 0.0;
     let (mut ips_images, mut ips_seconds) = (0usize, 0.0f64);
 
+    // Validation over every rank's shard of the split, the sums gathered before the ratios.
+    let validate = || -> Result<EvalResult> {
+        EvalSums::over(
+            &net,
+            eval_batches(bs),
+            device,
+            precision,
+            channels_last,
+            eval_flip,
+        )?
+        .all_ranks(dp.as_ref())?
+        .result()
+    };
     for epoch in state.epochs_done + 1..=epochs {
         let epoch_start = Instant::now();
         // Resuming from an interrupt checkpoint continues the epoch at its next batch, with the
@@ -629,15 +642,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         }
         let is_last = epoch == epochs || stopped_early;
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
-            let sums = EvalSums::over(
-                &net,
-                eval_batches(bs),
-                device,
-                precision,
-                channels_last,
-                eval_flip,
-            )?;
-            Some(sums.all_ranks(dp.as_ref())?.result()?)
+            Some(validate()?)
         } else {
             None
         };
@@ -678,17 +683,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     let final_eval = match last_eval {
         Some(e) => e,
-        None => {
-            let sums = EvalSums::over(
-                &net,
-                eval_batches(bs),
-                device,
-                precision,
-                channels_last,
-                eval_flip,
-            )?;
-            sums.all_ranks(dp.as_ref())?.result()?
-        }
+        None => validate()?,
     };
     if let Some(dp) = &dp {
         dump_rank_weights(dp.rank(), &vs)?;

@@ -5,8 +5,11 @@
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/record_function.h>
 #include <c10/core/ScalarType.h>
 #include <torch/headeronly/version.h>
+
+#include <atomic>
 
 extern "C" {
 
@@ -54,6 +57,37 @@ void tricks_torch_version(int* major, int* minor, int* patch) {
   *major = TORCH_VERSION_MAJOR;
   *minor = TORCH_VERSION_MINOR;
   *patch = TORCH_VERSION_PATCH;
+}
+
+// Operator calls: counts the ATen operators called from outside any other operator (from Rust,
+// or from an autograd node in the backward pass), on every thread, between start and stop. On a
+// GPU each such call is at least one kernel launch, the cost that bounds small models there;
+// nested calls (conv2d -> convolution -> the backend kernel) count once.
+namespace {
+std::atomic<int64_t> op_calls{0};
+thread_local int op_depth = 0;
+at::CallbackHandle op_counter = 0;
+}  // namespace
+
+void tricks_op_count_start() {
+  if (op_counter != 0) at::removeCallback(op_counter);
+  op_calls = 0;
+  op_counter = at::addGlobalCallback(
+      at::RecordFunctionCallback(
+          [](const at::RecordFunction&) -> std::unique_ptr<at::ObserverContext> {
+            if (op_depth++ == 0) op_calls.fetch_add(1, std::memory_order_relaxed);
+            return nullptr;
+          },
+          [](const at::RecordFunction&, at::ObserverContext*) { --op_depth; })
+          .scopes({at::RecordScope::FUNCTION}));
+}
+
+int64_t tricks_op_count_stop() {
+  if (op_counter != 0) {
+    at::removeCallback(op_counter);
+    op_counter = 0;
+  }
+  return op_calls.load();
 }
 
 }  // extern "C"

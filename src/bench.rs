@@ -83,6 +83,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     }
     sync();
     let train_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();
+    let ((), train_ops) = count_ops(&mut train_step);
     // The optimizer step alone (gradients left from the last backward pass).
     sync();
     let t = Instant::now();
@@ -107,6 +108,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     }
     sync();
     let infer_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();
+    let (_, infer_ops) = count_ops(infer);
     Ok(serde_json::json!({
         "impl": "tricks",
         "model": spec.model,
@@ -121,6 +123,40 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         "train_img_s": (train_ips * 10.0).round() / 10.0,
         "infer_img_s": (infer_ips * 10.0).round() / 10.0,
         "optimizer_step_ms": (step_ms * 1000.0).round() / 1000.0,
+        "ops_per_train_step": train_ops,
+        "ops_per_infer_step": infer_ops,
     })
     .to_string())
+}
+
+/// Runs `f` and counts the ATen operators it calls, on every thread, outermost calls only (a
+/// convolution and the backend kernel it dispatches to count once). On a GPU each is at least one
+/// kernel launch: the count is what bounds a small model there. Not reentrant.
+pub fn count_ops<R>(f: impl FnOnce() -> R) -> (R, i64) {
+    // SAFETY: plain C calls without arguments; the callback they install only counts.
+    unsafe { crate::ffi::tricks_op_count_start() };
+    let r = f();
+    let n = unsafe { crate::ffi::tricks_op_count_stop() };
+    (r, n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn count_ops_counts_outermost_operator_calls() {
+        let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, tch::Device::Cpu));
+        let w = Tensor::randn([4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
+        let (_, one) = count_ops(|| x.relu());
+        let (_, three) = count_ops(|| x.relu().relu().relu());
+        // conv2d dispatches to convolution, _convolution and a backend kernel: one outer call.
+        let (_, conv) = count_ops(|| x.conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1));
+        let (_, none) = count_ops(|| 1 + 1);
+        assert_eq!((one, three, conv, none), (1, 3, 1, 0));
+        // Stopped: later calls are not counted.
+        let (_, after) = count_ops(|| ());
+        let _ = x.relu();
+        assert_eq!(after, 0);
+    }
 }

@@ -31,6 +31,10 @@ extern "C" {
     ) -> *mut std::ffi::c_char;
     /// `t.grad = g` (both `at::Tensor*`, i.e. tch's `*mut C_tensor`).
     pub fn tricks_set_grad(t: *mut std::ffi::c_void, g: *mut std::ffi::c_void);
+    /// Starts counting outermost ATen operator calls on every thread (resetting the count).
+    pub fn tricks_op_count_start();
+    /// Stops counting; the calls since `tricks_op_count_start`.
+    pub fn tricks_op_count_stop() -> i64;
 }
 
 // csrc/dist.cpp: c10d. Functions returning `*mut c_char` return NULL on success or a malloc'ed

@@ -26,6 +26,31 @@ pub fn soft_cross_entropy(logits: &Tensor, target_probs: &Tensor) -> Tensor {
         .mean(Kind::Float)
 }
 
+/// [`soft_cross_entropy`] against [`smooth_targets`] of hard labels `[B]`, without building the
+/// targets: the paper's smoothing (ε/(K−1) on every other class) is libtorch's cross entropy with
+/// label smoothing ε·K/(K−1) (which spreads its ε' over all K classes, the true one included).
+/// One fused operator where the soft form takes a one-hot tensor and five more, each a kernel
+/// launch on a GPU. Computed in f32, as the soft form.
+pub fn smoothed_cross_entropy(
+    logits: &Tensor,
+    labels: &Tensor,
+    num_classes: i64,
+    eps: f64,
+) -> Tensor {
+    let smoothing = if num_classes < 2 {
+        0.0
+    } else {
+        eps * num_classes as f64 / (num_classes - 1) as f64
+    };
+    logits.to_kind(Kind::Float).cross_entropy_loss::<Tensor>(
+        labels,
+        None,
+        tch::Reduction::Mean,
+        -100,
+        smoothing,
+    )
+}
+
 /// Knowledge distillation (§5.3):
 /// `hard_weight · ℓ(p, softmax(z)) + soft_weight · T² · ℓ(softmax(r/T), softmax(z/T))`.
 /// The teacher logits `r` are detached here so the teacher never receives gradient. The `T²`
@@ -54,6 +79,12 @@ pub fn topk_hits(logits: &Tensor, labels: &Tensor, k: i64) -> (Tensor, Tensor) {
     let (_, idx) = logits.topk(k, -1, true, true);
     let hits = idx.eq_tensor(&labels.to_kind(Kind::Int64).unsqueeze(-1));
     (hits.select(1, 0).sum(Kind::Int64), hits.sum(Kind::Int64))
+}
+
+/// Top-1 correct count for hard labels `[B]` as a 0-dim i64 tensor on the logits' device: the
+/// training loop's accuracy, in three operators where [`topk_hits`] takes more.
+pub fn top1_hits(logits: &Tensor, labels: &Tensor) -> Tensor {
+    logits.argmax(-1, false).eq_tensor(labels).sum(Kind::Int64)
 }
 
 #[cfg(test)]
@@ -137,6 +168,42 @@ mod tests {
         let ours = soft_cross_entropy(&logits, &smooth_targets(&labels, 4, 0.0));
         let tch_ce = logits.cross_entropy_for_logits(&labels);
         close(scalar(&ours), scalar(&tch_ce), 1e-6);
+    }
+
+    #[test]
+    fn smoothed_ce_is_soft_ce_against_the_paper_targets() {
+        tch::manual_seed(0);
+        let logits = Tensor::randn([6, 10], (Kind::Float, tch::Device::Cpu)) * 3.0;
+        let labels = Tensor::from_slice(&[0i64, 9, 3, 3, 7, 1]);
+        for eps in [0.0, 0.1, 0.3] {
+            let soft = soft_cross_entropy(&logits, &smooth_targets(&labels, 10, eps));
+            let fused = smoothed_cross_entropy(&logits, &labels, 10, eps);
+            close(scalar(&fused), scalar(&soft), 1e-5);
+            // The same gradient too: it is what trains.
+            let grad = |f: &dyn Fn(&Tensor) -> Tensor| {
+                let z = logits.detach().set_requires_grad(true);
+                f(&z).backward();
+                z.grad()
+            };
+            let g_soft = grad(&|z| soft_cross_entropy(z, &smooth_targets(&labels, 10, eps)));
+            let g_fused = grad(&|z| smoothed_cross_entropy(z, &labels, 10, eps));
+            assert!(g_fused.allclose(&g_soft, 1e-6, 1e-6, false), "eps {eps}");
+        }
+        let bf16 = smoothed_cross_entropy(&logits.to_kind(Kind::BFloat16), &labels, 10, 0.1);
+        assert_eq!(bf16.kind(), Kind::Float);
+    }
+
+    #[test]
+    fn top1_hits_counts_argmax_matches() {
+        let logits =
+            Tensor::from_slice(&[0.1f32, 0.9, 0.0, 0.8, 0.3, 0.1, 0.0, 0.1, 0.2]).view([3, 3]);
+        let labels = Tensor::from_slice(&[1i64, 0, 0]);
+        assert_eq!(top1_hits(&logits, &labels).int64_value(&[]), 2);
+        let (reference, _) = topk_hits(&logits, &labels, 1);
+        assert_eq!(
+            top1_hits(&logits, &labels).int64_value(&[]),
+            reference.int64_value(&[])
+        );
     }
 
     #[test]

@@ -1,7 +1,10 @@
 //! One training run: data → model → epochs of (train, evaluate, checkpoint) → summary.
 
 use super::data_parallel::{dump_rank_weights, sync_from_rank0, DataParallel};
-use super::loss::{distillation_loss, smooth_targets, soft_cross_entropy, topk_hits};
+use super::loss::{
+    distillation_loss, smooth_targets, smoothed_cross_entropy, soft_cross_entropy, top1_hits,
+    topk_hits,
+};
 use super::optim::Sgd;
 use super::precision::{check_supported, Autocast, LossScaler};
 use super::schedule::LrSchedule;
@@ -513,9 +516,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             lr = schedule.lr_at(state.global_step);
             let x = to_device_input(&batch.images, device, channels_last);
             let y = upload(&batch.labels, device);
-            let mut targets = smooth_targets(&y, num_classes, cfg.loss.label_smoothing);
+            let eps = cfg.loss.label_smoothing;
+            // Target distributions only where the loss needs them (mixup mixes them, the
+            // distillation loss takes them); hard labels otherwise, for the fused cross entropy.
+            let mut targets =
+                (use_mixup || teacher.is_some()).then(|| smooth_targets(&y, num_classes, eps));
             let mut inputs = x;
-            if use_mixup {
+            if let (true, Some(q)) = (use_mixup, &targets) {
                 let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
                     cfg.seed,
                     "mixup",
@@ -524,9 +531,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 ));
                 let lambda = mixup::sample_lambda(&mut rng, cfg.mixup.alpha);
                 let perm = mixup::permutation(&mut rng, b as usize);
-                let (mx, my) = mixup::mixup(&inputs, &targets, lambda, &perm);
+                let (mx, my) = mixup::mixup(&inputs, q, lambda, &perm);
                 inputs = mx;
-                targets = my;
+                targets = Some(my);
             }
             let (logits, loss) = {
                 let _ac = Autocast::enter(precision, device);
@@ -536,19 +543,21 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 } else {
                     net.forward_t(&inputs, true)
                 };
-                let loss = match &teacher {
-                    Some(t) => {
+                let loss = match (&teacher, &targets) {
+                    (Some(t), Some(q)) => {
                         let r = tch::no_grad(|| t.model.forward_t(&inputs, false));
                         distillation_loss(
                             &logits,
                             &r,
-                            &targets,
+                            q,
                             cfg.distill.temperature,
                             cfg.distill.hard_weight,
                             cfg.distill.soft_weight,
                         )
                     }
-                    None => soft_cross_entropy(&logits, &targets),
+                    (None, Some(q)) => soft_cross_entropy(&logits, q),
+                    (None, None) => smoothed_cross_entropy(&logits, &y, num_classes, eps),
+                    (Some(_), None) => unreachable!("a teacher always gets target distributions"),
                 };
                 (logits, loss)
             };
@@ -570,7 +579,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 opts.stop.load(Ordering::SeqCst),
                 sums.reads_every_step(),
             )?;
-            let (hits, _) = topk_hits(&logits.to_kind(Kind::Float), &y, 1);
+            let hits = top1_hits(&logits, &y);
             let current = sums.add(&step.loss, &hits, b, state.global_step)?;
             state.global_step += 1;
             seen += b as usize;

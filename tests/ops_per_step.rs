@@ -11,8 +11,11 @@ use tricks::config::Config;
 use tricks::model::norm::set_fused_batch_norm;
 use tricks::train::{train, RunOptions};
 
+/// One test function: `count_ops` counts every thread's operator calls, so nothing may run beside
+/// it (the test harness would run a second test of this file in parallel).
 #[test]
 fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
+    count_ops_counts_outermost_operator_calls();
     set_fused_batch_norm(false);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
@@ -62,4 +65,20 @@ fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
         (0..=48).contains(&added),
         "the trainer's step makes {added} operator calls more than the bare step ({per_step} against {bare}): each is a kernel launch on a GPU"
     );
+}
+
+fn count_ops_counts_outermost_operator_calls() {
+    use tch::{Kind, Tensor};
+    let x = Tensor::randn([2, 3, 8, 8], (Kind::Float, tch::Device::Cpu));
+    let w = Tensor::randn([4, 3, 3, 3], (Kind::Float, tch::Device::Cpu));
+    let (_, one) = count_ops(|| x.relu());
+    let (_, three) = count_ops(|| x.relu().relu().relu());
+    // conv2d dispatches to convolution, _convolution and a backend kernel: one outer call.
+    let (_, conv) = count_ops(|| x.conv2d(&w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1));
+    let (_, none) = count_ops(|| 1 + 1);
+    assert_eq!((one, three, conv, none), (1, 3, 1, 0));
+    // Stopped: later calls are not counted.
+    let (_, after) = count_ops(|| ());
+    let _ = x.relu();
+    assert_eq!(after, 0);
 }

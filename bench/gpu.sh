@@ -45,6 +45,10 @@ mkdir -p "$OUT"
 pack="$root/data-local/gpu"
 if [[ -z "${BIN:-}" ]]; then
     if [[ -f "$pack/tricks.xz" ]]; then
+        # Here (not on the device, where target/ does not travel) a stale pack is an easy mistake.
+        if [[ "$root/target/release/tricks" -nt "$pack/tricks.xz" ]]; then
+            echo "warning: $pack/tricks.xz is older than target/release/tricks: rerun bench/gpu_pack.sh" >&2
+        fi
         BIN="$(mktemp -d)/tricks"
         "$PY" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
             "$pack/tricks.xz" "$BIN"

@@ -57,12 +57,13 @@ fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
     println!("operator calls per step: bare {bare}, trainer {per_step}");
     assert!(bare > 100, "{bench}");
     // Measured with libtorch 2.11 (ResNet-8: 109 bare): the trainer added 60 calls while its
-    // loss went through a one-hot target tensor and its top-1 through topk; 46 since. What is
-    // left: the batch's augmentation on the device (pad, crop, flip, normalise), uploads and
-    // casts, the running sums and, on a CPU only, their read at every step.
+    // loss went through a one-hot target tensor and its top-1 through topk, 46 after, 42 since
+    // the crop offsets are made once. What is left: the batch's augmentation on the device (pad,
+    // crop, flip, normalise), uploads and casts, the running sums and, on a CPU only, their read
+    // at every step.
     let added = per_step - bare;
     assert!(
-        (0..=48).contains(&added),
+        (0..=44).contains(&added),
         "the trainer's step makes {added} operator calls more than the bare step ({per_step} against {bare}): each is a kernel launch on a GPU"
     );
 }

@@ -31,6 +31,11 @@ pub struct Resident {
     /// `[1,3,1,1]` f32: normalisation.
     mean: Tensor,
     std: Tensor,
+    /// `[1, side]` i64: 0..side, a crop's offsets from its corner.
+    offsets: Tensor,
+    /// `[1, side]` i64: what mirroring adds to `offsets` (side − 1 − 2d); made once, not per batch,
+    /// since each operator is a kernel launch on a GPU.
+    mirror_delta: Tensor,
 }
 
 impl Resident {
@@ -81,8 +86,12 @@ impl Resident {
                 .view([1, 3, 1, 1])
                 .to_device(device)
         };
+        let offsets = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
+        let mirror_delta = offsets.flip([1]) - &offsets;
         Ok(Resident {
             images,
+            offsets,
+            mirror_delta,
             labels: Tensor::from_slice(&labels).to_device(device),
             len: n,
             side: s,
@@ -179,15 +188,12 @@ impl Resident {
     /// Pad, crop at (x, y) in padded coordinates and mirror the rows of `idx`, on the device;
     /// `xs`, `ys` and `flips` are `[B]` i64 (flips 0/1).
     fn augmented(&self, idx: &Tensor, xs: &Tensor, ys: &Tensor, flips: &Tensor) -> Tensor {
-        let device = self.images.device();
         let (b, s, p) = (idx.size()[0], self.side, self.pad);
         let src = self.images.index_select(0, idx);
         let padded = src.constant_pad_nd([p, p, p, p]);
-        let ar = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
-        let rows = ys.view([b, 1]) + &ar;
+        let rows = ys.view([b, 1]) + &self.offsets;
         // Column d of the output is padded column x + d, or x + s − 1 − d when mirrored.
-        let offsets = &ar + (ar.flip([1]) - &ar) * flips.view([b, 1]);
-        let cols = xs.view([b, 1]) + offsets;
+        let cols = xs.view([b, 1]) + &self.offsets + &self.mirror_delta * flips.view([b, 1]);
         let wp = s + 2 * p;
         let picked_rows = padded.gather(
             2,

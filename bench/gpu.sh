@@ -134,6 +134,7 @@ tta() {
         for s in "${extra[@]}"; do sets+=(--set "$s"); done
     fi
     if [[ -n "${CIFAR10_DIR:-}" && -d "$CIFAR10_DIR/train" ]]; then
+        local run start
         run="$OUT/tta-$(echo "$1" | tr -c 'A-Za-z0-9_.\n-' '_')"
         rm -rf "$run"
         start=$(now)
@@ -199,7 +200,7 @@ PYEOF
         for round in $(seq 1 "${LOADER_ROUNDS:-1}"); do
             for pin in true false; do
                 run="$OUT/loader-pin-$pin-$round"
-            rm -rf "$run"
+                rm -rf "$run"
                 try "CPU loader on the GPU, pin_memory=$pin" "$BIN" train \
                     --config configs/cifar10/resnet20-efficient.toml --data "$CIFAR10_DIR" \
                     --out "$run" --device cuda --no-progress --set train.epochs=2 \
@@ -220,19 +221,14 @@ PYEOF
 }
 
 # The time-to-accuracy runs are the longest steps: the main recipe right after the speed pairs,
-# the others after the optional checks, capped by what is left of DEADLINE_S.
-first=1
-for name in $TTA_CONFIGS; do
-    if ((first)); then
-        tta "$name" "$TTA_LIMIT_S"
-        first=0
-        # Steps 4 and 5 run between the first time-to-accuracy config and the rest.
-        [[ "${OPTIONAL:-1}" == 1 ]] && run_optional
-    else
-        cap=$(left)
-        ((cap > TTA_LIMIT_S)) && cap=$TTA_LIMIT_S
-        if ((cap > 20)); then tta "$name" "$cap"; else echo "time-to-accuracy $name: skipped (deadline)"; fi
-    fi
+# steps 4 and 5 next, then the other recipes, capped by what is left of DEADLINE_S.
+read -ra tta_configs <<<"$TTA_CONFIGS"
+if ((${#tta_configs[@]})); then tta "${tta_configs[0]}" "$TTA_LIMIT_S"; fi
+if [[ "${OPTIONAL:-1}" == 1 ]]; then run_optional; fi
+for name in "${tta_configs[@]:1}"; do
+    cap=$(left)
+    ((cap > TTA_LIMIT_S)) && cap=$TTA_LIMIT_S
+    if ((cap > 20)); then tta "$name" "$cap"; else echo "time-to-accuracy $name: skipped (deadline)"; fi
 done
 # Run outputs keep their metrics and logs; checkpoints and the synthetic data stay behind.
 find "$OUT" \( -name '*.safetensors' -o -name '*.ot' -o -name '*.pt' -o -name '*.bin' \) -size +256k -delete 2>/dev/null || true

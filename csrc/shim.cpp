@@ -59,10 +59,10 @@ void tricks_torch_version(int* major, int* minor, int* patch) {
   *patch = TORCH_VERSION_PATCH;
 }
 
-// Operator calls: counts the ATen operators called from outside any other operator (from Rust,
-// or from an autograd node in the backward pass), on every thread, between start and stop. On a
-// GPU each such call is at least one kernel launch, the cost that bounds small models there;
-// nested calls (conv2d -> convolution -> the backend kernel) count once.
+// Operator calls: counts the outermost recorded calls on every thread between start and stop:
+// each ATen operator called from Rust, and each node the backward pass evaluates (its operators
+// nest inside it). On a GPU each is at least one kernel launch, the cost that bounds small models
+// there; nested calls (conv2d -> convolution -> the backend kernel) count once.
 namespace {
 std::atomic<int64_t> op_calls{0};
 thread_local int op_depth = 0;

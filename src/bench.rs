@@ -5,7 +5,7 @@ use crate::config::{ModelConfig, OptimConfig, Precision};
 use crate::device::{parse_device, to_channels_last, weights_to_channels_last};
 use crate::model::{ModelSpec, ResNet};
 use crate::train::optim::Sgd;
-use crate::train::precision::{check_supported, Autocast};
+use crate::train::precision::{check_supported, Autocast, LossScaler};
 use anyhow::Result;
 use std::time::Instant;
 use tch::nn::{self, ModuleT};
@@ -64,14 +64,20 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
             tch::Cuda::synchronize(i as i64);
         }
     };
+    // f16 trains through the trainer's dynamic loss scaler (bf16 and fp32 need none).
+    let mut scaler = LossScaler::new(precision == Precision::Fp16);
     let mut train_step = || {
         let loss = {
             let _ac = Autocast::enter(precision, device);
             net.forward_t(&x, true).cross_entropy_for_logits(&y)
         };
         opt.zero_grad();
-        loss.backward();
-        opt.step(0.01);
+        scaler.scale_loss(&loss).backward();
+        let finite = scaler.unscale(&opt.gradients());
+        if finite {
+            opt.step(0.01);
+        }
+        scaler.update(!finite);
     };
     for _ in 0..spec.warmup {
         train_step();
@@ -116,6 +122,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         "batch": spec.batch,
         "size": spec.size,
         "precision": spec.precision,
+        "loss_scaling": precision == Precision::Fp16,
         "channels_last": spec.channels_last,
         "device": spec.device,
         "threads": tch::get_num_threads(),

@@ -269,7 +269,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     }
     let epochs = cfg.train.epochs;
     let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), iters_per_epoch, epochs);
-    let params = opt.tensors();
     let precision = cfg.train.precision;
     let read_every = EpochSums::read_every(device, false);
     let mut stopped_early = false;
@@ -332,7 +331,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
                 &loss,
                 &mut opt,
                 &mut scaler,
-                &params,
                 &cfg.optim,
                 lr,
                 &ckpt_dir,

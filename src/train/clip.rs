@@ -6,14 +6,16 @@ use tch::{Kind, Tensor};
 /// `torch.nn.utils.clip_grad_norm_` does (coefficient `max_norm / (norm + 1e-6)`, applied only
 /// when below 1). Returns the norm before clipping, as a 0-dim f32 tensor on the gradients'
 /// device: nothing is read back, so a GPU does not wait (the coefficient is clamped to 1 on the
-/// device and always applied; a factor of exactly 1 leaves a gradient unchanged). Parameters
-/// without a gradient are skipped. The norm is accumulated in f32 whatever the gradient dtype.
-pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
+/// device and always applied; a factor of exactly 1 leaves a gradient unchanged). `grads` are
+/// the gradients ([`Sgd::gradients`](super::optim::Sgd::gradients): one flat buffer, or one
+/// tensor per parameter); undefined ones are skipped. The norm is accumulated in f32 whatever the
+/// gradient dtype.
+pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Tensor {
     tch::no_grad(|| {
-        let grads: Vec<Tensor> = params
+        let grads: Vec<Tensor> = grads
             .iter()
-            .map(|p| p.grad())
             .filter(|g| g.defined())
+            .map(|g| g.shallow_clone())
             .collect();
         if grads.is_empty() {
             return Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
@@ -32,13 +34,10 @@ pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Tensor {
 }
 
 /// Clamps every gradient element to `[-v, v]` in place (`clip_grad_value_`).
-pub fn clip_grad_value(params: &[Tensor], v: f64) {
+pub fn clip_grad_value(grads: &[Tensor], v: f64) {
     tch::no_grad(|| {
-        for p in params {
-            let mut g = p.grad();
-            if g.defined() {
-                let _ = g.clamp_(-v, v);
-            }
+        for g in grads.iter().filter(|g| g.defined()) {
+            let _ = g.shallow_clone().clamp_(-v, v);
         }
     })
 }
@@ -58,6 +57,11 @@ mod tests {
         vec![a, b, c]
     }
 
+    /// Every parameter's gradient (an undefined tensor where it has none).
+    fn of(ps: &[Tensor]) -> Vec<Tensor> {
+        ps.iter().map(|p| p.grad()).collect()
+    }
+
     fn grads(ps: &[Tensor]) -> Vec<f64> {
         ps[..2]
             .iter()
@@ -72,7 +76,7 @@ mod tests {
     #[test]
     fn norm_clipping() {
         let ps = params();
-        let before = clip_grad_norm(&ps, 6.5).double_value(&[]);
+        let before = clip_grad_norm(&of(&ps), 6.5).double_value(&[]);
         close(before, 13.0, 1e-5);
         let g = grads(&ps);
         let coef = 6.5 / (13.0 + 1e-6);
@@ -82,7 +86,7 @@ mod tests {
         let after = g.iter().map(|x| x * x).sum::<f64>().sqrt();
         close(after, 6.5, 1e-5);
         // Already below the limit: unchanged, and the returned norm is the current one.
-        close(clip_grad_norm(&ps, 100.0).double_value(&[]), 6.5, 1e-5);
+        close(clip_grad_norm(&of(&ps), 100.0).double_value(&[]), 6.5, 1e-5);
         for (x, y) in grads(&ps).iter().zip(&g) {
             assert_eq!(x, y);
         }
@@ -91,19 +95,19 @@ mod tests {
     #[test]
     fn no_gradients_is_zero() {
         let p = Tensor::ones([3], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
-        assert_eq!(clip_grad_norm(&[p], 1.0).double_value(&[]), 0.0);
+        assert_eq!(clip_grad_norm(&[p.grad()], 1.0).double_value(&[]), 0.0);
     }
 
     #[test]
     fn value_clipping() {
         let ps = params();
-        clip_grad_value(&ps, 3.5);
+        clip_grad_value(&of(&ps), 3.5);
         assert_eq!(grads(&ps), [3.0, 3.5, 3.5]);
         let ps = params();
         (&ps[0] * Tensor::from_slice(&[-10.0f32, 0.5]))
             .sum(Kind::Float)
             .backward(); // accumulates
-        clip_grad_value(&ps, 4.0);
+        clip_grad_value(&of(&ps), 4.0);
         assert_eq!(grads(&ps), [-4.0, 4.0, 4.0]);
         assert!(!ps[2].grad().defined());
     }

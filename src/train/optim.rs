@@ -38,6 +38,11 @@ pub struct Sgd {
 /// Elements per step of the flat update on a CPU (1 MiB of f32).
 const CPU_CHUNK: i64 = 1 << 18;
 
+/// Every tensor in the flat buffers starts at a multiple of this many elements (256 bytes of
+/// f32, as the CUDA caching allocator aligns its blocks to 512): cuDNN's f16 batch norm faults
+/// with "misaligned address" on parameters that start just anywhere (measured on an H200).
+const FLAT_ALIGN: i64 = 64;
+
 /// The flat buffers (see [`Sgd::flatten`]).
 struct Flat {
     params: Tensor,
@@ -107,7 +112,12 @@ impl Sgd {
         {
             return; // mixed dtypes or devices: keep the per-tensor step
         }
-        let total: i64 = self.params.iter().map(|p| p.tensor.numel() as i64).sum();
+        let padded = |n: i64| (n + FLAT_ALIGN - 1) / FLAT_ALIGN * FLAT_ALIGN;
+        let total: i64 = self
+            .params
+            .iter()
+            .map(|p| padded(p.tensor.numel() as i64))
+            .sum();
         let opts = (kind, device);
         let params = Tensor::zeros([total], opts);
         let grads = Tensor::zeros([total], opts);
@@ -142,13 +152,18 @@ impl Sgd {
                     mv.copy_(m);
                 }
                 p.momentum = Some(mv);
+                // The padding after the tensor stays zero in all three buffers (zero gradient,
+                // so weight decay and momentum leave it at zero too).
+                let pad = padded(n) - n;
                 if !uniform_decay {
                     decay.push((n, if p.decay { self.weight_decay } else { 0.0 }));
+                    decay.push((pad, 0.0));
                 }
                 if !uniform_scale {
                     scale.push((n, p.lr_scale));
+                    scale.push((pad, 0.0));
                 }
-                offset += n;
+                offset += n + pad;
             }
         });
         let per_element = |runs: &[(i64, f64)]| -> Option<Tensor> {
@@ -181,11 +196,15 @@ impl Sgd {
         n
     }
 
-    pub fn tensors(&self) -> Vec<Tensor> {
-        self.params
-            .iter()
-            .map(|p| p.tensor.shallow_clone())
-            .collect()
+    /// The gradients as the step reads them, for in-place work before it (loss unscaling,
+    /// clipping): the flat gradient buffer after [`Sgd::flatten`] (parameters without a gradient
+    /// count as zeros there, as in the step), else each parameter's gradient, undefined where a
+    /// parameter has none.
+    pub fn gradients(&self) -> Vec<Tensor> {
+        match &self.flat {
+            Some(f) => vec![f.grads.shallow_clone()],
+            None => self.params.iter().map(|p| p.tensor.grad()).collect(),
+        }
     }
 
     pub fn zero_grad(&mut self) {
@@ -502,9 +521,43 @@ mod tests {
         state.insert(key.clone(), Tensor::from_slice(&[7.0f32, 8.0]));
         opt.load_state(&state).unwrap();
         let flat = opt.flat.as_ref().unwrap();
+        let m = Vec::<f32>::try_from(&flat.momentum).unwrap();
+        let align = FLAT_ALIGN as usize;
+        assert_eq!(m.len(), 2 * align);
+        assert_eq!((m[0], m[1], m[align]), (7.0, 8.0, 1.0));
+        // The padding after each tensor stays zero through steps and loads.
+        assert!(m[2..align].iter().chain(&m[align + 1..]).all(|&v| v == 0.0));
+    }
+
+    /// Each parameter and gradient view starts FLAT_ALIGN elements into its buffer (cuDNN's f16
+    /// batch norm faults on misaligned parameters).
+    #[test]
+    fn flat_buffer_views_start_aligned() {
+        let vs = store();
+        let mut opt = Sgd::new(&vs, &OptimConfig::default());
+        opt.flatten();
+        let flat = opt.flat.as_ref().unwrap();
+        let byte_align = FLAT_ALIGN as usize * 4;
+        let offset = |t: &Tensor, buf: &Tensor| t.data_ptr() as usize - buf.data_ptr() as usize;
+        let mut starts = Vec::new();
+        let trainable: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        assert_eq!(trainable.len(), 5);
+        for (name, t) in &trainable {
+            let (p, g) = (offset(t, &flat.params), offset(&t.grad(), &flat.grads));
+            assert_eq!(p % byte_align, 0, "{name} starts at byte {p}");
+            assert_eq!(p, g, "{name}: its gradient sits elsewhere");
+            starts.push(p);
+        }
+        starts.sort();
+        starts.dedup();
         assert_eq!(
-            Vec::<f32>::try_from(&flat.momentum).unwrap(),
-            vec![7.0, 8.0, 1.0]
+            starts.len(),
+            trainable.len(),
+            "two parameters share a start"
         );
     }
 

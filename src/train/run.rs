@@ -440,7 +440,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         iters_per_epoch,
         epochs,
     );
-    let params = opt.tensors();
     let precision = cfg.train.precision;
     let read_every = EpochSums::read_every(device, dp.is_some());
     let mut stopped_early = false;
@@ -570,7 +569,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 &loss,
                 &mut opt,
                 &mut scaler,
-                &params,
                 &cfg.optim,
                 lr,
                 &ckpt_dir,
@@ -817,7 +815,6 @@ pub(crate) fn optimizer_step(
     loss: &Tensor,
     opt: &mut Sgd,
     scaler: &mut LossScaler,
-    params: &[Tensor],
     optim: &crate::config::OptimConfig,
     lr: f64,
     ckpt_dir: &Path,
@@ -863,13 +860,14 @@ pub(crate) fn optimizer_step(
             None => anyhow!(msg),
         }
     })?;
-    let finite = scaler.unscale(params);
+    let grads = opt.gradients();
+    let finite = scaler.unscale(&grads);
     if finite {
         if optim.clip_grad_value > 0.0 {
-            clip::clip_grad_value(params, optim.clip_grad_value);
+            clip::clip_grad_value(&grads, optim.clip_grad_value);
         }
         if optim.clip_grad_norm > 0.0 {
-            let _ = clip::clip_grad_norm(params, optim.clip_grad_norm);
+            let _ = clip::clip_grad_norm(&grads, optim.clip_grad_norm);
         }
         opt.step(lr);
     }

@@ -6,6 +6,9 @@
 #               gzipped tar (20 MB: the small JPEGs are mostly identical headers), for the
 #               time-to-accuracy runs. The device tool counts the folder's size on disk, where
 #               60,000 files of 1 KB take 4 KB blocks each (239 MB): loose files do not fit.
+#   airbench/   the `airbench` package (airbench==0.1.8 from PyPI, MIT; 12 KB), the same-run
+#               reference of the time-to-accuracy runs (bench/airbench_ref.py); skipped with a
+#               warning when PyPI cannot be reached.
 # Then, on a session with a device:
 #   bash bench/gpu_pack.sh
 #   run(command="bash bench/gpu.sh", carry=["data-local/gpu"], timeout_s=480)
@@ -22,6 +25,15 @@ rm -rf "$dest"
 mkdir -p "$dest"
 xz -T0 -6 -c "$BIN" >"$dest/tricks.xz"
 tar -C "$(dirname "$DATA")" -cf - "$(basename "$DATA")" | gzip -6 >"$dest/cifar10.tar.gz"
+PY="${PY:-$root/.venv/bin/python}"
+sdist="$(mktemp -d)"
+if "$PY" -m pip download -q --no-deps --no-binary :all: -d "$sdist" airbench==0.1.8 >&2; then
+    tar -C "$sdist" -xzf "$sdist"/airbench-0.1.8.tar.gz
+    cp -r "$sdist/airbench-0.1.8/airbench" "$dest/airbench"
+else
+    echo "warning: could not download airbench from PyPI: gpu.sh will skip its reference runs" >&2
+fi
+rm -rf "$sdist"
 # Bytes on disk (allocated blocks), as the device tool counts them.
 bytes() { du -s --block-size=1 "$@" | awk '{s += $1} END {print s + 0}'; }
 tree=$(git ls-files -z --cached --others --exclude-standard | du -s --block-size=1 --files0-from=- | awk '{s += $1} END {print s + 0}')

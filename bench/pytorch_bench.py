@@ -13,7 +13,8 @@ Training step = forward + cross-entropy + backward + SGD step (momentum 0.9, nes
 weight decay 1e-4, lr 0.1, foreach default) on one fixed synthetic batch, timed after
 `--warmup` steps. Inference = eval mode under torch.no_grad(), same batch. With
 `--precision bf16` forward and loss run under torch.autocast(device, dtype=torch.bfloat16)
-(weights stay f32); `--channels-last` converts model and input to channels_last. On a GPU,
+(weights stay f32); `--precision fp16` uses float16 and torch.amp.GradScaler's dynamic loss
+scaling (tricks: its LossScaler); `--channels-last` converts model and input to channels_last. On a GPU,
 cuDNN's benchmark mode is on, as in tricks.
 
 Prints one JSON line per model:
@@ -159,7 +160,7 @@ def measure(args, name: str) -> dict:
     batch = args.batch or batch
     size = args.size or size
     device = torch.device(args.device)
-    bf16 = args.precision == "bf16"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     if device.type == "cuda":
@@ -172,14 +173,18 @@ def measure(args, name: str) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        return torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None)
+
+    # f16 trains through the dynamic loss scaler, as tricks does.
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def train_step():
         opt.zero_grad(set_to_none=True)
         with autocast():
             loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
 
     def infer_step():
         with autocast():
@@ -207,6 +212,7 @@ def measure(args, name: str) -> dict:
         "batch": batch,
         "size": size,
         "precision": args.precision,
+        "loss_scaling": scaler.is_enabled(),
         "channels_last": bool(args.channels_last),
         "device": args.device,
         "train_img_s": round(train_img_s, 2),
@@ -223,7 +229,7 @@ def main() -> None:
     ap.add_argument("--model", default="all", help="comma-separated, or 'all': " + ", ".join(DEFAULTS))
     ap.add_argument("--batch", type=int, default=0, help="batch size (default: per model)")
     ap.add_argument("--size", type=int, default=0, help="image side in px (default: per model)")
-    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")

@@ -374,6 +374,106 @@ pub fn latest_valid(dir: &Path, warn: &mut dyn FnMut(String)) -> Option<Checkpoi
     None
 }
 
+/// Host copies of `tensors`, which the training may go on changing while they are written.
+pub fn snapshot(tensors: Vec<(String, Tensor)>) -> Vec<(String, Tensor)> {
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = t.detach();
+            let host = match t.device() {
+                // A CPU tensor would otherwise stay the very storage the next step updates.
+                tch::Device::Cpu => t.copy(),
+                _ => t.to_device(tch::Device::Cpu),
+            };
+            (name, host)
+        })
+        .collect()
+}
+
+type WriteJob = Box<dyn FnOnce() -> Result<()> + Send>;
+
+/// Writes checkpoints on a thread of its own, in the order they are submitted, so that training
+/// does not wait while they are hashed, serialised and synced to disk (on a GPU that was 0.15 to
+/// 0.2 s for each ResNet-18 checkpoint, a sixth of an epoch). Jobs take [`snapshot`]s. A failed
+/// write surfaces at the next [`Writer::submit`] or at [`Writer::finish`], and leaves the previous
+/// file intact ([`write_atomic`]). Dropping the writer waits for the queued writes.
+pub struct Writer {
+    queue: Option<std::sync::mpsc::SyncSender<WriteJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    failed: std::sync::Arc<std::sync::Mutex<Option<anyhow::Error>>>,
+}
+
+impl Default for Writer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Writer {
+    pub fn new() -> Writer {
+        // One job waits while one is written: at most two snapshots in memory, and a disk slower
+        // than the epochs makes training wait instead of piling up copies.
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<WriteJob>(1);
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let first_error = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("checkpoint-writer".into())
+            .spawn(move || {
+                for job in jobs {
+                    if let Err(e) = job() {
+                        let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(e);
+                    }
+                }
+            })
+            .expect("cannot start the checkpoint writer thread");
+        Writer {
+            queue: Some(queue),
+            thread: Some(thread),
+            failed,
+        }
+    }
+
+    fn take_error(&self) -> Result<()> {
+        match self.failed.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues `job` (waiting while another one is queued); first reports an earlier write's
+    /// failure, if any.
+    pub fn submit(&self, job: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+        self.take_error()?;
+        let queue = self
+            .queue
+            .as_ref()
+            .context("the checkpoint writer is finished")?;
+        if queue.send(Box::new(job)).is_err() {
+            self.take_error()?;
+            bail!("the checkpoint writer thread has stopped");
+        }
+        Ok(())
+    }
+
+    /// Waits until every queued write is on disk; returns the first failure, if any.
+    pub fn finish(&mut self) -> Result<()> {
+        self.queue.take();
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                bail!("the checkpoint writer thread panicked");
+            }
+        }
+        self.take_error()
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.finish();
+    }
+}
+
 /// Deletes all but the newest `keep` epoch checkpoints.
 pub fn prune(dir: &Path, keep: usize) {
     for (_, path) in list_epoch_checkpoints(dir).into_iter().skip(keep.max(1)) {
@@ -514,5 +614,64 @@ mod tests {
             .map(|(e, _)| e)
             .collect();
         assert_eq!(left, vec![4, 3]);
+    }
+
+    /// Jobs run in the order submitted, `finish` returns once all are done, and a snapshot of a
+    /// CPU tensor is a copy that later in-place updates do not reach.
+    #[test]
+    fn writer_runs_jobs_in_order_on_snapshots() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::new();
+        let mut t = Tensor::from_slice(&[1.0f32, 2.0]);
+        for i in 0..4 {
+            let snap = snapshot(vec![("a.weight".to_string(), t.shallow_clone())]);
+            let path = dir.path().join(format!("{i}.safetensors"));
+            let log = dir.path().join("order.txt");
+            w.submit(move || {
+                save(&path, &snap, None, &[], None)?;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(log)?;
+                writeln!(f, "{i}")?;
+                Ok(())
+            })
+            .unwrap();
+            let _ = t.g_add_scalar_(10.0);
+        }
+        w.finish().unwrap();
+        let order = std::fs::read_to_string(dir.path().join("order.txt")).unwrap();
+        assert_eq!(order, "0\n1\n2\n3\n");
+        for i in 0..4 {
+            let c = load(&dir.path().join(format!("{i}.safetensors"))).unwrap();
+            let v = Vec::<f32>::try_from(&c.tensors["a.weight"]).unwrap();
+            let base = 10.0 * i as f32;
+            assert_eq!(v, vec![1.0 + base, 2.0 + base], "checkpoint {i}");
+        }
+    }
+
+    /// A write that fails is reported by the next submit (naming the file), and not again.
+    #[test]
+    fn writer_reports_a_failed_write_at_the_next_submit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = Writer::new();
+        let bad = dir.path().join("missing-folder").join("x.safetensors");
+        let snap = snapshot(sample());
+        w.submit(move || save(&bad, &snap, None, &[], None))
+            .unwrap();
+        // The failed job has run once a later one has.
+        let (tx, rx) = std::sync::mpsc::channel();
+        w.submit(move || {
+            tx.send(()).unwrap();
+            Ok(())
+        })
+        .unwrap();
+        rx.recv().unwrap();
+        let e = format!("{:#}", w.submit(|| Ok(())).unwrap_err());
+        assert!(
+            e.contains("cannot save checkpoint") && e.contains("missing-folder"),
+            "{e}"
+        );
+        w.finish().unwrap();
     }
 }

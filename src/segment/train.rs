@@ -276,6 +276,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     let mut last_ips = 0.0;
     let (mut ips_images, mut ips_seconds) = (0usize, 0.0f64);
 
+    // Checkpoints are written in the background; `finish` below waits for the last ones.
+    let mut writer = checkpoint::Writer::new();
     for epoch in state.epochs_done + 1..=epochs {
         let epoch_start = Instant::now();
         // Resuming from an interrupt checkpoint continues the epoch at its next batch with the
@@ -392,7 +394,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             };
             scaler.record(&mut state);
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
+            save_training_checkpoint(&writer, &path, &vs, &opt, cfg, &classes, &state)?;
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
                 path.display()
@@ -421,7 +423,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             if e.miou > state.best_top1 || state.best_epoch == 0 {
                 state.best_top1 = e.miou;
                 state.best_epoch = epoch;
-                save_weights(&out.join("best.safetensors"), &vs, cfg, &classes)?;
+                save_weights(&writer, &out.join("best.safetensors"), &vs, cfg, &classes)?;
             }
         }
         let m = SegEpochMetrics {
@@ -445,7 +447,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
 
         state.epochs_done = epoch;
         scaler.record(&mut state);
-        save_epoch_checkpoint(&ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
+        save_epoch_checkpoint(&writer, &ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
         if stopped_early {
             break;
         }
@@ -486,6 +488,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         final_top1: final_eval.miou,
         final_top5: final_eval.pixel_acc,
     };
+    writer.finish()?;
     if !stopped_early {
         checkpoint::write_atomic(
             &out.join("summary.json"),

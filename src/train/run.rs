@@ -460,6 +460,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         .all_ranks(dp.as_ref())?
         .result()
     };
+    // Checkpoints are written in the background; `finish` below waits for the last ones.
+    let mut writer = checkpoint::Writer::new();
     for epoch in state.epochs_done + 1..=epochs {
         let epoch_start = Instant::now();
         // Resuming from an interrupt checkpoint continues the epoch at its next batch, with the
@@ -630,7 +632,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 dp.broadcast_buffers(&vs)?;
             }
             if rank0 {
-                save_training_checkpoint(&path, &vs, &opt, cfg, &classes, &state)?;
+                save_training_checkpoint(&writer, &path, &vs, &opt, cfg, &classes, &state)?;
             }
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
@@ -659,7 +661,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 state.best_top1 = e.top1;
                 state.best_epoch = epoch;
                 if rank0 {
-                    save_weights(&out.join("best.safetensors"), &vs, cfg, &classes)?;
+                    save_weights(&writer, &out.join("best.safetensors"), &vs, cfg, &classes)?;
                 }
             }
         }
@@ -681,7 +683,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         if rank0 {
             metrics::append(&metrics_path, &m)?;
             log(&format_epoch(&m, epochs));
-            save_epoch_checkpoint(&ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
+            save_epoch_checkpoint(&writer, &ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
         }
         if stopped_early {
             break;
@@ -710,6 +712,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         },
         stopped_early,
     };
+    writer.finish()?;
     if !stopped_early && rank0 {
         checkpoint::write_atomic(
             &out.join("summary.json"),
@@ -1003,8 +1006,10 @@ impl EpochSums {
     }
 }
 
-/// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state.
+/// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state; queued
+/// on `writer` (written in the background, in order).
 pub(crate) fn save_training_checkpoint(
+    writer: &checkpoint::Writer,
     path: &Path,
     vs: &nn::VarStore,
     opt: &Sgd,
@@ -1012,14 +1017,36 @@ pub(crate) fn save_training_checkpoint(
     classes: &[String],
     state: &TrainState,
 ) -> Result<()> {
-    let mut tensors = model_tensors(vs);
-    tensors.extend(opt.state_tensors());
-    checkpoint::save(path, &tensors, Some(cfg), classes, Some(state))
+    let job = training_checkpoint_job(path, vs, opt, cfg, classes, state);
+    writer.submit(job)
 }
 
-/// The checkpoint of a finished epoch; older ones beyond `train.keep_checkpoints` and the
-/// epoch's interrupt checkpoint (now stale) are removed.
+/// Snapshots what a training checkpoint holds and returns the job that writes it.
+fn training_checkpoint_job(
+    path: &Path,
+    vs: &nn::VarStore,
+    opt: &Sgd,
+    cfg: &Config,
+    classes: &[String],
+    state: &TrainState,
+) -> impl FnOnce() -> Result<()> + Send + 'static {
+    let mut tensors = model_tensors(vs);
+    tensors.extend(opt.state_tensors());
+    let tensors = checkpoint::snapshot(tensors);
+    let (path, cfg, classes, state) = (
+        path.to_path_buf(),
+        cfg.clone(),
+        classes.to_vec(),
+        state.clone(),
+    );
+    move || checkpoint::save(&path, &tensors, Some(&cfg), &classes, Some(&state))
+}
+
+/// The checkpoint of a finished epoch; once it is written, older ones beyond
+/// `train.keep_checkpoints` and the epoch's interrupt checkpoint (now stale) are removed.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn save_epoch_checkpoint(
+    writer: &checkpoint::Writer,
     ckpt_dir: &Path,
     epoch: usize,
     vs: &nn::VarStore,
@@ -1029,20 +1056,27 @@ pub(crate) fn save_epoch_checkpoint(
     state: &TrainState,
 ) -> Result<()> {
     let path = checkpoint::epoch_checkpoint_path(ckpt_dir, epoch);
-    save_training_checkpoint(&path, vs, opt, cfg, classes, state)?;
-    checkpoint::prune(ckpt_dir, cfg.train.keep_checkpoints);
-    let _ = std::fs::remove_file(ckpt_dir.join(checkpoint::INTERRUPT_FILE));
-    Ok(())
+    let write = training_checkpoint_job(&path, vs, opt, cfg, classes, state);
+    let (dir, keep) = (ckpt_dir.to_path_buf(), cfg.train.keep_checkpoints);
+    writer.submit(move || {
+        write()?;
+        checkpoint::prune(&dir, keep);
+        let _ = std::fs::remove_file(dir.join(checkpoint::INTERRUPT_FILE));
+        Ok(())
+    })
 }
 
-/// Writes a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).
+/// Queues a weights-only checkpoint (loadable by `tricks eval`, as a teacher, or by timm).
 pub fn save_weights(
+    writer: &checkpoint::Writer,
     path: &Path,
     vs: &nn::VarStore,
     cfg: &Config,
     classes: &[String],
 ) -> Result<()> {
-    checkpoint::save(path, &model_tensors(vs), Some(cfg), classes, None)
+    let tensors = checkpoint::snapshot(model_tensors(vs));
+    let (path, cfg, classes) = (path.to_path_buf(), cfg.clone(), classes.to_vec());
+    writer.submit(move || checkpoint::save(&path, &tensors, Some(&cfg), &classes, None))
 }
 
 fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {

@@ -13,8 +13,9 @@
 #   1. ResNet-50 (ResNet-B layout) bf16 autocast + channels_last, 224 px, batch 256: training and
 #      inference img/s of tricks beside PyTorch eager AMP in the same call.
 #   2. CIFAR ResNet-20, batch 512, fp32, bf16 + channels_last and fp16 + channels_last with
-#      dynamic loss scaling, beside PyTorch; and the bf16 run again with the per-tensor optimizer
-#      step, against the flat-buffer one.
+#      dynamic loss scaling, beside PyTorch; ResNet-18 with the CIFAR stem (the time-to-accuracy
+#      recipe's network), bf16 + channels_last, beside PyTorch; and the ResNet-20 bf16 run again
+#      with the per-tensor optimizer step, against the flat-buffer one.
 #   3. (when the carried CIFAR-10 JPEGs are there) time to 90.5 % top-1 on their test split with
 #      data.on_device, each run capped at TTA_LIMIT_S seconds, for each entry of TTA_CONFIGS:
 #      configs/cifar10/resnet18-tta.toml (the recipe that reaches it) with seeds 0 and 1, and
@@ -30,8 +31,8 @@
 #      the loop waited for data.
 #   3a. (with the JPEGs and the airbench package in the pack) airbench94 trained AIRBENCH_RUNS
 #      times (3) on the same JPEGs on the same card: the same-run reference for step 3.
-# SPEED=0 skips steps 1-2 (R50=0 ResNet-50 alone, PER_TENSOR=0 the per-tensor optimizer run) and
-# OPTIONAL=0 steps 4-5; e.g. more seeds of the recipe alone:
+# SPEED=0 skips steps 1-2 (R50=0, R20=0, R18=0 one model's pairs, PER_TENSOR=0 the per-tensor
+# optimizer run) and OPTIONAL=0 steps 4-5; e.g. more seeds of the recipe alone:
 #   SPEED=0 OPTIONAL=0 TTA_CONFIGS="resnet18-tta:seed=1 resnet18-tta:seed=2" bash bench/gpu.sh
 # Smoke check of the same script on a CPU:
 #   DEVICE=cpu STEPS=1 WARMUP=1 R50_BATCH=2 CIFAR_BATCH=16 PY=.venv/bin/python bash bench/gpu.sh
@@ -111,9 +112,10 @@ torch_bench() {
         tail -n 1 | tee -a "$log"
 }
 
-pair() { # model variant batch size precision channels_last(0/1)
+pair() { # model variant batch size precision channels_last(0/1) [--cifar-stem]
     local cl=()
     [[ "$6" == 1 ]] && cl=(--channels-last)
+    [[ -n "${7:-}" ]] && cl+=("$7")
     try "tricks bench $1 $5" tricks_bench --model "$1" --variant "$2" --batch "$3" --size "$4" \
         --precision "$5" "${cl[@]}"
     try "pytorch bench $1 $5" torch_bench --model "$1" --batch "$3" --size "$4" --precision "$5" "${cl[@]}"
@@ -121,10 +123,14 @@ pair() { # model variant batch size precision channels_last(0/1)
 
 if [[ "${SPEED:-1}" == 1 ]]; then
     [[ "${R50:-1}" == 1 ]] && pair resnet50 b "${R50_BATCH:-256}" 224 bf16 1
-    pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 fp32 0
-    pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 bf16 1
-    # f16 autocast with dynamic loss scaling (tricks' LossScaler, PyTorch's GradScaler).
-    pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 fp16 1
+    if [[ "${R20:-1}" == 1 ]]; then
+        pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 fp32 0
+        pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 bf16 1
+        # f16 autocast with dynamic loss scaling (tricks' LossScaler, PyTorch's GradScaler).
+        pair cifar_resnet20 a "${CIFAR_BATCH:-512}" 32 fp16 1
+    fi
+    # The network of the time-to-accuracy recipe: ResNet-18 with the full-resolution stem.
+    [[ "${R18:-1}" == 1 ]] && pair resnet18 a "${CIFAR_BATCH:-512}" 32 bf16 1 --cifar-stem
     # The flat-buffer optimizer step against one update per parameter tensor (launch-bound on a GPU).
     [[ "${PER_TENSOR:-1}" == 1 ]] && try "tricks bench per-tensor optimizer" tricks_bench \
         --model cifar_resnet20 --variant a --batch "${CIFAR_BATCH:-512}" --size 32 --precision bf16 \
@@ -263,6 +269,9 @@ for r in rows:
         print(f"per-tensor optimizer: {r['model']} {r['precision']} train {r['train_img_s']:.0f} img/s, "
               f"optimizer step {r['optimizer_step_ms']} ms")
 rows = [r for r in rows if r.get("optimizer") != "per-tensor"]
+for r in rows:
+    if r.get("cifar_stem"):
+        r["model"] += " (CIFAR stem)"
 by = {(r["impl"], r["model"], r["precision"], bool(r["channels_last"])): r for r in rows}
 print("| model | precision | channels_last | tricks train | pytorch train | ratio | tricks infer | pytorch infer | ratio |")
 print("|---|---|---|---|---|---|---|---|---|")

@@ -7,6 +7,8 @@ Models (identical in structure to the Rust ones):
                                    stages 2 and 3), projection shortcut (1x1 conv stride s + BN,
                                    "option B") where the shape changes, global avg pool, fc.
   resnet50d                        timm `resnet50d` (ResNet-50-D of He et al. 2019).
+  resnet18 [--cifar-stem]          torchvision's ResNet-18; with --cifar-stem a 3x3 stride-1 stem
+                                   and no max-pool (tricks' model.cifar_stem), 32 px, 10 classes.
 Defaults: cifar_* at 32 px batch 128 (10 classes), resnet50d at 224 px batch 16 (1000 classes).
 
 Training step = forward + cross-entropy + backward + SGD step (momentum 0.9, nesterov,
@@ -40,6 +42,7 @@ DEFAULTS = {  # model -> (batch, size, num_classes)
     "cifar_resnet56": (128, 32, 10),
     "resnet50d": (16, 224, 1000),
     "resnet50": (16, 224, 1000),
+    "resnet18": (128, 224, 1000),
 }
 
 
@@ -113,6 +116,33 @@ class Bottleneck(nn.Module):
         return F.relu(out + shortcut)
 
 
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 (basic blocks, projection shortcuts); with `cifar_stem` a 3x3
+    stride-1 stem conv and no max-pool, as tricks' `model.cifar_stem`."""
+
+    def __init__(self, num_classes: int = 1000, cifar_stem: bool = False):
+        super().__init__()
+        self.cifar_stem = cifar_stem
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False) if cifar_stem else nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        stages, cin = [], 64
+        for i, width in enumerate((64, 128, 256, 512)):
+            blocks = []
+            for j in range(2):
+                blocks.append(CifarBasicBlock(cin, width, 2 if (i > 0 and j == 0) else 1))
+                cin = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        if not self.cifar_stem:
+            x = F.max_pool2d(x, 3, 2, 1)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 class ResNet50(nn.Module):
     """Plain-PyTorch ResNet-50 (same layers as torchvision's), for machines without timm."""
 
@@ -136,7 +166,11 @@ class ResNet50(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build(name: str, num_classes: int) -> nn.Module:
+def build(name: str, num_classes: int, cifar_stem: bool = False) -> nn.Module:
+    if cifar_stem and name != "resnet18":
+        raise SystemExit("--cifar-stem: only for resnet18 here")
+    if name == "resnet18":
+        return ResNet18(num_classes, cifar_stem)
     if name == "resnet50":
         return ResNet50(num_classes)
     if name == "cifar_resnet20":
@@ -157,6 +191,8 @@ def sync(device: torch.device) -> None:
 
 def measure(args, name: str) -> dict:
     batch, size, num_classes = DEFAULTS[name]
+    if args.cifar_stem:
+        size, num_classes = 32, 10
     batch = args.batch or batch
     size = args.size or size
     device = torch.device(args.device)
@@ -167,7 +203,7 @@ def measure(args, name: str) -> dict:
         # tricks autotunes cuDNN's convolution algorithms on a GPU: the reference does the same.
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    model = build(name, num_classes).to(device=device, memory_format=fmt)
+    model = build(name, num_classes, args.cifar_stem).to(device=device, memory_format=fmt)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -209,6 +245,7 @@ def measure(args, name: str) -> dict:
     return {
         "impl": "pytorch",
         "model": name,
+        "cifar_stem": bool(args.cifar_stem),
         "batch": batch,
         "size": size,
         "precision": args.precision,
@@ -231,6 +268,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=0, help="image side in px (default: per model)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--cifar-stem", action="store_true", help="resnet18 with the full-resolution stem, 32 px, 10 classes")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (train and inference each)")

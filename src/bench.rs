@@ -24,6 +24,8 @@ pub struct BenchSpec {
     pub threads: usize,
     /// Measure the optimizer's per-tensor step instead of its flat-buffer step (the trainer's).
     pub per_tensor_optimizer: bool,
+    /// `model.cifar_stem` (an ImageNet ResNet at CIFAR resolution, as `resnet18-tta.toml`).
+    pub cifar_stem: bool,
 }
 
 /// Runs the benchmark and returns its JSON line.
@@ -35,10 +37,11 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     let mcfg = ModelConfig {
         name: spec.model.clone(),
         variant: spec.variant.clone(),
+        cifar_stem: spec.cifar_stem,
         ..Default::default()
     };
     let mspec = ModelSpec::from_config(&mcfg)?;
-    let classes = if spec.model.starts_with("cifar_") {
+    let classes = if spec.model.starts_with("cifar_") || spec.cifar_stem {
         10
     } else {
         1000
@@ -119,6 +122,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         "impl": "tricks",
         "model": spec.model,
         "variant": spec.variant,
+        "cifar_stem": spec.cifar_stem,
         "batch": spec.batch,
         "size": spec.size,
         "precision": spec.precision,

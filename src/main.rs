@@ -202,6 +202,9 @@ struct BenchArgs {
     /// Step the optimizer tensor by tensor (the trainer uses one flat buffer): for comparison.
     #[arg(long)]
     per_tensor_optimizer: bool,
+    /// An ImageNet ResNet with the full-resolution stem (`model.cifar_stem`), 10 classes.
+    #[arg(long)]
+    cifar_stem: bool,
 }
 
 fn main() {
@@ -247,6 +250,7 @@ fn main() {
             warmup: a.warmup,
             threads: a.threads,
             per_tensor_optimizer: a.per_tensor_optimizer,
+            cifar_stem: a.cifar_stem,
         })
         .map(|line| println!("{line}")),
         Command::Ablate(a) => cmd_ablate(a),

@@ -32,6 +32,7 @@ fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
         warmup: 1,
         threads: 1,
         per_tensor_optimizer: false,
+        cifar_stem: false,
     })
     .unwrap();
     let bench: serde_json::Value = serde_json::from_str(&bench).unwrap();

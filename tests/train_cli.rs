@@ -51,6 +51,13 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         );
         let top1 = line.val_top1.unwrap();
         assert!((0.0..=100.0).contains(&top1) && line.val_top5.unwrap() >= top1);
+        // Every epoch is evaluated here; the evaluation is part of the epoch's time, and the
+        // training part of it is at least the images over the training throughput.
+        let train_part = 48.0 / line.images_per_second;
+        assert!(
+            line.eval_seconds > 0.0 && line.eval_seconds + train_part <= line.seconds + 1e-6,
+            "{line:?}"
+        );
     }
     let raw = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     for key in [
@@ -64,6 +71,7 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         "images_per_second",
         "seconds",
         "data_wait_seconds",
+        "eval_seconds",
     ] {
         assert!(
             raw.lines().next().unwrap().contains(&format!("\"{key}\"")),

@@ -24,7 +24,7 @@ use crate::train::precision::{check_supported, Autocast, LossScaler};
 use crate::train::schedule::LrSchedule;
 use crate::train::{
     derive_seed, optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint,
-    save_training_checkpoint, save_weights, to_device_input, EpochSums, RunOptions, RunSummary,
+    save_weights, to_device_input, training_checkpoint, EpochSums, RunOptions, RunSummary,
     StepPosition,
 };
 use anyhow::{bail, Context, Result};
@@ -394,7 +394,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
             };
             scaler.record(&mut state);
             let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            save_training_checkpoint(&writer, &path, &vs, &opt, cfg, &classes, &state)?;
+            writer.submit(training_checkpoint(&path, &vs, &opt, cfg, &classes, &state))?;
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
                 path.display()

@@ -16,8 +16,8 @@ pub mod schedule;
 pub use data_parallel::DataParallel;
 pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
 pub(crate) use run::{
-    optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint, save_training_checkpoint,
-    save_weights, to_device_input, EpochSums, StepPosition,
+    optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint, save_weights,
+    to_device_input, training_checkpoint, EpochSums, StepPosition,
 };
 
 /// libtorch's random generator is process-wide: trainings started together in one process

@@ -81,6 +81,9 @@ pub struct EpochMetrics {
     /// epoch): the loader's cost to training. Near 0 when prefetching keeps up.
     #[serde(default)]
     pub data_wait_seconds: f64,
+    /// Wall time of the epoch's evaluation pass (0 without one); part of `seconds`.
+    #[serde(default)]
+    pub eval_seconds: f64,
 }
 
 /// What a finished run reports (also written to `summary.json`).
@@ -632,7 +635,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 dp.broadcast_buffers(&vs)?;
             }
             if rank0 {
-                save_training_checkpoint(&writer, &path, &vs, &opt, cfg, &classes, &state)?;
+                writer.submit(training_checkpoint(&path, &vs, &opt, cfg, &classes, &state))?;
             }
             log(&format!(
                 "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
@@ -650,11 +653,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             dp.check_replicas(&vs)?;
         }
         let is_last = epoch == epochs || stopped_early;
+        let eval_start = Instant::now();
         let eval = if epoch % cfg.train.eval_every == 0 || is_last {
             Some(validate()?)
         } else {
             None
         };
+        let eval_seconds = eval_start.elapsed().as_secs_f64();
         if let Some(e) = eval {
             last_eval = Some(e);
             if e.top1 > state.best_top1 || state.best_epoch == 0 {
@@ -677,6 +682,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             seconds: epoch_start.elapsed().as_secs_f64(),
             skipped_images: skipped,
             data_wait_seconds: data_wait,
+            eval_seconds,
         };
         state.epochs_done = epoch;
         scaler.record(&mut state);
@@ -1006,23 +1012,9 @@ impl EpochSums {
     }
 }
 
-/// A checkpoint a run can resume from: weights, momentum buffers, config, classes, state; queued
-/// on `writer` (written in the background, in order).
-pub(crate) fn save_training_checkpoint(
-    writer: &checkpoint::Writer,
-    path: &Path,
-    vs: &nn::VarStore,
-    opt: &Sgd,
-    cfg: &Config,
-    classes: &[String],
-    state: &TrainState,
-) -> Result<()> {
-    let job = training_checkpoint_job(path, vs, opt, cfg, classes, state);
-    writer.submit(job)
-}
-
-/// Snapshots what a training checkpoint holds and returns the job that writes it.
-fn training_checkpoint_job(
+/// A checkpoint a run can resume from (weights, momentum buffers, config, classes, state): takes
+/// a snapshot and returns the job that writes it, for [`checkpoint::Writer::submit`].
+pub(crate) fn training_checkpoint(
     path: &Path,
     vs: &nn::VarStore,
     opt: &Sgd,
@@ -1056,7 +1048,7 @@ pub(crate) fn save_epoch_checkpoint(
     state: &TrainState,
 ) -> Result<()> {
     let path = checkpoint::epoch_checkpoint_path(ckpt_dir, epoch);
-    let write = training_checkpoint_job(&path, vs, opt, cfg, classes, state);
+    let write = training_checkpoint(&path, vs, opt, cfg, classes, state);
     let (dir, keep) = (ckpt_dir.to_path_buf(), cfg.train.keep_checkpoints);
     writer.submit(move || {
         write()?;

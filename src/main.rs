@@ -510,8 +510,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     device::configure(cfg.train.threads, device);
     let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
-    let flip = a.flip.unwrap_or(cfg.train.eval_flip);
-    let r = train::evaluate(&model, loader, device, precision, a.channels_last, flip)?;
+    let settings = train::EvalSettings {
+        device,
+        precision,
+        channels_last: a.channels_last,
+        flip: a.flip.unwrap_or(cfg.train.eval_flip),
+    };
+    let r = train::evaluate(&model, loader, settings)?;
     println!(
         "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images{})",
         a.checkpoint.display(),
@@ -519,7 +524,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         r.top5,
         r.loss,
         r.samples,
-        if flip {
+        if settings.flip {
             ", each with its mirror image"
         } else {
             ""

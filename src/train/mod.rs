@@ -14,7 +14,7 @@ mod run;
 pub mod schedule;
 
 pub use data_parallel::DataParallel;
-pub use run::{evaluate, train, EpochMetrics, EvalResult, RunOptions, RunSummary};
+pub use run::{evaluate, train, EpochMetrics, EvalResult, EvalSettings, RunOptions, RunSummary};
 pub(crate) use run::{
     optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint, save_weights,
     to_device_input, training_checkpoint, EpochSums, StepPosition,

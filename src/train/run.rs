@@ -109,33 +109,34 @@ pub struct EvalResult {
     pub samples: usize,
 }
 
-/// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader; with `flip`, of the
-/// mean logits of each image and its mirror image (`train.eval_flip`).
+/// How an evaluation runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalSettings {
+    pub device: Device,
+    pub precision: Precision,
+    /// Whether the model's weights are channels_last (inputs are converted to match).
+    pub channels_last: bool,
+    /// Test-time flip (`train.eval_flip`): score the mean logits of each image and its mirror.
+    pub flip: bool,
+}
+
+/// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
 pub fn evaluate(
     model: &ResNet,
     loader: impl Iterator<Item = Result<Batch>>,
-    device: Device,
-    precision: Precision,
-    channels_last: bool,
-    flip: bool,
+    settings: EvalSettings,
 ) -> Result<EvalResult> {
-    EvalSums::over(model, loader, device, precision, channels_last, flip)?.result()
+    EvalSums::over(model, loader, settings)?.result()
 }
 
 /// Evaluation logits (f32) of a batch already on the device. With `flip`, test-time flip
 /// augmentation: the mean of the logits of the images and of their mirror images (the training
 /// flips too, so both views are in-distribution; airbench scores this way).
-fn eval_logits(
-    model: &ResNet,
-    x: &Tensor,
-    device: Device,
-    precision: Precision,
-    flip: bool,
-) -> Tensor {
+fn eval_logits(model: &ResNet, x: &Tensor, settings: EvalSettings) -> Tensor {
     tch::no_grad(|| {
-        let _ac = Autocast::enter(precision, device);
+        let _ac = Autocast::enter(settings.precision, settings.device);
         let logits = model.forward_t(x, false).to_kind(Kind::Float);
-        if flip {
+        if settings.flip {
             (logits + model.forward_t(&x.flip([3]), false).to_kind(Kind::Float)) * 0.5
         } else {
             logits
@@ -156,11 +157,9 @@ impl EvalSums {
     fn over(
         model: &ResNet,
         loader: impl Iterator<Item = Result<Batch>>,
-        device: Device,
-        precision: Precision,
-        channels_last: bool,
-        flip: bool,
+        settings: EvalSettings,
     ) -> Result<EvalSums> {
+        let device = settings.device;
         // Sums stay on the device until the end: a read per batch would stall a GPU's queue.
         let zero = |kind| Tensor::zeros([], (kind, device));
         let (mut loss_sum, mut c1, mut c5, mut n) = (
@@ -171,9 +170,9 @@ impl EvalSums {
         );
         for batch in loader {
             let batch = batch?;
-            let x = to_device_input(&batch.images, device, channels_last);
+            let x = to_device_input(&batch.images, device, settings.channels_last);
             let y = upload(&batch.labels, device);
-            let logits = eval_logits(model, &x, device, precision, flip);
+            let logits = eval_logits(model, &x, settings);
             let b = y.size()[0] as usize;
             loss_sum += logits.cross_entropy_for_logits(&y).to_kind(Kind::Double) * b as f64;
             let (a, k) = topk_hits(&logits, &y, 5);
@@ -405,7 +404,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
 
     let channels_last = cfg.train.channels_last;
-    let eval_flip = cfg.train.eval_flip;
     if channels_last {
         weights_to_channels_last(&vs);
     }
@@ -451,17 +449,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let (mut ips_images, mut ips_seconds) = (0usize, 0.0f64);
 
     // Validation over every rank's shard of the split, the sums gathered before the ratios.
+    let eval_settings = EvalSettings {
+        device,
+        precision,
+        channels_last,
+        flip: cfg.train.eval_flip,
+    };
     let validate = || -> Result<EvalResult> {
-        EvalSums::over(
-            &net,
-            eval_batches(bs),
-            device,
-            precision,
-            channels_last,
-            eval_flip,
-        )?
-        .all_ranks(dp.as_ref())?
-        .result()
+        EvalSums::over(&net, eval_batches(bs), eval_settings)?
+            .all_ranks(dp.as_ref())?
+            .result()
     };
     // Checkpoints are written in the background; `finish` below waits for the last ones.
     let mut writer = checkpoint::Writer::new();
@@ -1141,8 +1138,13 @@ mod tests {
                 labels: y.shallow_clone(),
                 skipped: 0,
             };
-            let (p, cl) = (Precision::Fp32, false);
-            evaluate(&net, std::iter::once(Ok(batch)), Device::Cpu, p, cl, flip).unwrap()
+            let settings = EvalSettings {
+                device: Device::Cpu,
+                precision: Precision::Fp32,
+                channels_last: false,
+                flip,
+            };
+            evaluate(&net, std::iter::once(Ok(batch)), settings).unwrap()
         };
         let mirrored =
             tch::no_grad(|| (net.forward_t(&x, false) + net.forward_t(&x.flip([3]), false)) * 0.5);

@@ -59,8 +59,13 @@ impl Tweaks {
 /// Which stem and stage layout a model uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Layout {
-    /// ImageNet ResNet: stem to 1/4 resolution, four stages of 64/128/256/512 base widths.
-    ImageNet { layers: [usize; 4] },
+    /// ImageNet ResNet: stem to 1/4 resolution, four stages of 64/128/256/512 base widths. With
+    /// `full_res_stem` (`model.cifar_stem`) the stem keeps full resolution: a 3x3 stride-1 conv
+    /// and no max-pool, for 32-px images.
+    ImageNet {
+        layers: [usize; 4],
+        full_res_stem: bool,
+    },
     /// CIFAR ResNet (He et al. 2016, depth 6n+2): 3x3 stem, three stages of 16/32/64.
     Cifar { blocks_per_stage: usize },
 }
@@ -73,19 +78,21 @@ pub struct ModelSpec {
     pub block: Block,
     pub tweaks: Tweaks,
     pub zero_gamma: bool,
-    /// An ImageNet layout whose stem keeps full resolution (`model.cifar_stem`).
-    pub cifar_stem: bool,
 }
 
 impl ModelSpec {
     pub fn from_config(cfg: &ModelConfig) -> Result<ModelSpec> {
         let tweaks = Tweaks::from_variant(&cfg.variant)?;
+        let imagenet = |layers| Layout::ImageNet {
+            layers,
+            full_res_stem: cfg.cifar_stem,
+        };
         let (layout, block) = match cfg.name.as_str() {
-            "resnet18" => (Layout::ImageNet { layers: [2, 2, 2, 2] }, Block::Basic),
-            "resnet34" => (Layout::ImageNet { layers: [3, 4, 6, 3] }, Block::Basic),
-            "resnet50" => (Layout::ImageNet { layers: [3, 4, 6, 3] }, Block::Bottleneck),
-            "resnet101" => (Layout::ImageNet { layers: [3, 4, 23, 3] }, Block::Bottleneck),
-            "resnet152" => (Layout::ImageNet { layers: [3, 8, 36, 3] }, Block::Bottleneck),
+            "resnet18" => (imagenet([2, 2, 2, 2]), Block::Basic),
+            "resnet34" => (imagenet([3, 4, 6, 3]), Block::Basic),
+            "resnet50" => (imagenet([3, 4, 6, 3]), Block::Bottleneck),
+            "resnet101" => (imagenet([3, 4, 23, 3]), Block::Bottleneck),
+            "resnet152" => (imagenet([3, 8, 36, 3]), Block::Bottleneck),
             name => match name.strip_prefix("cifar_resnet").and_then(|d| d.parse::<usize>().ok()) {
                 Some(depth) if depth >= 8 && (depth - 2) % 6 == 0 => (
                     Layout::Cifar {
@@ -113,7 +120,6 @@ impl ModelSpec {
             block,
             tweaks,
             zero_gamma: cfg.zero_gamma,
-            cifar_stem: cfg.cifar_stem,
         })
     }
 
@@ -121,7 +127,10 @@ impl ModelSpec {
     /// the CIFAR ResNets and `model.cifar_stem`.
     pub fn stem_stride(&self) -> i64 {
         match self.layout {
-            Layout::ImageNet { .. } if !self.cifar_stem => 4,
+            Layout::ImageNet {
+                full_res_stem: false,
+                ..
+            } => 4,
             _ => 1,
         }
     }

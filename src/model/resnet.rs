@@ -280,7 +280,7 @@ impl ResNet {
             "output_stride must be positive, got {output_stride}"
         );
         let (stem_width, stage_plan): (i64, Vec<(i64, usize, i64)>) = match &spec.layout {
-            Layout::ImageNet { layers } => (
+            Layout::ImageNet { layers, .. } => (
                 64,
                 vec![
                     (64, layers[0], 1),

@@ -39,8 +39,9 @@ pub struct Sgd {
 const CPU_CHUNK: i64 = 1 << 18;
 
 /// Every tensor in the flat buffers starts at a multiple of this many elements (256 bytes of
-/// f32, as the CUDA caching allocator aligns its blocks to 512): cuDNN's f16 batch norm faults
-/// with "misaligned address" on parameters that start just anywhere (measured on an H200).
+/// f32; the CUDA caching allocator aligns its blocks to 512): with parameters that started just
+/// anywhere, fp16 training on an H200 faulted with "misaligned address" after a batch norm (bf16
+/// and fp32 ran); aligned, it runs.
 const FLAT_ALIGN: i64 = 64;
 
 /// The flat buffers (see [`Sgd::flatten`]).
@@ -529,8 +530,8 @@ mod tests {
         assert!(m[2..align].iter().chain(&m[align + 1..]).all(|&v| v == 0.0));
     }
 
-    /// Each parameter and gradient view starts FLAT_ALIGN elements into its buffer (cuDNN's f16
-    /// batch norm faults on misaligned parameters).
+    /// Each parameter and gradient view starts at a multiple of FLAT_ALIGN elements into its
+    /// buffer (fp16 training on a GPU faulted on misaligned parameters).
     #[test]
     fn flat_buffer_views_start_aligned() {
         let vs = store();

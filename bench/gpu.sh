@@ -19,7 +19,8 @@
 #   3. (when the carried CIFAR-10 JPEGs are there) time to 90.5 % top-1 on their test split with
 #      data.on_device, each run capped at TTA_LIMIT_S seconds, for each entry of TTA_CONFIGS:
 #      configs/cifar10/resnet18-tta.toml (the recipe that reaches it) with seeds 0 and 1, and
-#      resnet20-efficient.toml. An entry may add overrides: "resnet18-tta:seed=1,train.epochs=30".
+#      resnet20-efficient.toml. An entry may add overrides: "resnet18-tta:seed=1,train.epochs=30",
+#      or "resnet18-tta:train.cudnn_benchmark=false" (what cuDNN autotuning costs and gains).
 #      The summary gives the time to 90.5 % from the per-epoch metrics and the best top-1 within
 #      60 s, beside airbench94 on the same card and data (step 3a; the figure was 2.76 s
 #      on the H100).

@@ -34,6 +34,8 @@ int tricks_autocast_decrement_nesting() { return at::autocast::decrement_nesting
 // cuDNN autotuner: picks the fastest convolution algorithm for fixed shapes.
 void tricks_set_cudnn_benchmark(bool enabled) { at::globalContext().setBenchmarkCuDNN(enabled); }
 
+bool tricks_cudnn_benchmark() { return at::globalContext().benchmarkCuDNN(); }
+
 
 // Makes `g` the gradient tensor of `t` (autograd then accumulates into it in place): lets the
 // optimizer keep every gradient as a view of one flat buffer.

@@ -33,7 +33,8 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     let device = parse_device(&spec.device)?;
     let precision: Precision = spec.precision.parse()?;
     check_supported(precision, device)?;
-    crate::device::configure(spec.threads, device);
+    // Fixed shapes: cuDNN autotuning on, as in training by default.
+    crate::device::configure(spec.threads, device, true);
     let mcfg = ModelConfig {
         name: spec.model.clone(),
         variant: spec.variant.clone(),

@@ -42,8 +42,9 @@ pub fn cores_per_process() -> usize {
     (num_cpus::get() / local).max(1)
 }
 
-/// Sets libtorch's intra-op thread count (0 = [`cores_per_process`]) and cuDNN autotuning.
-pub fn configure(threads: usize, device: Device) {
+/// Sets libtorch's intra-op thread count (0 = [`cores_per_process`]) and, on a GPU, whether
+/// cuDNN autotunes its convolution algorithms (`train.cudnn_benchmark`).
+pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) {
     let n = if threads == 0 {
         cores_per_process()
     } else {
@@ -52,8 +53,7 @@ pub fn configure(threads: usize, device: Device) {
     tch::set_num_threads(n as i32);
     keep_freed_memory();
     if device.is_cuda() {
-        // Fixed input shapes: let cuDNN pick the fastest algorithms once.
-        unsafe { crate::ffi::tricks_set_cudnn_benchmark(true) };
+        unsafe { crate::ffi::tricks_set_cudnn_benchmark(cudnn_benchmark) };
     }
 }
 
@@ -183,6 +183,16 @@ mod tests {
             Vec::<f32>::try_from(u.flatten(0, -1)).unwrap(),
             [1.5, -2.0, 3.25]
         );
+    }
+
+    /// `train.cudnn_benchmark` reaches libtorch's global flag (settable without a GPU).
+    #[test]
+    fn configure_sets_cudnn_autotuning_for_a_gpu_as_asked() {
+        let threads = tch::get_num_threads() as usize;
+        for on in [false, true] {
+            configure(threads, Device::Cuda(0), on);
+            assert_eq!(unsafe { crate::ffi::tricks_cudnn_benchmark() }, on);
+        }
     }
 
     #[test]

@@ -8,6 +8,7 @@ extern "C" {
     pub fn tricks_autocast_increment_nesting() -> i32;
     pub fn tricks_autocast_decrement_nesting() -> i32;
     pub fn tricks_set_cudnn_benchmark(enabled: bool);
+    pub fn tricks_cudnn_benchmark() -> bool;
     pub fn tricks_torch_version(major: *mut i32, minor: *mut i32, patch: *mut i32);
     /// An uninitialised page-locked f32 CPU tensor (`at::Tensor*`), or NULL.
     pub fn tricks_empty_pinned_f32(sizes: *const i64, ndim: i32) -> *mut std::ffi::c_void;

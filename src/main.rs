@@ -508,7 +508,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             classes.len()
         );
     }
-    device::configure(cfg.train.threads, device);
+    device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
     let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
     let settings = train::EvalSettings {
         device,

@@ -29,7 +29,7 @@ fn fused_batch_norm_against_libtorch() {
     let variant: String = env_or("VARIANT", "a".to_string());
     let (batch, size): (i64, i64) = (env_or("BATCH", 128), env_or("SIZE", 32));
     let (rounds, steps): (usize, usize) = (env_or("ROUNDS", 8), env_or("STEPS", 6));
-    configure(env_or("THREADS", 2), Device::Cpu);
+    configure(env_or("THREADS", 2), Device::Cpu, true);
     let spec = ModelSpec::from_config(&ModelConfig {
         name: model.clone(),
         variant: variant.clone(),

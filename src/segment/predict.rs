@@ -74,7 +74,7 @@ pub fn evaluate_checkpoint(
     }
     cfg.data.val_limit = 0;
     cfg.data.cache = false;
-    crate::device::configure(cfg.train.threads, device);
+    crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
     let ds = open_split(&cfg, Split::Val)?;
     let loader = SegLoader::eval(ds, &cfg, batch_size.max(1));
     let e = evaluate(

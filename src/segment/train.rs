@@ -205,7 +205,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
     let log = |m: &str| (opts.log)(m);
     let device = opts.device;
     check_supported(cfg.train.precision, device)?;
-    crate::device::configure(cfg.train.threads, device);
+    crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
 
     let out = &opts.out_dir;
     std::fs::create_dir_all(out)

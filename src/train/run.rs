@@ -307,7 +307,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let device = opts.device;
     check_supported(cfg.train.precision, device)?;
-    crate::device::configure(cfg.train.threads, device);
+    crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
 
     let out = &opts.out_dir;
     let ckpt_dir = out.join("checkpoints");

@@ -1021,14 +1021,7 @@ pub(crate) fn training_checkpoint(
 ) -> impl FnOnce() -> Result<()> + Send + 'static {
     let mut tensors = model_tensors(vs);
     tensors.extend(opt.state_tensors());
-    let tensors = checkpoint::snapshot(tensors);
-    let (path, cfg, classes, state) = (
-        path.to_path_buf(),
-        cfg.clone(),
-        classes.to_vec(),
-        state.clone(),
-    );
-    move || checkpoint::save(&path, &tensors, Some(&cfg), &classes, Some(&state))
+    checkpoint::save_later(path, tensors, Some(cfg), classes, Some(state))
 }
 
 /// The checkpoint of a finished epoch; once it is written, older ones beyond
@@ -1063,9 +1056,13 @@ pub fn save_weights(
     cfg: &Config,
     classes: &[String],
 ) -> Result<()> {
-    let tensors = checkpoint::snapshot(model_tensors(vs));
-    let (path, cfg, classes) = (path.to_path_buf(), cfg.clone(), classes.to_vec());
-    writer.submit(move || checkpoint::save(&path, &tensors, Some(&cfg), &classes, None))
+    writer.submit(checkpoint::save_later(
+        path,
+        model_tensors(vs),
+        Some(cfg),
+        classes,
+        None,
+    ))
 }
 
 fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {

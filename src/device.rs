@@ -52,8 +52,13 @@ pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) {
     };
     tch::set_num_threads(n as i32);
     keep_freed_memory();
+    set_cudnn_benchmark(device, cudnn_benchmark);
+}
+
+/// cuDNN's autotuner on or off, for a GPU (a process-wide libtorch flag; nothing for a CPU).
+fn set_cudnn_benchmark(device: Device, on: bool) {
     if device.is_cuda() {
-        unsafe { crate::ffi::tricks_set_cudnn_benchmark(cudnn_benchmark) };
+        unsafe { crate::ffi::tricks_set_cudnn_benchmark(on) };
     }
 }
 
@@ -185,12 +190,12 @@ mod tests {
         );
     }
 
-    /// `train.cudnn_benchmark` reaches libtorch's global flag (settable without a GPU).
+    /// `train.cudnn_benchmark` reaches libtorch's global flag (settable without a GPU). Not
+    /// through `configure`: its thread count is process-wide, and other tests run meanwhile.
     #[test]
     fn configure_sets_cudnn_autotuning_for_a_gpu_as_asked() {
-        let threads = tch::get_num_threads() as usize;
         for on in [false, true] {
-            configure(threads, Device::Cuda(0), on);
+            set_cudnn_benchmark(Device::Cuda(0), on);
             assert_eq!(unsafe { crate::ffi::tricks_cudnn_benchmark() }, on);
         }
     }

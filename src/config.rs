@@ -163,7 +163,9 @@ impl SegmentConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" |
-    /// "cifar_resnet20" | "cifar_resnet32" | "cifar_resnet44" | "cifar_resnet56" | "cifar_resnet110".
+    /// "cifar_resnet20" | "cifar_resnet32" | "cifar_resnet44" | "cifar_resnet56" | "cifar_resnet110" |
+    /// "airbench94" (the network of Jordan's airbench94 CIFAR-10 speed record, for time-to-accuracy
+    /// runs; `variant`, `zero_gamma` and `cifar_stem` do not apply to it).
     pub name: String,
     /// Paper Figure 2: "a" original, "b" stride on the 3x3 conv, "c" b + deep stem, "d" c + avg-pool shortcut.
     pub variant: String,
@@ -176,6 +178,9 @@ pub struct ModelConfig {
     /// of kuangliu/pytorch-cifar, so the four stages see 32, 16, 8 and 4 px instead of 8 to 1.
     /// Widths and names are unchanged; only `conv1` differs in shape from ImageNet weights.
     pub cifar_stem: bool,
+    /// airbench94: the whitening conv's bias trains for this many epochs, then stays fixed
+    /// (0 = it trains throughout).
+    pub whiten_bias_epochs: usize,
 }
 
 impl Default for ModelConfig {
@@ -186,6 +191,7 @@ impl Default for ModelConfig {
             num_classes: 0,
             zero_gamma: false,
             cifar_stem: false,
+            whiten_bias_epochs: 0,
         }
     }
 }
@@ -209,6 +215,15 @@ pub enum Pipeline {
     Imagenet,
 }
 
+/// What the CIFAR pipeline's padding holds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PadMode {
+    Zeros,
+    /// The image mirrored at its edges, without repeating the edge (PyTorch's `reflect`).
+    Reflect,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
@@ -228,14 +243,21 @@ pub struct DataConfig {
     pub rrc_aspect: [f64; 2],
     /// Random horizontal flip with probability 0.5.
     pub flip: bool,
+    /// Alternating flip (airbench): with `flip`, each image is mirrored at random in the first
+    /// epoch, then every epoch the other way from the one before, so that every two consecutive
+    /// epochs show both views of every image.
+    pub alternate_flip: bool,
     /// Brightness, contrast and saturation scaled by factors drawn from U[1 - jitter, 1 + jitter].
     pub jitter: f64,
     /// Hue rotated by an angle drawn from U[-hue, hue] × 180°.
     pub hue: f64,
     /// PCA lighting noise σ (AlexNet-style, ImageNet eigenvectors).
     pub lighting: f64,
-    /// CIFAR pipeline: zero padding before the random crop.
+    /// CIFAR pipeline: padding before the random crop.
     pub cifar_pad: u32,
+    /// How the CIFAR pipeline pads: "zeros" (He et al. 2016) or "reflect" (mirrored edge pixels,
+    /// as airbench translates).
+    pub pad_mode: PadMode,
     /// Per-channel normalisation (RGB, on the 0–1 scale).
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -281,10 +303,12 @@ impl Default for DataConfig {
             rrc_area: [0.08, 1.0],
             rrc_aspect: [3.0 / 4.0, 4.0 / 3.0],
             flip: true,
+            alternate_flip: false,
             jitter: 0.4,
             hue: 0.4,
             lighting: 0.1,
             cifar_pad: 4,
+            pad_mode: PadMode::Zeros,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
             workers: 0,
@@ -338,6 +362,10 @@ pub struct TrainConfig {
     /// Test-time flip augmentation: evaluation scores the mean logits of each image and its
     /// mirror image (one more forward pass per evaluated image), as airbench does.
     pub eval_flip: bool,
+    /// Test-time translation (airbench's `tta_level = 2`): evaluation scores ½ of the logits of
+    /// each image plus ¼ of each of its two copies shifted by one pixel diagonally (up-left and
+    /// down-right, reflect-padded); each view with its mirror too when `eval_flip`.
+    pub eval_translate: bool,
     /// Keep the last K epoch checkpoints (plus `best`).
     pub keep_checkpoints: usize,
     /// Intra-op threads for libtorch; 0 = all cores.
@@ -359,6 +387,7 @@ impl Default for TrainConfig {
             channels_last: false,
             eval_every: 1,
             eval_flip: false,
+            eval_translate: false,
             keep_checkpoints: 2,
             threads: 0,
             cudnn_benchmark: true,
@@ -374,6 +403,9 @@ pub enum Schedule {
     Step,
     /// η_t = ½(1 + cos(tπ/T)) η, per iteration (paper §5.1).
     Cosine,
+    /// Piecewise linear per iteration (airbench): from `triangle[0]`·η at the start up to η at
+    /// the fraction `triangle[1]` of the run, then down to `triangle[2]`·η at its end.
+    Triangle,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -393,6 +425,8 @@ pub struct OptimConfig {
     /// Step schedule: epochs at which the lr is multiplied by `step_gamma`.
     pub step_epochs: Vec<usize>,
     pub step_gamma: f64,
+    /// Triangle schedule: [start factor, position of the peak as a fraction of the run, end factor].
+    pub triangle: [f64; 3],
     /// LR warmup (paper §3.1): linear from `warmup_start_lr` to the lr over this many epochs,
     /// updated every iteration.
     pub warmup_epochs: f64,
@@ -401,6 +435,17 @@ pub struct OptimConfig {
     pub clip_grad_norm: f64,
     /// Gradient clipping by value, elementwise to [-v, v] (0 = off).
     pub clip_grad_value: f64,
+    /// Multiplier of the lr of batch-norm biases (airbench's `bias_scaler`: 64), with their
+    /// weight decay divided by it, so that the decay per step (lr × wd) stays the others'.
+    /// 1 = off.
+    pub bn_bias_lr_scale: f64,
+    /// Lookahead (Zhang et al. 2019, in airbench's form): every `lookahead_every` steps the
+    /// weights and BN statistics move to an exponential average of themselves, w ← ŵ ←
+    /// d·ŵ + (1 − d)·w, with d = `lookahead_decay`^every × (t/T)³ (t the step, T the run's steps):
+    /// no averaging early on, strong averaging at the end. The run ends on the average.
+    pub lookahead: bool,
+    pub lookahead_every: usize,
+    pub lookahead_decay: f64,
 }
 
 impl Default for OptimConfig {
@@ -416,10 +461,15 @@ impl Default for OptimConfig {
             schedule: Schedule::Step,
             step_epochs: vec![30, 60, 90],
             step_gamma: 0.1,
+            triangle: [0.2, 0.23, 0.07],
             warmup_epochs: 0.0,
             warmup_start_lr: 0.0,
             clip_grad_norm: 0.0,
             clip_grad_value: 0.0,
+            bn_bias_lr_scale: 1.0,
+            lookahead: false,
+            lookahead_every: 5,
+            lookahead_decay: 0.95,
         }
     }
 }
@@ -543,7 +593,11 @@ impl Config {
 
     /// Checks values that parse but make no sense; each error names its key.
     pub fn validate(&self) -> Result<()> {
-        crate::model::ModelSpec::from_config(&self.model)?;
+        if self.task == Task::Segmentation {
+            crate::model::ModelSpec::from_config(&self.model)?;
+        } else {
+            crate::model::Classifier::check_config(&self.model)?;
+        }
         let positive = |key: &str, v: f64| -> Result<()> {
             if !(v > 0.0 && v.is_finite()) {
                 bail!("key `{key}` must be a positive number, got {v}");
@@ -603,6 +657,18 @@ impl Config {
             0.999,
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
+        positive("optim.bn_bias_lr_scale", self.optim.bn_bias_lr_scale)?;
+        positive("optim.lookahead_every", self.optim.lookahead_every as f64)?;
+        in_range(
+            "optim.lookahead_decay",
+            self.optim.lookahead_decay,
+            0.0,
+            1.0,
+        )?;
+        let [t0, tp, t1] = self.optim.triangle;
+        if !(t0 >= 0.0 && t1 >= 0.0 && tp > 0.0 && tp < 1.0) {
+            bail!("key `optim.triangle` must be [start >= 0, peak position in (0, 1), end >= 0], got [{t0}, {tp}, {t1}]");
+        }
         in_range("data.val_crop_ratio", self.data.val_crop_ratio, 0.01, 1.0)?;
         in_range("data.jitter", self.data.jitter, 0.0, 1.0)?;
         in_range("data.hue", self.data.hue, 0.0, 1.0)?;
@@ -817,6 +883,21 @@ mod tests {
             ("[loss]\nlabel_smoothing = 1.5\n", "loss.label_smoothing"),
             ("[optim]\nstep_epochs = [60, 30]\n", "optim.step_epochs"),
             ("[data]\nrrc_area = [0.5, 0.2]\n", "data.rrc_area"),
+            ("[optim]\ntriangle = [0.2, 1.5, 0.1]\n", "optim.triangle"),
+            (
+                "[optim]\nbn_bias_lr_scale = 0.0\n",
+                "optim.bn_bias_lr_scale",
+            ),
+            ("[optim]\nlookahead_every = 0\n", "optim.lookahead_every"),
+            (
+                "[model]\nwhiten_bias_epochs = 3\n",
+                "model.whiten_bias_epochs",
+            ),
+            (
+                "[model]\nname = \"airbench94\"\nzero_gamma = true\n",
+                "model.zero_gamma",
+            ),
+            ("[data]\npad_mode = \"wrap\"\n", "data.pad_mode"),
         ] {
             let e = err(text, &[]);
             assert!(e.contains(key), "{text} → {e}");

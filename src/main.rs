@@ -158,6 +158,10 @@ struct EvalArgs {
     /// mirror image. Default: the checkpoint's `train.eval_flip`.
     #[arg(long)]
     flip: Option<bool>,
+    /// Test-time translation (true/false): ½ the logits of each image plus ¼ each of its copies
+    /// shifted one pixel up-left and down-right. Default: the checkpoint's `train.eval_translate`.
+    #[arg(long)]
+    translate: Option<bool>,
 }
 
 #[derive(Args)]
@@ -373,10 +377,10 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
             .for_each(|l| println!("{l}"));
         return Ok(());
     }
-    let spec = tricks::model::ModelSpec::from_config(&cfg.model)?;
+    tricks::model::Classifier::check_config(&cfg.model)?;
     println!(
         "config: ok ({} variant {}, peak lr {})",
-        spec.name,
+        cfg.model.name,
         cfg.model.variant,
         cfg.peak_lr(1)
     );
@@ -515,6 +519,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         precision,
         channels_last: a.channels_last,
         flip: a.flip.unwrap_or(cfg.train.eval_flip),
+        translate: a.translate.unwrap_or(cfg.train.eval_translate),
     };
     let r = train::evaluate(&model, loader, settings)?;
     println!(
@@ -524,10 +529,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         r.top5,
         r.loss,
         r.samples,
-        if settings.flip {
-            ", each with its mirror image"
-        } else {
-            ""
+        match (settings.flip, settings.translate) {
+            (false, false) => "",
+            (true, false) => ", each with its mirror image",
+            (false, true) => ", each with two shifted copies",
+            (true, true) => ", each with its mirror image and two shifted copies",
         }
     );
     Ok(())

@@ -109,6 +109,7 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         num_classes: e.num_classes,
         zero_gamma: false,
         cifar_stem: false,
+        whiten_bias_epochs: 0,
     };
     let spec = ModelSpec::from_config(&cfg).with_context(|| {
         format!(

@@ -509,3 +509,126 @@ fn device_resident_data_trains_exactly_like_the_loader() {
         );
     }
 }
+
+/// airbench94's recipe end to end on 32-px images (its network needs them): every switch of
+/// configs/cifar10/airbench94.toml on, a run killed after its first epoch resumes to the very
+/// weights, momentum and lookahead state of a straight run; the whitening conv's weights never
+/// train and its bias stops after `whiten_bias_epochs`; BN scales stay 1; the run ends on the
+/// lookahead average.
+#[test]
+fn airbench94_recipe_trains_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 48, 4, 32);
+    let text = format!(
+        r#"seed = 3
+[model]
+name = "airbench94"
+whiten_bias_epochs = 1
+[data]
+dir = "{}"
+pipeline = "cifar"
+train_size = 32
+val_size = 32
+val_crop_ratio = 1.0
+cifar_pad = 2
+pad_mode = "reflect"
+alternate_flip = true
+workers = 2
+[train]
+epochs = 4
+batch_size = 8
+threads = 1
+keep_checkpoints = 4
+eval_flip = true
+eval_translate = true
+[optim]
+lr = 0.1
+momentum = 0.85
+weight_decay = 5e-3
+bn_bias_lr_scale = 64.0
+schedule = "triangle"
+lookahead = true
+lookahead_every = 3
+[loss]
+label_smoothing = 0.18
+"#,
+        data.display()
+    );
+    let cfg = tmp.path().join("airbench.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let c = cfg.to_str().unwrap();
+
+    let straight = tmp.path().join("straight");
+    let o = run(&["train", "--config", c, "--out", straight.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("whitening conv set"), "{}", stderr(&o));
+
+    let killed = tmp.path().join("killed");
+    let mut child = tricks()
+        .args(["train", "--config", c, "--out", killed.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = checkpoint::epoch_checkpoint_path(&killed.join("checkpoints"), 1);
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL, in epoch 2
+    child.wait().unwrap();
+    assert!(!killed.join("summary.json").exists());
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
+
+    let epoch = |out: &Path, e| {
+        tensors_of(&checkpoint::epoch_checkpoint_path(
+            &out.join("checkpoints"),
+            e,
+        ))
+    };
+    let (a, b) = (epoch(&straight, 4), epoch(&killed, 4));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "tensor {k} differs after resume");
+    }
+    // The run ends on the slow weights, which the checkpoint carries for resuming.
+    assert!(a.contains_key("optim.lookahead.block1.conv1.weight"));
+    for (k, t) in a.iter().filter(|(k, _)| !k.starts_with("optim.")) {
+        assert!(
+            t.equal(&a[&format!("optim.lookahead.{k}")]),
+            "{k} is not the average"
+        );
+    }
+    let e1 = epoch(&straight, 1);
+    assert!(a["whiten.weight"].equal(&e1["whiten.weight"]));
+    assert!(
+        a["whiten.bias"].equal(&e1["whiten.bias"]),
+        "trained after epoch 1"
+    );
+    assert!(
+        a["whiten.bias"]
+            .abs()
+            .sum(tch::Kind::Float)
+            .double_value(&[])
+            > 0.0
+    );
+    assert!(a["block1.norm1.weight"].eq(1.0).all().int64_value(&[]) == 1);
+    assert!(!a["block1.norm1.bias"].equal(&e1["block1.norm1.bias"]));
+    let m = metrics(&straight);
+    assert_eq!(m.len(), 4);
+    assert!(m.iter().all(|e| e.val_top1.is_some()));
+}

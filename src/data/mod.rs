@@ -299,6 +299,7 @@ pub(crate) fn stream_rng(seed: u64, a: u64, b: u64, tag: u64) -> ChaCha8Rng {
 pub(crate) const TAG_SUBSET: u64 = 0x5355_4253_4554; // "SUBSET"
 pub(crate) const TAG_PERM: u64 = 0x5045_524d; // "PERM"
 pub(crate) const TAG_SAMPLE: u64 = 0x5341_4d50_4c45; // "SAMPLE"
+pub(crate) const TAG_FLIP: u64 = 0x464c_4950; // "FLIP"
 
 /// A subset of another dataset, in the order of `indices`.
 pub struct Subset {

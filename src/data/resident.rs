@@ -8,8 +8,9 @@
 //! batch equals the loader's batch, value for value.
 
 use super::loader::{thread_pool, Batch, Shard};
+use super::transforms::{alternating_flip, pad_index};
 use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
-use crate::config::{DataConfig, Pipeline};
+use crate::config::{DataConfig, PadMode, Pipeline};
 use anyhow::{bail, Result};
 use rand::seq::SliceRandom;
 use rand::Rng;
@@ -28,6 +29,11 @@ pub struct Resident {
     side: i64,
     pad: i64,
     flip: bool,
+    /// `data.alternate_flip`.
+    alternate_flip: bool,
+    /// `data.pad_mode = "reflect"`: `[side + 2·pad]` i64, the source row/column of each padded
+    /// row/column. None: zero padding.
+    reflect_index: Option<Tensor>,
     /// `[1,3,1,1]` f32: normalisation.
     mean: Tensor,
     std: Tensor,
@@ -88,6 +94,13 @@ impl Resident {
         };
         let offsets = Tensor::arange(s, (Kind::Int64, device)).view([1, s]);
         let mirror_delta = offsets.flip([1]) - &offsets;
+        let p = cfg.cifar_pad as i64;
+        let reflect_index = (cfg.pad_mode == PadMode::Reflect).then(|| {
+            let map: Vec<i64> = (-p..s + p)
+                .map(|i| pad_index(i, s, PadMode::Reflect).expect("reflection is total"))
+                .collect();
+            Tensor::from_slice(&map).to_device(device)
+        });
         Ok(Resident {
             images,
             offsets,
@@ -97,6 +110,8 @@ impl Resident {
             side: s,
             pad: cfg.cifar_pad as i64,
             flip: cfg.flip,
+            alternate_flip: cfg.alternate_flip,
+            reflect_index,
             mean: channel(cfg.mean),
             std: channel(cfg.std),
         })
@@ -148,7 +163,12 @@ impl Resident {
             // The draws of transforms::random_pad_crop, in its order: x, y, flip.
             draws[n + k] = rng.gen_range(0..=range) as i64;
             draws[2 * n + k] = rng.gen_range(0..=range) as i64;
-            draws[3 * n + k] = i64::from(self.flip && rng.gen_bool(0.5));
+            let flip = match (self.flip, self.alternate_flip) {
+                (false, _) => false,
+                (true, false) => rng.gen_bool(0.5),
+                (true, true) => alternating_flip(seed, order[pos], epoch),
+            };
+            draws[3 * n + k] = i64::from(flip);
             draws[k] = order[pos] as i64;
         }
         let device = self.images.device();
@@ -190,11 +210,18 @@ impl Resident {
     fn augmented(&self, idx: &Tensor, xs: &Tensor, ys: &Tensor, flips: &Tensor) -> Tensor {
         let (b, s, p) = (idx.size()[0], self.side, self.pad);
         let src = self.images.index_select(0, idx);
-        let padded = src.constant_pad_nd([p, p, p, p]);
         let rows = ys.view([b, 1]) + &self.offsets;
         // Column d of the output is padded column x + d, or x + s − 1 − d when mirrored.
         let cols = xs.view([b, 1]) + &self.offsets + &self.mirror_delta * flips.view([b, 1]);
-        let wp = s + 2 * p;
+        // Reflection: padded rows and columns are source rows and columns, so pick from the
+        // source directly.
+        let (padded, rows, cols, wp) = match &self.reflect_index {
+            None => (src.constant_pad_nd([p, p, p, p]), rows, cols, s + 2 * p),
+            Some(map) => {
+                let through = |t: &Tensor| map.index_select(0, &t.view([-1])).view([b, s]);
+                (src, through(&rows), through(&cols), s)
+            }
+        };
         let picked_rows = padded.gather(
             2,
             &rows.view([b, 1, s, 1]).expand([b, 3, s, wp], false),
@@ -323,24 +350,42 @@ mod tests {
     #[test]
     fn resident_batches_equal_the_cpu_loader() {
         let ds = dataset(23, 8);
-        let cfg = config();
-        let resident = Rc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
-        for shard in [Shard::SINGLE, Shard { rank: 1, world: 2 }] {
-            for first in [0, 1] {
-                let cpu: Vec<Batch> = Loader::train_shard(ds.clone(), &cfg, 4, 7, 3, first, shard)
-                    .map(|b| b.unwrap())
-                    .collect();
+        // Also with airbench's reflect padding and alternating flip, over two epochs.
+        let airbench = DataConfig {
+            pad_mode: PadMode::Reflect,
+            alternate_flip: true,
+            ..config()
+        };
+        for (cfg, epochs) in [(config(), vec![3]), (airbench, vec![3, 4])] {
+            let resident = Rc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
+            for (shard, first, &epoch) in [Shard::SINGLE, Shard { rank: 1, world: 2 }]
+                .into_iter()
+                .flat_map(|s| [(s, 0), (s, 1)])
+                .flat_map(|(s, f)| epochs.iter().map(move |e| (s, f, e)))
+            {
+                let cpu: Vec<Batch> =
+                    Loader::train_shard(ds.clone(), &cfg, 4, 7, epoch, first, shard)
+                        .map(|b| b.unwrap())
+                        .collect();
                 let dev: Vec<Batch> = resident
-                    .train_batches(4, 7, 3, first, shard)
+                    .train_batches(4, 7, epoch, first, shard)
                     .map(|b| b.unwrap())
                     .collect();
                 assert_eq!(cpu.len(), dev.len());
                 assert!(!cpu.is_empty());
                 for (c, d) in cpu.iter().zip(&dev) {
                     assert!(c.labels.equal(&d.labels));
-                    assert!(c.images.equal(&d.images), "{shard:?} first {first}");
+                    assert!(
+                        c.images.equal(&d.images),
+                        "{shard:?} first {first} {:?}",
+                        cfg.pad_mode
+                    );
                 }
             }
+        }
+        let cfg = config();
+        let resident = Rc::new(Resident::load(&ds, &cfg, Device::Cpu).unwrap());
+        for shard in [Shard::SINGLE, Shard { rank: 1, world: 2 }] {
             let cpu: Vec<Batch> = Loader::eval_shard(ds.clone(), &cfg, 5, shard)
                 .map(|b| b.unwrap())
                 .collect();

@@ -27,7 +27,7 @@
 //! values are not clipped to [0, 1] between the colour operations.
 
 use super::Image;
-use crate::config::{DataConfig, Pipeline};
+use crate::config::{DataConfig, PadMode, Pipeline};
 use rand::seq::SliceRandom;
 use rand::Rng;
 use rand_distr::{Distribution, Normal};
@@ -113,24 +113,48 @@ pub struct Rect {
     pub height: u32,
 }
 
-/// The `size` x `size` crop at (`x`, `y`) of `img` zero-padded by `pad` on every side (`x`, `y` in
+/// Index `i` of a line of `n` values extended by mirroring at both ends without repeating the
+/// edge (PyTorch's `reflect` padding): -1 → 1, n → n − 2. `None` outside the line for zero
+/// padding.
+pub fn pad_index(i: i64, n: i64, mode: PadMode) -> Option<i64> {
+    if (0..n).contains(&i) {
+        return Some(i);
+    }
+    match mode {
+        PadMode::Zeros => None,
+        PadMode::Reflect if n == 1 => Some(0),
+        PadMode::Reflect => {
+            let period = 2 * (n - 1);
+            let k = i.rem_euclid(period);
+            Some(if k < n { k } else { period - k })
+        }
+    }
+}
+
+/// The `size` x `size` crop at (`x`, `y`) of `img` padded by `pad` on every side (`x`, `y` in
 /// padded coordinates: 0..=2·pad for a 32-px image and a 32-px crop), mirrored when `flip`.
-pub fn pad_crop(img: &Image, pad: u32, size: u32, x: u32, y: u32, flip: bool) -> Image {
+pub fn pad_crop(
+    img: &Image,
+    pad: u32,
+    mode: PadMode,
+    size: u32,
+    x: u32,
+    y: u32,
+    flip: bool,
+) -> Image {
     let (w, h) = (img.width as i64, img.height as i64);
     let s = size as usize;
     let mut out = vec![0u8; s * s * 3];
     for i in 0..s {
-        let sy = y as i64 + i as i64 - pad as i64;
-        if sy < 0 || sy >= h {
+        let Some(sy) = pad_index(y as i64 + i as i64 - pad as i64, h, mode) else {
             continue;
-        }
+        };
         let src_row = &img.rgb[(sy * w * 3) as usize..((sy + 1) * w * 3) as usize];
         let dst_row = &mut out[i * s * 3..(i + 1) * s * 3];
         for j in 0..s {
-            let sx = x as i64 + j as i64 - pad as i64;
-            if sx < 0 || sx >= w {
+            let Some(sx) = pad_index(x as i64 + j as i64 - pad as i64, w, mode) else {
                 continue;
-            }
+            };
             let d = if flip { s - 1 - j } else { j };
             let sp = sx as usize * 3;
             dst_row[d * 3..d * 3 + 3].copy_from_slice(&src_row[sp..sp + 3]);
@@ -143,9 +167,43 @@ pub fn pad_crop(img: &Image, pad: u32, size: u32, x: u32, y: u32, flip: bool) ->
     }
 }
 
-/// The CIFAR training crop: pad by `pad`, a uniformly random `size` crop, a horizontal flip with
-/// probability 0.5 when `flip`. Draws x, then y, then the flip.
-pub fn random_pad_crop(img: &Image, pad: u32, size: u32, flip: bool, rng: &mut impl Rng) -> Image {
+/// Whether a training sample is mirrored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flip {
+    Never,
+    /// With probability 0.5, drawn from the sample's random stream.
+    Random,
+    /// Decided beforehand (`data.alternate_flip`, see [`alternating_flip`]); nothing is drawn.
+    Fixed(bool),
+}
+
+impl Flip {
+    fn draw(self, rng: &mut impl Rng) -> bool {
+        match self {
+            Flip::Never => false,
+            Flip::Random => rng.gen_bool(0.5),
+            Flip::Fixed(f) => f,
+        }
+    }
+}
+
+/// Alternating flip (airbench): image `index` is mirrored in epoch 1 (epochs count from 1) by a
+/// draw of its own that stays the same all run, then the other way each epoch after.
+pub fn alternating_flip(seed: u64, index: usize, epoch: usize) -> bool {
+    let first = super::stream_rng(seed, 0, index as u64, super::TAG_FLIP).gen_bool(0.5);
+    first ^ epoch.is_multiple_of(2)
+}
+
+/// The CIFAR training crop: pad by `pad` (zeros or reflection), a uniformly random `size` crop,
+/// then the flip. Draws x, then y, then (for `Flip::Random`) the flip.
+pub fn random_pad_crop(
+    img: &Image,
+    pad: u32,
+    mode: PadMode,
+    size: u32,
+    flip: Flip,
+    rng: &mut impl Rng,
+) -> Image {
     let range = |side: u32| -> (u32, u32) {
         let padded = side + 2 * pad;
         if padded >= size {
@@ -159,13 +217,21 @@ pub fn random_pad_crop(img: &Image, pad: u32, size: u32, flip: bool, rng: &mut i
     let (ry, ey) = range(img.height);
     let x = rng.gen_range(0..=rx);
     let y = rng.gen_range(0..=ry);
-    let f = flip && rng.gen_bool(0.5);
+    let f = flip.draw(rng);
     if ex == 0 && ey == 0 {
-        pad_crop(img, pad, size, x, y, f)
+        pad_crop(img, pad, mode, size, x, y, f)
     } else {
         // Pad more so that the crop fits.
         let extra = ex.max(ey);
-        pad_crop(img, pad + extra, size, x + extra - ex, y + extra - ey, f)
+        pad_crop(
+            img,
+            pad + extra,
+            mode,
+            size,
+            x + extra - ex,
+            y + extra - ey,
+            f,
+        )
     }
 }
 
@@ -859,10 +925,13 @@ pub struct Transform {
     pub rrc_area: [f64; 2],
     pub rrc_aspect: [f64; 2],
     pub flip: bool,
+    /// `data.alternate_flip`: the loader decides each flip by [`alternating_flip`].
+    pub alternate_flip: bool,
     pub jitter: f64,
     pub hue: f64,
     pub lighting: f64,
     pub cifar_pad: u32,
+    pub pad_mode: PadMode,
     pub mean: [f32; 3],
     pub std: [f32; 3],
     /// (v/255 − mean)/std for every u8 value, per channel.
@@ -887,10 +956,12 @@ impl Transform {
             rrc_area: cfg.rrc_area,
             rrc_aspect: cfg.rrc_aspect,
             flip: cfg.flip,
+            alternate_flip: cfg.alternate_flip,
             jitter: cfg.jitter,
             hue: cfg.hue,
             lighting: cfg.lighting,
             cifar_pad: cfg.cifar_pad,
+            pad_mode: cfg.pad_mode,
             mean,
             std,
             lut,
@@ -920,13 +991,20 @@ impl Transform {
         }
     }
 
-    /// The training transform of the configured pipeline into `out` (3·train_size² floats).
+    /// The training transform of the configured pipeline into `out` (3·train_size² floats),
+    /// flipping at random when `data.flip`.
     pub fn train_into(&self, img: &Image, rng: &mut impl Rng, out: &mut [f32]) {
+        let flip = if self.flip { Flip::Random } else { Flip::Never };
+        self.train_flipped_into(img, rng, flip, out)
+    }
+
+    /// [`Transform::train_into`] with the flip given.
+    pub fn train_flipped_into(&self, img: &Image, rng: &mut impl Rng, flip: Flip, out: &mut [f32]) {
         assert_eq!(out.len(), self.train_len());
         let s = self.train_size;
         match self.pipeline {
             Pipeline::Cifar => {
-                let cropped = random_pad_crop(img, self.cifar_pad, s, self.flip, rng);
+                let cropped = random_pad_crop(img, self.cifar_pad, self.pad_mode, s, flip, rng);
                 self.normalize_u8_into(&cropped, out);
             }
             Pipeline::Imagenet => {
@@ -937,7 +1015,7 @@ impl Transform {
                     self.rrc_aspect,
                     rng,
                 );
-                let flip = self.flip && rng.gen_bool(0.5);
+                let flip = flip.draw(rng);
                 let ops = draw_color_ops(self.jitter, self.hue, rng);
                 let alpha = draw_lighting_alpha(self.lighting, rng);
                 let (xa, ya) = crop_axes(rect, s, s, flip);
@@ -1015,27 +1093,27 @@ mod tests {
     fn pad_crop_known_offset() {
         let img = ramp(4, 3);
         // Offset (0, 0) with pad 2: the top-left 2x2 of the output is zero padding.
-        let c = pad_crop(&img, 2, 4, 0, 0, false);
+        let c = pad_crop(&img, 2, PadMode::Zeros, 4, 0, 0, false);
         assert_eq!((c.width, c.height), (4, 4));
         assert_eq!(c.pixel(0, 0), [0, 0, 0]);
         assert_eq!(c.pixel(1, 3), [0, 0, 0]);
         assert_eq!(c.pixel(2, 2), img.pixel(0, 0));
         assert_eq!(c.pixel(3, 3), img.pixel(1, 1));
         // Offset (pad, pad) = the unpadded top-left crop.
-        let c = pad_crop(&img, 2, 3, 2, 2, false);
+        let c = pad_crop(&img, 2, PadMode::Zeros, 3, 2, 2, false);
         for y in 0..3 {
             for x in 0..3 {
                 assert_eq!(c.pixel(x, y), img.pixel(x, y));
             }
         }
         // Offset (3, 1): output (x, y) = source (x + 1, y − 1).
-        let c = pad_crop(&img, 2, 3, 3, 1, false);
+        let c = pad_crop(&img, 2, PadMode::Zeros, 3, 3, 1, false);
         assert_eq!(c.pixel(0, 0), [0, 0, 0]);
         assert_eq!(c.pixel(0, 1), img.pixel(1, 0));
         assert_eq!(c.pixel(2, 2), img.pixel(3, 1));
         assert_eq!(c.pixel(2, 1), img.pixel(3, 0));
         // Flip = mirror of the same crop.
-        let f = pad_crop(&img, 2, 3, 3, 1, true);
+        let f = pad_crop(&img, 2, PadMode::Zeros, 3, 3, 1, true);
         assert_eq!(f.rgb, hflip(&c).rgb);
     }
 
@@ -1045,7 +1123,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let mut seen = std::collections::HashSet::new();
         for _ in 0..2000 {
-            let c = random_pad_crop(&img, 2, 8, false, &mut rng);
+            let c = random_pad_crop(&img, 2, PadMode::Zeros, 8, Flip::Never, &mut rng);
             assert_eq!((c.width, c.height), (8, 8));
             // Recover the offset from where source pixel (0, 0) landed.
             let pos = (0..8)
@@ -1060,6 +1138,43 @@ mod tests {
             9,
             "offsets 0..=4 in x and y with source (0, 0) visible for x, y <= 2"
         );
+    }
+
+    #[test]
+    fn reflect_padding_mirrors_without_repeating_the_edge() {
+        let r = |i| pad_index(i, 4, PadMode::Reflect).unwrap();
+        // PyTorch's reflect: [a b c d] → c b | a b c d | c b.
+        assert_eq!((r(-2), r(-1), r(0), r(3), r(4), r(5)), (2, 1, 0, 3, 2, 1));
+        assert_eq!(r(-7), 1); // beyond one reflection: periodic
+        assert_eq!(pad_index(-1, 4, PadMode::Zeros), None);
+        let img = ramp(4, 3);
+        // Crop at padded (0, 0) with pad 2: output (0, 0) is source (2, 2), (2, 2) is (0, 0).
+        let c = pad_crop(&img, 2, PadMode::Reflect, 4, 0, 0, false);
+        assert_eq!(c.pixel(0, 0), img.pixel(2, 2));
+        assert_eq!(c.pixel(1, 2), img.pixel(1, 0));
+        assert_eq!(c.pixel(2, 2), img.pixel(0, 0));
+        assert_eq!(c.pixel(3, 3), img.pixel(1, 1));
+    }
+
+    #[test]
+    fn alternating_flip_mirrors_each_image_the_other_way_every_epoch() {
+        let first: Vec<bool> = (0..400).map(|i| alternating_flip(9, i, 1)).collect();
+        let flipped = first.iter().filter(|&&f| f).count();
+        assert!((150..250).contains(&flipped), "{flipped} of 400 in epoch 1");
+        for epoch in 2..6 {
+            for (i, &f) in first.iter().enumerate() {
+                assert_eq!(alternating_flip(9, i, epoch), f ^ (epoch % 2 == 0));
+            }
+        }
+        // Another seed, another first epoch.
+        assert!((0..400).any(|i| alternating_flip(10, i, 1) != first[i]));
+        // A fixed flip draws nothing: the crop offsets are the random ones' (x, y drawn first).
+        let img = ramp(8, 8);
+        let mut a = ChaCha8Rng::seed_from_u64(5);
+        let mut b = ChaCha8Rng::seed_from_u64(5);
+        let fixed = random_pad_crop(&img, 2, PadMode::Zeros, 8, Flip::Fixed(true), &mut a);
+        let never = random_pad_crop(&img, 2, PadMode::Zeros, 8, Flip::Never, &mut b);
+        assert_eq!(fixed.rgb, hflip(&never).rgb);
     }
 
     #[test]
@@ -1454,7 +1569,7 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(5);
         t.train_into(&img, &mut rng, &mut out);
         let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let expect_img = random_pad_crop(&img, 4, 32, true, &mut rng);
+        let expect_img = random_pad_crop(&img, 4, PadMode::Zeros, 32, Flip::Random, &mut rng);
         let mut expect = vec![0f32; t.train_len()];
         t.normalize_u8_into(&expect_img, &mut expect);
         assert_eq!(out, expect);
@@ -1465,7 +1580,7 @@ mod tests {
         t.normalize_u8_into(&img, &mut id);
         assert_eq!(ev, id);
         // Padding is black: (0 − mean)/std.
-        let c = pad_crop(&img, 4, 32, 0, 0, false);
+        let c = pad_crop(&img, 4, PadMode::Zeros, 32, 0, 0, false);
         let mut o = vec![0f32; t.train_len()];
         t.normalize_u8_into(&c, &mut o);
         assert!(close(o[0], -0.485 / 0.229, 1e-6));

@@ -1,9 +1,11 @@
 //! The ResNet family as one parameterised definition (after timm's `resnet.py` and GluonCV's
 //! `resnetv1b.py`): depth picks the block and stage sizes, `variant` picks the paper's tweaks.
 
+mod airbench;
 pub mod norm;
 mod resnet;
 
+pub use airbench::{Airbench, WHITEN_IMAGES};
 pub use resnet::ResNet;
 
 use crate::config::ModelConfig;
@@ -136,13 +138,75 @@ impl ModelSpec {
     }
 }
 
+/// The name of airbench94's network in `model.name`.
+pub const AIRBENCH94: &str = "airbench94";
+
+/// Any classifier this project trains: a ResNet, or airbench94's network.
+#[derive(Debug)]
+pub enum Classifier {
+    ResNet(ResNet),
+    Airbench(Airbench),
+}
+
+impl Classifier {
+    /// The model `[model]` describes, with `num_classes` outputs.
+    pub fn new(p: &tch::nn::Path, cfg: &ModelConfig, num_classes: i64) -> Result<Classifier> {
+        Self::check_config(cfg)?;
+        Ok(if cfg.name == AIRBENCH94 {
+            Classifier::Airbench(Airbench::new(p, num_classes))
+        } else {
+            Classifier::ResNet(ResNet::new(p, &ModelSpec::from_config(cfg)?, num_classes))
+        })
+    }
+
+    /// Checks `[model]` without building anything.
+    pub fn check_config(cfg: &ModelConfig) -> Result<()> {
+        if cfg.name == AIRBENCH94 {
+            check_airbench_config(cfg)
+        } else if cfg.whiten_bias_epochs != 0 {
+            bail!("key `model.whiten_bias_epochs`: {} has no whitening layer (only {AIRBENCH94} does)", cfg.name)
+        } else {
+            ModelSpec::from_config(cfg).map(|_| ())
+        }
+    }
+
+    /// The input of the classifier head (the last feature map of a ResNet, the pooled vector of
+    /// airbench94's network).
+    pub fn features(&self, x: &tch::Tensor, train: bool) -> tch::Tensor {
+        match self {
+            Classifier::ResNet(m) => m.features(x, train),
+            Classifier::Airbench(m) => m.features(x, train),
+        }
+    }
+
+    pub fn classify(&self, features: &tch::Tensor) -> tch::Tensor {
+        match self {
+            Classifier::ResNet(m) => m.classify(features),
+            Classifier::Airbench(m) => m.classify(features),
+        }
+    }
+}
+
+impl tch::nn::ModuleT for Classifier {
+    fn forward_t(&self, x: &tch::Tensor, train: bool) -> tch::Tensor {
+        self.classify(&self.features(x, train))
+    }
+}
+
+fn check_airbench_config(cfg: &ModelConfig) -> Result<()> {
+    if cfg.variant != "a" || cfg.zero_gamma || cfg.cifar_stem {
+        bail!("keys `model.variant`, `model.zero_gamma` and `model.cifar_stem` are ResNet options; {AIRBENCH94} takes none of them (leave them at \"a\", false, false)");
+    }
+    Ok(())
+}
+
 /// Rebuilds the model a checkpoint was trained as (from its embedded config) and loads its
 /// weights. Returns the model, its variables, the config and the class names.
 pub fn load_model(
     path: &std::path::Path,
     device: tch::Device,
 ) -> Result<(
-    ResNet,
+    Classifier,
     tch::nn::VarStore,
     crate::config::Config,
     Vec<String>,
@@ -155,13 +219,12 @@ pub fn load_model(
             path.display()
         ),
     };
-    let spec = ModelSpec::from_config(&cfg.model)?;
     let num_classes = match ckpt.tensors.get("fc.weight") {
         Some(w) => w.size()[0],
         None => bail!("{}: no `fc.weight` tensor", path.display()),
     };
     let vs = tch::nn::VarStore::new(device);
-    let model = ResNet::new(&vs.root(), &spec, num_classes);
+    let model = Classifier::new(&vs.root(), &cfg.model, num_classes)?;
     crate::checkpoint::copy_into(&vs, &ckpt.tensors, path, None)?;
     Ok((model, vs, cfg, ckpt.classes))
 }

@@ -14,19 +14,40 @@ const MOMENTUM: f64 = 0.1;
 #[derive(Debug)]
 pub struct BatchNorm2d {
     bn: nn::BatchNorm,
+    /// The config's ε and momentum (`nn::BatchNorm` keeps its own private), for the fused and
+    /// synchronised paths.
+    eps: f64,
+    momentum: f64,
 }
 
 /// A 2-D batch norm starting at γ = `gamma`, β = 0.
 pub fn batch_norm2d(p: nn::Path, c: i64, gamma: f64) -> BatchNorm2d {
+    batch_norm2d_with(p, c, gamma, EPS, MOMENTUM)
+}
+
+/// A 2-D batch norm with its own ε and running-statistics momentum (PyTorch's convention: the
+/// weight of the new batch's statistics).
+pub fn batch_norm2d_with(p: nn::Path, c: i64, gamma: f64, eps: f64, momentum: f64) -> BatchNorm2d {
     let cfg = nn::BatchNormConfig {
         ws_init: nn::Init::Const(gamma),
         bs_init: nn::Init::Const(0.0),
-        eps: EPS,
-        momentum: MOMENTUM,
+        eps,
+        momentum,
         ..Default::default()
     };
     BatchNorm2d {
         bn: nn::batch_norm2d(p, c, cfg),
+        eps,
+        momentum,
+    }
+}
+
+impl BatchNorm2d {
+    /// Keeps γ at its value: no gradient, so no optimiser moves it.
+    pub fn freeze_weight(&mut self) {
+        if let Some(w) = &mut self.bn.ws {
+            let _ = w.requires_grad_(false);
+        }
     }
 }
 
@@ -156,8 +177,8 @@ impl BatchNorm2d {
                 ptr(&self.bn.running_mean),
                 ptr(&self.bn.running_var),
                 train,
-                MOMENTUM,
-                EPS,
+                self.momentum,
+                self.eps,
                 code,
                 residual,
                 &mut out,
@@ -214,13 +235,13 @@ impl BatchNorm2d {
             let mut rm = self.bn.running_mean.shallow_clone();
             let mut rv = self.bn.running_var.shallow_clone();
             let _ = rm
-                .g_mul_scalar_(1.0 - MOMENTUM)
-                .g_add_(&(mean.detach() * MOMENTUM));
+                .g_mul_scalar_(1.0 - self.momentum)
+                .g_add_(&(mean.detach() * self.momentum));
             let _ = rv
-                .g_mul_scalar_(1.0 - MOMENTUM)
-                .g_add_(&(unbiased * MOMENTUM));
+                .g_mul_scalar_(1.0 - self.momentum)
+                .g_add_(&(unbiased * self.momentum));
         });
-        let scale = (var + EPS).rsqrt();
+        let scale = (var + self.eps).rsqrt();
         let scale = match &self.bn.ws {
             Some(w) => scale * w,
             None => scale,

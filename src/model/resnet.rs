@@ -394,6 +394,7 @@ mod tests {
             num_classes: 0,
             zero_gamma,
             cifar_stem: false,
+            whiten_bias_epochs: 0,
         })
         .unwrap()
     }

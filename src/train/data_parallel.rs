@@ -144,6 +144,11 @@ pub fn sync_from_rank0(
             .shallow_clone();
         group.broadcast_into(&buf).context(ctx)?;
     }
+    if let Some(la) = opt.lookahead_mut() {
+        for (_, t) in la.state_tensors() {
+            group.broadcast_into(&t).context(ctx)?;
+        }
+    }
     let json = serde_json::to_vec(state)?;
     let json = group.broadcast_bytes(&json).context(ctx)?;
     *state = serde_json::from_slice(&json).context("rank 0's training state")?;

@@ -1,11 +1,14 @@
 //! Training: the loop, the optimizer, the schedule and every training trick.
 //!
 //! Each trick lives in the module named after it: `schedule` (linear scaling, warmup, step and
-//! cosine decay), `loss` (label smoothing, distillation), `mixup`, `clip`, `precision` (autocast
-//! and loss scaling), `optim` (Nesterov SGD, no bias decay); zero-γ lives with the model.
+//! cosine decay, airbench's triangle), `loss` (label smoothing, distillation), `mixup`, `clip`,
+//! `precision` (autocast and loss scaling), `optim` (Nesterov SGD, no bias decay, BN-bias lr
+//! scaling), `lookahead`; zero-γ lives with the model, alternating flip and reflect padding
+//! with the data pipeline.
 
 pub mod clip;
 mod data_parallel;
+pub mod lookahead;
 pub mod loss;
 pub mod mixup;
 pub mod optim;

@@ -1,6 +1,7 @@
 //! Nesterov SGD with state this project owns (so momentum buffers go into checkpoints and resume
 //! is exact), and per-parameter weight decay for the "no bias decay" trick.
 
+use super::lookahead::Lookahead;
 use crate::config::OptimConfig;
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
@@ -14,6 +15,9 @@ pub struct Param {
     pub decay: bool,
     /// Multiplier of the lr for this tensor (1.0 unless set, e.g. a lower backbone lr).
     pub lr_scale: f64,
+    /// Multiplier of the weight decay for this tensor (1.0 unless set: `optim.bn_bias_lr_scale`
+    /// divides it by the lr multiplier, so that lr × wd stays the same).
+    pub decay_scale: f64,
     pub(crate) momentum: Option<Tensor>,
 }
 
@@ -33,6 +37,8 @@ pub struct Sgd {
     /// Set by [`Sgd::flatten`]: every parameter, gradient and momentum buffer is a view of one
     /// buffer each, and a step is a handful of whole-buffer operations.
     flat: Option<Flat>,
+    /// `optim.lookahead`: slow weights, saved and restored with the momentum buffers.
+    lookahead: Option<Lookahead>,
 }
 
 /// Elements per step of the flat update on a CPU (1 MiB of f32).
@@ -52,6 +58,8 @@ struct Flat {
     /// Weight decay of each element (0 where a tensor is not decayed), or None when every
     /// element decays by `weight_decay`.
     decay: Option<Tensor>,
+    /// Where each parameter starts in the buffers (in `Sgd::params` order).
+    offsets: Vec<i64>,
     /// lr multiplier of each element, or None when all are 1.
     lr_scale: Option<Tensor>,
     /// Elements updated per chunk: all of them on a GPU (fewest launches), [`CPU_CHUNK`] on a
@@ -66,21 +74,36 @@ pub fn decays(tensor: &Tensor, no_bias_decay: bool) -> bool {
 
 impl Sgd {
     /// Optimizes every trainable variable of `vs` (those with requires_grad), in name order.
+    /// Batch-norm biases (the `bias` of a layer with a `running_mean`) get
+    /// `optim.bn_bias_lr_scale` as their lr multiplier and its inverse as their decay multiplier.
     pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Sgd {
-        let mut vars: Vec<(String, Tensor)> = vs
-            .variables()
-            .into_iter()
+        let all = vs.variables();
+        let is_bn_bias = |name: &str| {
+            name.strip_suffix("bias")
+                .is_some_and(|layer| all.contains_key(&format!("{layer}running_mean")))
+        };
+        let mut vars: Vec<(String, Tensor)> = all
+            .iter()
             .filter(|(_, t)| t.requires_grad())
+            .map(|(k, t)| (k.clone(), t.shallow_clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let params = vars
             .into_iter()
-            .map(|(name, tensor)| Param {
-                decay: decays(&tensor, cfg.no_bias_decay),
-                name,
-                tensor,
-                lr_scale: 1.0,
-                momentum: None,
+            .map(|(name, tensor)| {
+                let bn_scale = if is_bn_bias(&name) {
+                    cfg.bn_bias_lr_scale
+                } else {
+                    1.0
+                };
+                Param {
+                    decay: decays(&tensor, cfg.no_bias_decay),
+                    name,
+                    tensor,
+                    lr_scale: bn_scale,
+                    decay_scale: 1.0 / bn_scale,
+                    momentum: None,
+                }
             })
             .collect();
         Sgd {
@@ -89,6 +112,7 @@ impl Sgd {
             nesterov: cfg.nesterov,
             weight_decay: cfg.weight_decay,
             flat: None,
+            lookahead: None,
         }
     }
 
@@ -101,6 +125,9 @@ impl Sgd {
     /// layouts (after loading, resuming and any channels-last conversion) and after the lr scales
     /// are set; weights loaded later must be copied in place.
     pub fn flatten(&mut self) {
+        if let Some(la) = &mut self.lookahead {
+            la.match_layouts();
+        }
         if self.flat.is_some() || self.params.is_empty() {
             return;
         }
@@ -123,14 +150,16 @@ impl Sgd {
         let params = Tensor::zeros([total], opts);
         let grads = Tensor::zeros([total], opts);
         let momentum = Tensor::zeros([total], opts);
-        let uniform_decay = self.params.iter().all(|p| p.decay);
+        let uniform_decay = self.params.iter().all(|p| p.decay && p.decay_scale == 1.0);
         let uniform_scale = self.params.iter().all(|p| p.lr_scale == 1.0);
         let mut decay = Vec::new();
         let mut scale = Vec::new();
         let mut offset = 0i64;
+        let mut offsets = Vec::new();
         tch::no_grad(|| {
             for p in &mut self.params {
                 let n = p.tensor.numel() as i64;
+                offsets.push(offset);
                 let (size, stride) = (p.tensor.size(), p.tensor.stride());
                 let view = |buf: &Tensor| buf.as_strided(&size, &stride, Some(offset));
                 let mut pv = view(&params);
@@ -157,7 +186,8 @@ impl Sgd {
                 // so weight decay and momentum leave it at zero too).
                 let pad = padded(n) - n;
                 if !uniform_decay {
-                    decay.push((n, if p.decay { self.weight_decay } else { 0.0 }));
+                    let wd = self.weight_decay * p.decay_scale;
+                    decay.push((n, if p.decay { wd } else { 0.0 }));
                     decay.push((pad, 0.0));
                 }
                 if !uniform_scale {
@@ -182,6 +212,7 @@ impl Sgd {
             grads,
             momentum,
             decay: per_element(&decay),
+            offsets,
             lr_scale: per_element(&scale),
             chunk: if device.is_cuda() { total } else { CPU_CHUNK },
         });
@@ -193,6 +224,29 @@ impl Sgd {
         for p in self.params.iter_mut().filter(|p| selects(&p.name)) {
             p.set_lr_scale(scale);
             n += 1;
+        }
+        n
+    }
+
+    /// Stops updating every parameter whose name `selects` (lr multiplier 0; weight decay and
+    /// momentum no longer move it either), also after [`Sgd::flatten`]; returns how many.
+    pub fn freeze(&mut self, selects: impl Fn(&str) -> bool) -> usize {
+        let mut n = 0;
+        for (i, p) in self.params.iter_mut().enumerate() {
+            if !selects(&p.name) || p.lr_scale == 0.0 {
+                continue;
+            }
+            p.lr_scale = 0.0;
+            n += 1;
+            if let Some(f) = &mut self.flat {
+                let len = f.params.numel() as i64;
+                let scale = f.lr_scale.get_or_insert_with(|| {
+                    Tensor::ones([len], (f.params.kind(), f.params.device()))
+                });
+                let _ = scale
+                    .narrow(0, f.offsets[i], p.tensor.numel() as i64)
+                    .fill_(0.0);
+            }
         }
         n
     }
@@ -264,7 +318,7 @@ impl Sgd {
                     continue;
                 }
                 let mut g = if p.decay && wd != 0.0 {
-                    &grad + &p.tensor * wd
+                    &grad + &p.tensor * (wd * p.decay_scale)
                 } else {
                     grad
                 };
@@ -287,9 +341,20 @@ impl Sgd {
         });
     }
 
-    /// Momentum buffers by parameter name, for checkpoints.
+    /// Adds lookahead (`optim.lookahead`) to this optimiser: its slow weights go into
+    /// [`Sgd::state_tensors`] and come back with [`Sgd::load_state`].
+    pub fn set_lookahead(&mut self, lookahead: Lookahead) {
+        self.lookahead = Some(lookahead);
+    }
+
+    pub fn lookahead_mut(&mut self) -> Option<&mut Lookahead> {
+        self.lookahead.as_mut()
+    }
+
+    /// Momentum buffers by parameter name (and lookahead's slow weights), for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.params
+        let mut v: Vec<(String, Tensor)> = self
+            .params
             .iter()
             .filter_map(|p| {
                 p.momentum.as_ref().map(|b| {
@@ -299,7 +364,11 @@ impl Sgd {
                     )
                 })
             })
-            .collect()
+            .collect();
+        if let Some(la) = &self.lookahead {
+            v.extend(la.state_tensors());
+        }
+        v
     }
 
     /// Restores momentum buffers saved by [`Sgd::state_tensors`].
@@ -321,6 +390,9 @@ impl Sgd {
                     _ => p.momentum = Some(t.contiguous()),
                 }
             }
+        }
+        if let Some(la) = &mut self.lookahead {
+            la.load_state(tensors)?;
         }
         Ok(())
     }
@@ -532,6 +604,63 @@ mod tests {
 
     /// Each parameter and gradient view starts at a multiple of FLAT_ALIGN elements into its
     /// buffer (fp16 training on a GPU faulted on misaligned parameters).
+    /// `optim.bn_bias_lr_scale`: BN biases (and only they: not the linear bias, not BN γ) step
+    /// `s` times further with weight decay `wd/s`, so lr × wd is unchanged; `freeze` stops a
+    /// parameter, before or after flattening. Both update paths give the same numbers.
+    #[test]
+    fn bn_bias_lr_scale_and_freeze_by_hand_formula_on_both_paths() {
+        let cfg = OptimConfig {
+            weight_decay: 1e-2,
+            momentum: 0.0,
+            bn_bias_lr_scale: 64.0,
+            ..Default::default()
+        };
+        let mut results = Vec::new();
+        for flat in [false, true] {
+            tch::manual_seed(5);
+            let vs = store();
+            tch::no_grad(|| {
+                for (_, mut v) in by_name(&vs) {
+                    v.copy_(&Tensor::randn(v.size(), (Kind::Float, Device::Cpu)));
+                }
+            });
+            let mut opt = Sgd::new(&vs, &cfg);
+            if flat {
+                opt.flatten();
+            }
+            let before = snapshot(&vs);
+            set_grads(&vs, 1.0); // ∇ = w
+            let lr = 0.01;
+            opt.step(lr);
+            let after = snapshot(&vs);
+            let expect = |name: &str, scale: f64, wd: f64| {
+                let w = &before[name];
+                let want = w - (w + w * wd) * (lr * scale);
+                assert!(
+                    after[name].allclose(&want, 1e-6, 1e-6, false),
+                    "{name} (flat {flat})"
+                );
+            };
+            expect("bn.bias", 64.0, 1e-2 / 64.0);
+            expect("bn.weight", 1.0, 1e-2);
+            expect("fc.bias", 1.0, 1e-2);
+            expect("conv.weight", 1.0, 1e-2);
+            // Frozen: no further change, whatever the gradient.
+            assert_eq!(opt.freeze(|n| n == "fc.bias"), 1);
+            assert_eq!(opt.freeze(|n| n == "fc.bias"), 0, "already frozen");
+            opt.zero_grad();
+            set_grads(&vs, 1.0);
+            opt.step(lr);
+            let last = snapshot(&vs);
+            assert!(last["fc.bias"].equal(&after["fc.bias"]), "flat {flat}");
+            assert!(!last["fc.weight"].equal(&after["fc.weight"]));
+            results.push(last);
+        }
+        for (k, v) in &results[0] {
+            assert!(v.allclose(&results[1][k], 1e-6, 1e-6, false), "{k}");
+        }
+    }
+
     #[test]
     fn flat_buffer_views_start_aligned() {
         let vs = store();

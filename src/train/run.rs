@@ -1,6 +1,7 @@
 //! One training run: data → model → epochs of (train, evaluate, checkpoint) → summary.
 
 use super::data_parallel::{dump_rank_weights, sync_from_rank0, DataParallel};
+use super::lookahead::Lookahead;
 use super::loss::{
     distillation_loss, smooth_targets, smoothed_cross_entropy, soft_cross_entropy, top1_hits,
     topk_hits,
@@ -15,7 +16,7 @@ use crate::data::{self, Batch, Batches, Loader, Resident, Shard};
 use crate::device::{to_channels_last, upload, weights_to_channels_last};
 use crate::distributed::ProcessGroup;
 use crate::metrics;
-use crate::model::{self, ResNet};
+use crate::model::{self, Classifier};
 use anyhow::{anyhow, bail, Context, Result};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -118,11 +119,15 @@ pub struct EvalSettings {
     pub channels_last: bool,
     /// Test-time flip (`train.eval_flip`): score the mean logits of each image and its mirror.
     pub flip: bool,
+    /// Test-time translation (`train.eval_translate`): ½ the logits of each image (with `flip`,
+    /// of it and its mirror) plus ¼ those of each of its copies shifted one pixel up-left and
+    /// down-right.
+    pub translate: bool,
 }
 
 /// Top-1/top-5 accuracy (%) and mean cross-entropy of a model over a loader.
 pub fn evaluate(
-    model: &ResNet,
+    model: &Classifier,
     loader: impl Iterator<Item = Result<Batch>>,
     settings: EvalSettings,
 ) -> Result<EvalResult> {
@@ -131,16 +136,34 @@ pub fn evaluate(
 
 /// Evaluation logits (f32) of a batch already on the device. With `flip`, test-time flip
 /// augmentation: the mean of the logits of the images and of their mirror images (the training
-/// flips too, so both views are in-distribution; airbench scores this way).
-fn eval_logits(model: &ResNet, x: &Tensor, settings: EvalSettings) -> Tensor {
+/// flips too, so both views are in-distribution; airbench scores this way). With `translate`,
+/// airbench94's test-time translation on top (see [`EvalSettings::translate`]).
+fn eval_logits(model: &Classifier, x: &Tensor, settings: EvalSettings) -> Tensor {
     tch::no_grad(|| {
         let _ac = Autocast::enter(settings.precision, settings.device);
-        let logits = model.forward_t(x, false).to_kind(Kind::Float);
-        if settings.flip {
-            (logits + model.forward_t(&x.flip([3]), false).to_kind(Kind::Float)) * 0.5
-        } else {
-            logits
+        let view = |x: &Tensor| {
+            let logits = model.forward_t(x, false).to_kind(Kind::Float);
+            if settings.flip {
+                (logits + model.forward_t(&x.flip([3]), false).to_kind(Kind::Float)) * 0.5
+            } else {
+                logits
+            }
+        };
+        let logits = view(x);
+        if !settings.translate {
+            return logits;
         }
+        let (h, w) = (x.size()[2], x.size()[3]);
+        let padded = x.reflection_pad2d([1, 1, 1, 1]);
+        let shifted = |at: i64| {
+            let s = padded.narrow(2, at, h).narrow(3, at, w);
+            view(&if settings.channels_last {
+                to_channels_last(&s)
+            } else {
+                s.contiguous()
+            })
+        };
+        logits * 0.5 + (shifted(0) + shifted(2)) * 0.25
     })
 }
 
@@ -155,7 +178,7 @@ struct EvalSums {
 
 impl EvalSums {
     fn over(
-        model: &ResNet,
+        model: &Classifier,
         loader: impl Iterator<Item = Result<Batch>>,
         settings: EvalSettings,
     ) -> Result<EvalSums> {
@@ -213,6 +236,27 @@ impl EvalSums {
     }
 }
 
+/// The first `n` images of `ds` (fewer if it is smaller) as the evaluation transform gives
+/// them, normalised, in batches on the CPU.
+fn first_images(
+    ds: &Arc<dyn data::Dataset>,
+    cfg: &crate::config::DataConfig,
+    n: usize,
+) -> Result<Vec<Tensor>> {
+    let mut out = Vec::new();
+    let mut have = 0usize;
+    for batch in Loader::eval(ds.clone(), cfg, 500) {
+        if have >= n {
+            break;
+        }
+        let images = batch?.images;
+        let take = (n - have).min(images.size()[0] as usize);
+        out.push(images.narrow(0, 0, take as i64));
+        have += take;
+    }
+    Ok(out)
+}
+
 /// Moves a batch to the device, in NHWC memory layout when `channels_last`.
 pub(crate) fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -> Tensor {
     let x = upload(x, device);
@@ -226,7 +270,7 @@ pub(crate) fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -
 /// A teacher for knowledge distillation: any model this project can build, from its checkpoint,
 /// in eval mode and without gradients.
 struct Teacher {
-    model: ResNet,
+    model: Classifier,
     _vs: nn::VarStore,
 }
 
@@ -334,7 +378,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             classes.len()
         );
     }
-    let spec = model::ModelSpec::from_config(&cfg.model)?;
     // libtorch's generator is process-wide: runs started together (ablate --jobs N) would
     // interleave their draws, so seeding and initialisation happen under one lock.
     let (vs, net) = {
@@ -343,9 +386,20 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             .unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(cfg.seed as i64);
         let vs = nn::VarStore::new(device);
-        let net = ResNet::new(&vs.root(), &spec, num_classes);
+        let net = Classifier::new(&vs.root(), &cfg.model, num_classes)?;
         (vs, net)
     };
+    if let (Classifier::Airbench(a), true) = (&net, cfg.finetune.from.is_empty()) {
+        let t = Instant::now();
+        let images = first_images(&train_ds, &cfg.data, model::WHITEN_IMAGES)?;
+        a.init_whitening(&images)
+            .with_context(|| format!("whitening from {}", cfg.data.dir))?;
+        log(&format!(
+            "whitening conv set from the 2x2 patches of the first {} training images in {:.1}s",
+            images.iter().map(|t| t.size()[0]).sum::<i64>(),
+            t.elapsed().as_secs_f64()
+        ));
+    }
     // `data.on_device`: both splits decoded once into device memory.
     let resident = if cfg.data.on_device {
         let t = Instant::now();
@@ -383,6 +437,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     let probe = init_from_finetune(cfg, &vs, &log)?;
     let mut opt = Sgd::new(&vs, &cfg.optim);
+    let epochs = cfg.train.epochs;
+    if cfg.optim.lookahead {
+        opt.set_lookahead(Lookahead::new(&vs, &cfg.optim, epochs * iters_per_epoch));
+    }
     if !cfg.finetune.from.is_empty() && cfg.finetune.backbone_lr_mult != 1.0 {
         opt.set_lr_scale(
             |name| !name.starts_with("fc."),
@@ -434,7 +492,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         )?)
     };
 
-    let epochs = cfg.train.epochs;
     let schedule = LrSchedule::new(
         &cfg.optim,
         cfg.peak_lr(shard.world),
@@ -454,6 +511,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         precision,
         channels_last,
         flip: cfg.train.eval_flip,
+        translate: cfg.train.eval_translate,
     };
     let validate = || -> Result<EvalResult> {
         EvalSums::over(&net, eval_batches(bs), eval_settings)?
@@ -468,6 +526,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         // epoch's running sums, so the epoch's metrics come out as if never interrupted.
         // (In a data-parallel run the saved sums are over all ranks: rank 0 carries them.)
         let first_batch = std::mem::take(&mut state.batch_in_epoch);
+        let whiten_bias_epochs = cfg.model.whiten_bias_epochs;
+        if whiten_bias_epochs > 0 && epoch > whiten_bias_epochs {
+            opt.freeze(|name| name == "whiten.bias");
+        }
         let partial = std::mem::take(&mut state.partial);
         let partial = if rank0 { partial } else { Default::default() };
         let loader = match &resident {
@@ -582,6 +644,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let hits = top1_hits(&logits, &y);
             let current = sums.add(&step.loss, &hits, b, state.global_step)?;
             state.global_step += 1;
+            if let Some(la) = opt.lookahead_mut() {
+                la.after_step(state.global_step);
+                if state.global_step == epochs * iters_per_epoch {
+                    la.finish();
+                }
+            }
             seen += b as usize;
             if current {
                 let ips = seen as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
@@ -1125,11 +1193,11 @@ mod tests {
         .unwrap();
         tch::manual_seed(3);
         let vs = tch::nn::VarStore::new(Device::Cpu);
-        let net = ResNet::new(&vs.root(), &spec, 5);
+        let net = Classifier::ResNet(crate::model::ResNet::new(&vs.root(), &spec, 5));
         // Not square, so that flipping the wrong axis would give other logits.
         let x = Tensor::randn([6, 3, 8, 12], (Kind::Float, Device::Cpu));
         let y = Tensor::from_slice(&[0i64, 1, 2, 3, 4, 0]);
-        let eval = |flip: bool| {
+        let eval = |flip: bool, translate: bool| {
             let batch = Batch {
                 images: x.shallow_clone(),
                 labels: y.shallow_clone(),
@@ -1140,6 +1208,7 @@ mod tests {
                 precision: Precision::Fp32,
                 channels_last: false,
                 flip,
+                translate,
             };
             evaluate(&net, std::iter::once(Ok(batch)), settings).unwrap()
         };
@@ -1153,14 +1222,14 @@ mod tests {
                 .sum(Kind::Int64)
                 .double_value(&[])
             / 6.0;
-        let with_flip = eval(true);
+        let with_flip = eval(true, false);
         assert!(
             (with_flip.loss - expected_loss).abs() < 1e-6,
             "{with_flip:?} vs {expected_loss}"
         );
         assert_eq!(with_flip.top1, expected_top1);
         assert_eq!(with_flip.samples, 6);
-        let plain = eval(false);
+        let plain = eval(false, false);
         let plain_loss = tch::no_grad(|| net.forward_t(&x, false))
             .cross_entropy_for_logits(&y)
             .double_value(&[]);
@@ -1169,6 +1238,28 @@ mod tests {
             (plain.loss - with_flip.loss).abs() > 1e-4,
             "the flip changed nothing"
         );
+        // Translation: ½ the (mirror-averaged) logits plus ¼ each of the image shifted by one
+        // pixel up-left and down-right, its border mirrored: built here by indexing.
+        let shifted = |d: i64| {
+            let pick = |n: i64| {
+                let idx: Vec<i64> = (0..n)
+                    .map(|i| (i + d).abs().min(2 * (n - 1) - (i + d)))
+                    .collect();
+                Tensor::from_slice(&idx)
+            };
+            x.index_select(2, &pick(8)).index_select(3, &pick(12))
+        };
+        let views = |x: &Tensor| {
+            tch::no_grad(|| (net.forward_t(x, false) + net.forward_t(&x.flip([3]), false)) * 0.5)
+        };
+        let translated = &mirrored * 0.5 + (views(&shifted(-1)) + views(&shifted(1))) * 0.25;
+        let expected = translated.cross_entropy_for_logits(&y).double_value(&[]);
+        let with_translate = eval(true, true);
+        assert!(
+            (with_translate.loss - expected).abs() < 1e-5,
+            "{with_translate:?} vs {expected}"
+        );
+        assert!((with_translate.loss - with_flip.loss).abs() > 1e-4);
     }
 
     #[test]

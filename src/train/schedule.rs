@@ -14,6 +14,7 @@ pub struct LrSchedule {
     kind: Schedule,
     step_epochs: Vec<usize>,
     step_gamma: f64,
+    triangle: [f64; 3],
 }
 
 impl LrSchedule {
@@ -31,6 +32,7 @@ impl LrSchedule {
             kind: optim.schedule,
             step_epochs: optim.step_epochs.clone(),
             step_gamma: optim.step_gamma,
+            triangle: optim.triangle,
         }
     }
 
@@ -58,6 +60,19 @@ impl LrSchedule {
                 let t = t.min(big_t);
                 0.5 * (1.0 + (std::f64::consts::PI * t / big_t).cos()) * self.peak_lr
             }
+            Schedule::Triangle => {
+                // airbench94's `triangle`: np.interp over [0, int(peak·T), T] of [start, 1, end].
+                let [start, peak, end] = self.triangle;
+                let t = (iter - w) as f64;
+                let big_t = self.total_iters.saturating_sub(w).max(1) as f64;
+                let top = (peak * big_t).floor().max(1.0);
+                let factor = if t <= top {
+                    start + (1.0 - start) * t / top
+                } else {
+                    1.0 + (end - 1.0) * ((t - top) / (big_t - top).max(1.0)).min(1.0)
+                };
+                factor * self.peak_lr
+            }
         }
     }
 }
@@ -80,6 +95,23 @@ mod tests {
             step_gamma: 0.1,
             ..OptimConfig::default()
         }
+    }
+
+    #[test]
+    fn triangle_rises_to_the_peak_then_falls_as_airbench94s() {
+        let o = OptimConfig {
+            schedule: Schedule::Triangle,
+            triangle: [0.2, 0.23, 0.07],
+            ..OptimConfig::default()
+        };
+        // 10 epochs of 48 steps: T = 480, peak at int(0.23·480) = 110.
+        let s = LrSchedule::new(&o, 2.0, 48, 10);
+        close(s.lr_at(0), 0.4);
+        close(s.lr_at(55), 2.0 * (0.2 + 0.8 * 55.0 / 110.0));
+        close(s.lr_at(110), 2.0);
+        close(s.lr_at(295), 2.0 * (1.0 - 0.93 * 185.0 / 370.0));
+        close(s.lr_at(480), 0.14);
+        close(s.lr_at(1000), 0.14);
     }
 
     #[test]

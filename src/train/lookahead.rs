@@ -1,0 +1,163 @@
+//! Lookahead (Zhang et al. 2019, "Lookahead Optimizer: k steps forward, 1 step back") in
+//! airbench94's form (`optim.lookahead`): the fast weights are SGD's; every `k` steps the slow
+//! weights move towards them, ŵ ← d·ŵ + (1 − d)·w, and the fast weights restart from there,
+//! w ← ŵ. The decay grows over the run, d = `lookahead_decay`^k × (t/T)³ at step t of T: the
+//! average does nothing early on, when the weights move fast, and smooths the end of the run,
+//! which ends on the slow weights. Batch-norm statistics are averaged with the weights they
+//! belong to.
+
+use crate::config::OptimConfig;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use tch::{nn, Tensor};
+
+/// Checkpoint key prefix of the slow weights.
+pub const PREFIX: &str = "optim.lookahead.";
+
+pub struct Lookahead {
+    every: usize,
+    decay: f64,
+    total_steps: usize,
+    /// Per variable of the model (parameters and BN statistics): name, the live tensor, and
+    /// the slow copy.
+    slots: Vec<(String, Tensor, Tensor)>,
+}
+
+impl Lookahead {
+    /// Slow weights starting at the model's current ones, for a run of `total_steps` steps.
+    pub fn new(vs: &nn::VarStore, cfg: &OptimConfig, total_steps: usize) -> Lookahead {
+        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let slots = vars
+            .into_iter()
+            .filter(|(_, t)| t.is_floating_point())
+            .map(|(name, t)| {
+                let slow = tch::no_grad(|| t.detach().copy());
+                (name, t, slow)
+            })
+            .collect();
+        Lookahead {
+            every: cfg.lookahead_every.max(1),
+            decay: cfg.lookahead_decay,
+            total_steps: total_steps.max(1),
+            slots,
+        }
+    }
+
+    /// Gives each slow copy its live tensor's memory layout (after a channels-last conversion),
+    /// so that the averaging runs on dense, matching tensors.
+    pub fn match_layouts(&mut self) {
+        tch::no_grad(|| {
+            for (_, live, slow) in &mut self.slots {
+                if live.stride() != slow.stride() {
+                    let mut copy = live.detach().copy();
+                    copy.copy_(slow);
+                    *slow = copy;
+                }
+            }
+        });
+    }
+
+    /// The decay used after `steps_done` steps.
+    pub fn decay_at(&self, steps_done: usize) -> f64 {
+        let progress = steps_done.min(self.total_steps) as f64 / self.total_steps as f64;
+        self.decay.powi(self.every as i32) * progress.powi(3)
+    }
+
+    /// Call after every optimiser step with the number of steps done so far: every `every`
+    /// steps, the slow weights take their step and the model restarts from them.
+    pub fn after_step(&mut self, steps_done: usize) {
+        if !steps_done.is_multiple_of(self.every) {
+            return;
+        }
+        let d = self.decay_at(steps_done);
+        tch::no_grad(|| {
+            for (_, live, slow) in &mut self.slots {
+                let _ = slow.lerp_(live, 1.0 - d);
+                live.copy_(slow);
+            }
+        });
+    }
+
+    /// The end of the run: the model takes the slow weights.
+    pub fn finish(&mut self) {
+        tch::no_grad(|| {
+            for (_, live, slow) in &mut self.slots {
+                live.copy_(slow);
+            }
+        });
+    }
+
+    /// The slow weights by `PREFIX` + variable name, for checkpoints.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        self.slots
+            .iter()
+            .map(|(name, _, slow)| (format!("{PREFIX}{name}"), slow.shallow_clone()))
+            .collect()
+    }
+
+    /// Restores slow weights saved by [`Lookahead::state_tensors`]; a checkpoint without them
+    /// is an error (the run would silently restart its average).
+    pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        for (name, _, slow) in &mut self.slots {
+            let key = format!("{PREFIX}{name}");
+            let Some(t) = tensors.get(&key) else {
+                bail!("the checkpoint has no lookahead state `{key}` (was it saved by a run without optim.lookahead?)");
+            };
+            if t.size() != slow.size() {
+                bail!(
+                    "lookahead state `{key}` has shape {:?}, the variable has {:?}",
+                    t.size(),
+                    slow.size()
+                );
+            }
+            tch::no_grad(|| slow.copy_(t));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    fn cfg() -> OptimConfig {
+        OptimConfig {
+            lookahead: true,
+            lookahead_every: 5,
+            lookahead_decay: 0.95,
+            ..OptimConfig::default()
+        }
+    }
+
+    #[test]
+    fn slow_weights_follow_airbench94s_decay_and_the_model_restarts_from_them() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut w = vs.root().zeros("w", &[3]);
+        let total = 100;
+        let mut la = Lookahead::new(&vs, &cfg(), total);
+        assert!((la.decay_at(50) - 0.95f64.powi(5) * 0.125).abs() < 1e-12);
+        assert_eq!(la.decay_at(0), 0.0);
+        // Off-cycle steps change nothing.
+        tch::no_grad(|| w.copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0])));
+        la.after_step(49);
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
+        // Step 50: ŵ = d·0 + (1 − d)·w, and w = ŵ.
+        la.after_step(50);
+        let d = la.decay_at(50);
+        let got = Vec::<f32>::try_from(&w).unwrap();
+        for (g, x) in got.iter().zip([1.0, 2.0, 3.0]) {
+            assert!((*g as f64 - (1.0 - d) * x).abs() < 1e-6, "{got:?}");
+        }
+        // The state round-trips through a checkpoint's tensors.
+        let saved: BTreeMap<String, Tensor> = la.state_tensors().into_iter().collect();
+        assert!(saved.contains_key("optim.lookahead.w"));
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let w2 = vs2.root().zeros("w", &[3]);
+        let mut la2 = Lookahead::new(&vs2, &cfg(), total);
+        la2.load_state(&saved).unwrap();
+        la2.finish();
+        assert!(w2.allclose(&w, 0.0, 0.0, false));
+        assert!(la2.load_state(&BTreeMap::new()).is_err());
+    }
+}

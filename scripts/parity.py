@@ -53,10 +53,64 @@ REFERENCE = [
     # and the D shortcut's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) all see an
     # odd input.
     ("resnet50d_odd", "timm", "resnet50", "d", 225),
+    # airbench94's network (transcribed below from airbench 0.1.8's lib_airbench94.py), its
+    # state_dict renamed to this project's names; 32 px, as it is built for.
+    ("airbench94", "airbench", "airbench94", "a", 32),
 ]
 
 NUM_CLASSES = 1000
 BATCH = 2
+
+
+def airbench94_net(num_classes: int):
+    """make_net94 of airbench 0.1.8 (lib_airbench94.py), on the CPU in float32."""
+    import torch
+    from torch import nn
+
+    class Conv(nn.Conv2d):
+        def __init__(self, cin, cout, kernel_size=3, padding="same", bias=False):
+            super().__init__(cin, cout, kernel_size=kernel_size, padding=padding, bias=bias)
+
+    class BatchNorm(nn.BatchNorm2d):
+        def __init__(self, c, momentum=0.6, eps=1e-12):
+            super().__init__(c, eps=eps, momentum=1 - momentum)
+            self.weight.requires_grad = False
+
+    class ConvGroup(nn.Module):
+        def __init__(self, cin, cout):
+            super().__init__()
+            self.conv1 = Conv(cin, cout)
+            self.pool = nn.MaxPool2d(2)
+            self.norm1 = BatchNorm(cout)
+            self.conv2 = Conv(cout, cout)
+            self.norm2 = BatchNorm(cout)
+            self.activ = nn.GELU()
+
+        def forward(self, x):
+            x = self.activ(self.norm1(self.pool(self.conv1(x))))
+            return self.activ(self.norm2(self.conv2(x)))
+
+    class Mul(nn.Module):
+        def forward(self, x):
+            return x * (1 / 9)
+
+    return nn.Sequential(
+        Conv(3, 24, 2, padding=0, bias=True),
+        nn.GELU(),
+        ConvGroup(24, 64),
+        ConvGroup(64, 256),
+        ConvGroup(256, 256),
+        nn.MaxPool2d(3),
+        nn.Flatten(),
+        nn.Linear(256, num_classes, bias=False),
+        Mul(),
+    )
+
+
+def airbench94_names(key: str) -> str:
+    """airbench's Sequential indices → this project's names (src/model/airbench.rs)."""
+    head, _, rest = key.partition(".")
+    return {"0": "whiten", "2": "block1", "3": "block2", "4": "block3", "7": "fc"}[head] + "." + rest
 
 
 def die(msg: str, code: int = 2) -> None:
@@ -71,6 +125,8 @@ def build(source: str, name: str):
         import timm
 
         return timm.create_model(name.removesuffix("_odd"), pretrained=False, num_classes=NUM_CLASSES)
+    if source == "airbench":
+        return airbench94_net(10)
     if source == "torchvision":
         import torchvision
 
@@ -100,7 +156,8 @@ def randomise(model, gen) -> None:
                 mod.num_batches_tracked.fill_(int(torch.randint(1, 1000, (1,), generator=gen)))
             elif isinstance(mod, nn.Linear):
                 mod.weight.copy_(torch.randn(mod.weight.shape, generator=gen) * (1.0 / mod.in_features) ** 0.5)
-                mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
+                if mod.bias is not None:
+                    mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen) * 0.1)
 
 
 def check_keys(name: str, variant: str, model, keys: list[str]) -> list[str]:
@@ -205,10 +262,15 @@ def main() -> None:
         randomise(model, torch.Generator().manual_seed(args.seed + 1 + idx))
         model.eval()
         sd = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-        notes = check_keys(name, variant, model, list(sd))
+        if source == "airbench":
+            sd = {airbench94_names(k): v for k, v in sd.items()}
+            notes = ["airbench94 keys renamed"]
+        else:
+            notes = check_keys(name, variant, model, list(sd))
         x = inputs[size]
         logits = model(x).contiguous()
-        assert logits.shape == (BATCH, NUM_CLASSES) and torch.isfinite(logits).all()
+        num_classes = 10 if source == "airbench" else NUM_CLASSES
+        assert logits.shape == (BATCH, num_classes) and torch.isfinite(logits).all()
 
         weights = f"{name}.safetensors"
         io = f"{name}.io.safetensors"
@@ -221,7 +283,7 @@ def main() -> None:
                 "source": source,
                 "tricks_model": tricks_model,
                 "variant": variant,
-                "num_classes": NUM_CLASSES,
+                "num_classes": num_classes,
                 "weights": weights,
                 "io": io,
                 "input_shape": list(x.shape),

@@ -1,4 +1,5 @@
-//! Numerical parity of the Rust ResNets with timm / torchvision.
+//! Numerical parity of the Rust ResNets with timm / torchvision, and of airbench94's network with
+//! its PyTorch definition.
 //!
 //! Runs `scripts/parity.py` (python from `TRICKS_PYTHON`, else `.venv/bin/python`) into a
 //! temporary directory. For every model in its `manifest.json` it builds the Rust model from
@@ -25,7 +26,7 @@ use tch::{Device, Kind, Tensor};
 
 use tricks::checkpoint::load_weights;
 use tricks::config::ModelConfig;
-use tricks::model::{ModelSpec, ResNet};
+use tricks::model::Classifier;
 
 const TOLERANCE: f64 = 1e-4;
 /// `scripts/parity.py` exits with this code when a python package is missing.
@@ -111,14 +112,9 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         cifar_stem: false,
         whiten_bias_epochs: 0,
     };
-    let spec = ModelSpec::from_config(&cfg).with_context(|| {
-        format!(
-            "ModelSpec::from_config({} variant {})",
-            e.tricks_model, e.variant
-        )
-    })?;
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
-    let model = ResNet::new(&vs.root(), &spec, e.num_classes);
+    let model = Classifier::new(&vs.root(), &cfg, e.num_classes)
+        .with_context(|| format!("Classifier::new({} variant {})", e.tricks_model, e.variant))?;
     load_weights(&mut vs, &weights)
         .with_context(|| format!("load_weights({})", weights.display()))?;
 

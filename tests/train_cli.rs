@@ -616,3 +616,42 @@ label_smoothing = 0.18
     assert_eq!(m.len(), 4);
     assert!(m.iter().all(|e| e.val_top1.is_some()));
 }
+
+/// `train.untimed_warmup` only moves set-up out of the first epoch: the run with it trains to
+/// the very weights, BN statistics and metrics of the run without it.
+#[test]
+fn untimed_warmup_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 8, 3, 16);
+    let cfg = tiny_config(tmp.path(), &data, 2, "");
+    let train = |out: &Path, warmup: bool| {
+        let o = run(&[
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--set",
+            &format!("train.untimed_warmup={warmup}"),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stderr(&o)
+    };
+    let (a, b) = (tmp.path().join("plain"), tmp.path().join("warm"));
+    assert!(!train(&a, false).contains("untimed warm-up"));
+    assert!(train(&b, true).contains("untimed warm-up"));
+    let wa = checkpoint::load(&a.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    let wb = checkpoint::load(&b.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
+    for (k, t) in &wa.tensors {
+        assert!(t.equal(&wb.tensors[k]), "{k} differs");
+    }
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(
+            (x.train_loss, x.val_top1, x.val_loss),
+            (y.train_loss, y.val_top1, y.val_loss)
+        );
+    }
+}

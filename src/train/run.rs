@@ -257,6 +257,51 @@ fn first_images(
     Ok(out)
 }
 
+/// `train.untimed_warmup`: one forward and backward pass in training mode and the evaluation's
+/// forward passes (full batches and, when the split does not divide into them, the last
+/// `eval_tail` images), on `batch`, so that cuDNN's autotuning for these shapes and first-use
+/// set-up happen before the first epoch. Nothing is kept: the gradients are zeroed and the
+/// variables (BN statistics included) restored.
+fn untimed_warmup(
+    net: &Classifier,
+    vs: &nn::VarStore,
+    opt: &mut Sgd,
+    batch: &Batch,
+    eval_tail: usize,
+    settings: EvalSettings,
+) -> Result<()> {
+    let saved: Vec<(Tensor, Tensor)> = vs
+        .variables()
+        .into_values()
+        .map(|v| {
+            let copy = tch::no_grad(|| v.detach().copy());
+            (v, copy)
+        })
+        .collect();
+    let x = to_device_input(&batch.images, settings.device, settings.channels_last);
+    let y = upload(&batch.labels, settings.device);
+    {
+        let _ac = Autocast::enter(settings.precision, settings.device);
+        net.forward_t(&x, true)
+            .cross_entropy_for_logits(&y)
+            .backward();
+    }
+    opt.zero_grad();
+    let _ = eval_logits(net, &x, settings);
+    if eval_tail > 0 && (eval_tail as i64) < x.size()[0] {
+        let _ = eval_logits(net, &x.narrow(0, 0, eval_tail as i64), settings);
+    }
+    tch::no_grad(|| {
+        for (mut v, copy) in saved {
+            v.copy_(&copy);
+        }
+    });
+    if let Device::Cuda(i) = settings.device {
+        tch::Cuda::synchronize(i as i64);
+    }
+    Ok(())
+}
+
 /// Moves a batch to the device, in NHWC memory layout when `channels_last`.
 pub(crate) fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -> Tensor {
     let x = upload(x, device);
@@ -518,6 +563,25 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             .all_ranks(dp.as_ref())?
             .result()
     };
+    if cfg.train.untimed_warmup && state.epochs_done < epochs {
+        if dp.is_some() {
+            log("train.untimed_warmup: skipped in a data-parallel run");
+        } else {
+            let t = Instant::now();
+            let val_len = match &resident {
+                Some((_, val)) => val.len(),
+                None => val_ds.len(),
+            };
+            let batch = eval_batches(bs)
+                .next()
+                .ok_or_else(|| anyhow!("the evaluation split has no images"))??;
+            untimed_warmup(&net, &vs, &mut opt, &batch, val_len % bs, eval_settings)?;
+            log(&format!(
+                "untimed warm-up (a training and an evaluation pass, nothing kept): {:.1}s",
+                t.elapsed().as_secs_f64()
+            ));
+        }
+    }
     // Checkpoints are written in the background; `finish` below waits for the last ones.
     let mut writer = checkpoint::Writer::new();
     for epoch in state.epochs_done + 1..=epochs {

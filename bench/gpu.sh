@@ -18,7 +18,7 @@
 #      with the per-tensor optimizer step, against the flat-buffer one.
 #   3. (when the carried CIFAR-10 JPEGs are there) time to 90.5 % top-1 on their test split with
 #      data.on_device, each run capped at TTA_LIMIT_S seconds, for each entry of TTA_CONFIGS:
-#      configs/cifar10/airbench94.toml (airbench94's network and tricks; 90.8 % in 10 epochs on a
+#      configs/cifar10/airbench94.toml (airbench94's network and tricks; 90.50-90.86 % in 10 epochs on a
 #      CPU here, not yet timed on a GPU) with seeds 0-2, then resnet18-tta.toml (the ResNet recipe
 #      that reaches it, 35-41 s on the H200). An entry may add overrides: "resnet18-tta:seed=1,train.epochs=30",
 #      or "resnet18-tta:train.cudnn_benchmark=false" (what cuDNN autotuning costs and gains).

@@ -13,7 +13,7 @@
 //! 0-row batch yielded, to report the count).
 
 use super::prefetch::Prefetch;
-use super::transforms::{alternating_flip, Flip, Transform};
+use super::transforms::{Flip, Transform};
 use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
 use crate::config::DataConfig;
 use anyhow::{anyhow, Result};
@@ -180,15 +180,13 @@ impl Job {
                         Mode::Train { seed, epoch } => {
                             let pos = self.epoch_position(start + r);
                             let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
-                            let flip = match (transform.flip, transform.alternate_flip) {
-                                (false, _) => Flip::Never,
-                                (true, false) => Flip::Random,
-                                (true, true) => Flip::Fixed(alternating_flip(
-                                    seed,
-                                    order[start + r],
-                                    epoch as usize,
-                                )),
-                            };
+                            let flip = Flip::for_sample(
+                                transform.flip,
+                                transform.alternate_flip,
+                                seed,
+                                order[start + r],
+                                epoch as usize,
+                            );
                             transform.train_flipped_into(&img, &mut rng, flip, out);
                         }
                         Mode::Eval => transform.eval_into(&img, out),

@@ -8,7 +8,7 @@
 //! batch equals the loader's batch, value for value.
 
 use super::loader::{thread_pool, Batch, Shard};
-use super::transforms::{alternating_flip, pad_index};
+use super::transforms::{pad_index, Flip};
 use super::{stream_rng, Dataset, TAG_PERM, TAG_SAMPLE};
 use crate::config::{DataConfig, PadMode, Pipeline};
 use anyhow::{bail, Result};
@@ -163,12 +163,8 @@ impl Resident {
             // The draws of transforms::random_pad_crop, in its order: x, y, flip.
             draws[n + k] = rng.gen_range(0..=range) as i64;
             draws[2 * n + k] = rng.gen_range(0..=range) as i64;
-            let flip = match (self.flip, self.alternate_flip) {
-                (false, _) => false,
-                (true, false) => rng.gen_bool(0.5),
-                (true, true) => alternating_flip(seed, order[pos], epoch),
-            };
-            draws[3 * n + k] = i64::from(flip);
+            let flip = Flip::for_sample(self.flip, self.alternate_flip, seed, order[pos], epoch);
+            draws[3 * n + k] = i64::from(flip.draw(&mut rng));
             draws[k] = order[pos] as i64;
         }
         let device = self.images.device();

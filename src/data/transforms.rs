@@ -178,7 +178,18 @@ pub enum Flip {
 }
 
 impl Flip {
-    fn draw(self, rng: &mut impl Rng) -> bool {
+    /// How sample `index` of `epoch` is flipped under `data.flip` (`flip`) and
+    /// `data.alternate_flip` (`alternate`).
+    pub fn for_sample(flip: bool, alternate: bool, seed: u64, index: usize, epoch: usize) -> Flip {
+        match (flip, alternate) {
+            (false, _) => Flip::Never,
+            (true, false) => Flip::Random,
+            (true, true) => Flip::Fixed(alternating_flip(seed, index, epoch)),
+        }
+    }
+
+    /// Whether to mirror; draws from `rng` only for `Flip::Random`.
+    pub fn draw(self, rng: &mut impl Rng) -> bool {
         match self {
             Flip::Never => false,
             Flip::Random => rng.gen_bool(0.5),

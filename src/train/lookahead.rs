@@ -64,18 +64,21 @@ impl Lookahead {
     }
 
     /// Call after every optimiser step with the number of steps done so far: every `every`
-    /// steps, the slow weights take their step and the model restarts from them.
+    /// steps, the slow weights take their step and the model restarts from them; after the
+    /// run's last step, the model takes the slow weights ([`Lookahead::finish`]).
     pub fn after_step(&mut self, steps_done: usize) {
-        if !steps_done.is_multiple_of(self.every) {
-            return;
+        if steps_done.is_multiple_of(self.every) {
+            let d = self.decay_at(steps_done);
+            tch::no_grad(|| {
+                for (_, live, slow) in &mut self.slots {
+                    let _ = slow.lerp_(live, 1.0 - d);
+                    live.copy_(slow);
+                }
+            });
         }
-        let d = self.decay_at(steps_done);
-        tch::no_grad(|| {
-            for (_, live, slow) in &mut self.slots {
-                let _ = slow.lerp_(live, 1.0 - d);
-                live.copy_(slow);
-            }
-        });
+        if steps_done == self.total_steps {
+            self.finish();
+        }
     }
 
     /// The end of the run: the model takes the slow weights.

@@ -710,9 +710,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             state.global_step += 1;
             if let Some(la) = opt.lookahead_mut() {
                 la.after_step(state.global_step);
-                if state.global_step == epochs * iters_per_epoch {
-                    la.finish();
-                }
             }
             seen += b as usize;
             if current {

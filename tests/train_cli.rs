@@ -481,15 +481,19 @@ fn sigterm_checkpoints_mid_epoch_and_resume_is_bit_identical() {
     }
 }
 
-/// `data.on_device`: the dataset decoded once into device memory and augmented there gives the
-/// same training as the CPU loader (same batches, so the same weights and metrics).
-#[test]
-fn device_resident_data_trains_exactly_like_the_loader() {
+/// Trains the tiny config (2 epochs on `per_class` images of each of 3 classes) twice, with
+/// `--set key=false` and `--set key=true`, requires the same weights, BN statistics and metrics,
+/// and returns both logs.
+fn trains_identically_with_and_without(
+    key: &str,
+    per_class: usize,
+    val_per_class: usize,
+) -> (String, String) {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    image_folder(&data, 3, 8, 4, 16);
+    image_folder(&data, 3, per_class, val_per_class, 16);
     let cfg = tiny_config(tmp.path(), &data, 2, "");
-    let train = |out: &Path, on_device: bool| {
+    let train = |out: &Path, on: bool| {
         let o = run(&[
             "train",
             "--config",
@@ -497,17 +501,16 @@ fn device_resident_data_trains_exactly_like_the_loader() {
             "--out",
             out.to_str().unwrap(),
             "--set",
-            &format!("data.on_device={on_device}"),
+            &format!("{key}={on}"),
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         stderr(&o)
     };
-    let (a, b) = (tmp.path().join("loader"), tmp.path().join("resident"));
-    train(&a, false);
-    let log = train(&b, true);
-    assert!(log.contains("24 + 12 images decoded"), "{log}");
+    let (a, b) = (tmp.path().join("off"), tmp.path().join("on"));
+    let logs = (train(&a, false), train(&b, true));
     let wa = checkpoint::load(&a.join("checkpoints/epoch-0002.safetensors")).unwrap();
     let wb = checkpoint::load(&b.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    assert_eq!(wa.tensors.len(), wb.tensors.len());
     for (k, t) in &wa.tensors {
         assert!(t.equal(&wb.tensors[k]), "{k} differs");
     }
@@ -518,6 +521,15 @@ fn device_resident_data_trains_exactly_like_the_loader() {
             (y.train_loss, y.val_top1, y.val_loss)
         );
     }
+    logs
+}
+
+/// `data.on_device`: the dataset decoded once into device memory and augmented there gives the
+/// same training as the CPU loader (same batches, so the same weights and metrics).
+#[test]
+fn device_resident_data_trains_exactly_like_the_loader() {
+    let (_, log) = trains_identically_with_and_without("data.on_device", 8, 4);
+    assert!(log.contains("24 + 12 images decoded"), "{log}");
 }
 
 /// airbench94's recipe end to end on 32-px images (its network needs them): every switch of
@@ -621,37 +633,7 @@ label_smoothing = 0.18
 /// the very weights, BN statistics and metrics of the run without it.
 #[test]
 fn untimed_warmup_changes_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("data");
-    image_folder(&data, 3, 8, 3, 16);
-    let cfg = tiny_config(tmp.path(), &data, 2, "");
-    let train = |out: &Path, warmup: bool| {
-        let o = run(&[
-            "train",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--set",
-            &format!("train.untimed_warmup={warmup}"),
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        stderr(&o)
-    };
-    let (a, b) = (tmp.path().join("plain"), tmp.path().join("warm"));
-    assert!(!train(&a, false).contains("untimed warm-up"));
-    assert!(train(&b, true).contains("untimed warm-up"));
-    let wa = checkpoint::load(&a.join("checkpoints/epoch-0002.safetensors")).unwrap();
-    let wb = checkpoint::load(&b.join("checkpoints/epoch-0002.safetensors")).unwrap();
-    assert_eq!(wa.tensors.len(), wb.tensors.len());
-    for (k, t) in &wa.tensors {
-        assert!(t.equal(&wb.tensors[k]), "{k} differs");
-    }
-    let (ma, mb) = (metrics(&a), metrics(&b));
-    for (x, y) in ma.iter().zip(&mb) {
-        assert_eq!(
-            (x.train_loss, x.val_top1, x.val_loss),
-            (y.train_loss, y.val_top1, y.val_loss)
-        );
-    }
+    let (off, on) = trains_identically_with_and_without("train.untimed_warmup", 8, 3);
+    assert!(!off.contains("untimed warm-up"));
+    assert!(on.contains("untimed warm-up"));
 }

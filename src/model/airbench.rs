@@ -27,6 +27,8 @@ const BN_EPS: f64 = 1e-12;
 const LOGIT_SCALE: f64 = 1.0 / 9.0;
 /// How many training images the whitening statistics come from (airbench94: the first 5000).
 pub const WHITEN_IMAGES: usize = 5000;
+/// The whitening conv's bias, which `model.whiten_bias_epochs` stops training.
+pub const WHITEN_BIAS: &str = "whiten.bias";
 
 /// A PyTorch-default conv (weights U(±1/√fan_in), as `nn.Conv2d.reset_parameters`), 3x3 convs
 /// with dirac-initialised first filters.

@@ -5,7 +5,7 @@ mod airbench;
 pub mod norm;
 mod resnet;
 
-pub use airbench::{Airbench, WHITEN_IMAGES};
+pub use airbench::{Airbench, WHITEN_BIAS, WHITEN_IMAGES};
 pub use resnet::ResNet;
 
 use crate::config::ModelConfig;

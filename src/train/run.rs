@@ -592,7 +592,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let first_batch = std::mem::take(&mut state.batch_in_epoch);
         let whiten_bias_epochs = cfg.model.whiten_bias_epochs;
         if whiten_bias_epochs > 0 && epoch > whiten_bias_epochs {
-            opt.freeze(|name| name == "whiten.bias");
+            opt.freeze(|name| name == model::WHITEN_BIAS);
         }
         let partial = std::mem::take(&mut state.partial);
         let partial = if rank0 { partial } else { Default::default() };

@@ -16,6 +16,8 @@
 #      dynamic loss scaling, beside PyTorch; ResNet-18 with the CIFAR stem (the time-to-accuracy
 #      recipe's network), bf16 + channels_last, beside PyTorch; and the ResNet-20 bf16 run again
 #      with the per-tensor optimizer step, against the flat-buffer one.
+#   2b. airbench94's network (the airbench94 recipe's), bf16 + channels_last, batch 1024, beside
+#      PyTorch (AB_SPEED=0 skips it; it runs with SPEED=0 too).
 #   3. (when the carried CIFAR-10 JPEGs are there) time to 90.5 % top-1 on their test split with
 #      data.on_device, each run capped at TTA_LIMIT_S seconds, for each entry of TTA_CONFIGS:
 #      configs/cifar10/airbench94.toml (airbench94's network and tricks; 90.50-90.86 % in 10 epochs on a
@@ -138,6 +140,11 @@ if [[ "${SPEED:-1}" == 1 ]]; then
         --model cifar_resnet20 --variant a --batch "${CIFAR_BATCH:-512}" --size 32 --precision bf16 \
         --channels-last --per-tensor-optimizer
 fi
+
+# 2b. The network of the airbench94 recipe, bf16 + channels_last at its batch of 1024, beside the
+# same network in PyTorch (scripts/parity.py's transcription): outside SPEED, as it takes
+# seconds and is what the recipe's time rests on (AB_SPEED=0 skips it).
+[[ "${AB_SPEED:-1}" == 1 ]] && pair airbench94 a "${AB_BATCH:-1024}" 32 bf16 1
 
 # 3a. The same-run reference of the time-to-accuracy runs: airbench94 on the carried JPEGs, on
 # this card (bench/airbench_ref.py; the package is in the pack when gpu_pack.sh could fetch it).
@@ -279,13 +286,13 @@ for r in rows:
     if r.get("cifar_stem"):
         r["model"] += " (CIFAR stem)"
 by = {(r["impl"], r["model"], r["precision"], bool(r["channels_last"])): r for r in rows}
-print("| model | precision | channels_last | tricks train | pytorch train | ratio | tricks infer | pytorch infer | ratio |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| model | precision | channels_last | tricks train | pytorch train | ratio | tricks infer | pytorch infer | ratio | ops/train step tricks | pytorch |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for (impl, *key), t in by.items():
     p = by.get(("pytorch", *key))
     if impl != "tricks" or p is None:
         continue
     print(f"| {t['model']} | {t['precision']} | {t['channels_last']} | {t['train_img_s']:.0f} | {p['train_img_s']:.0f} | "
           f"{t['train_img_s'] / p['train_img_s']:.2f} | {t['infer_img_s']:.0f} | {p['infer_img_s']:.0f} | "
-          f"{t['infer_img_s'] / p['infer_img_s']:.2f} |")
+          f"{t['infer_img_s'] / p['infer_img_s']:.2f} | {t.get('ops_per_train_step', '-')} | {p.get('ops_per_train_step', '-')} |")
 PYEOF

@@ -7,6 +7,8 @@ Models (identical in structure to the Rust ones):
                                    stages 2 and 3), projection shortcut (1x1 conv stride s + BN,
                                    "option B") where the shape changes, global avg pool, fc.
   resnet50d                        timm `resnet50d` (ResNet-50-D of He et al. 2019).
+  airbench94                       airbench 0.1.8's make_net94 (scripts/parity.py; 32 px, batch
+                                   1024, 10 classes), whitening conv frozen as in training.
   resnet18 [--cifar-stem]          torchvision's ResNet-18; with --cifar-stem a 3x3 stride-1 stem
                                    and no max-pool (tricks' model.cifar_stem), 32 px, 10 classes.
 Defaults: cifar_* at 32 px batch 128 (10 classes), resnet50d at 224 px batch 16 (1000 classes).
@@ -21,7 +23,8 @@ cuDNN's benchmark mode is on, as in tricks.
 
 Prints one JSON line per model:
   {"impl":"pytorch","model":...,"batch":...,"size":...,"precision":...,"channels_last":...,
-   "device":...,"train_img_s":...,"infer_img_s":..., "threads":..., "steps":..., "warmup":...}
+   "device":...,"train_img_s":...,"infer_img_s":...,"ops_per_train_step":...,
+   "ops_per_infer_step":..., "threads":..., "steps":..., "warmup":...}
 
   .venv/bin/python bench/pytorch_bench.py --model cifar_resnet20 --steps 20 --threads 2
 """
@@ -32,6 +35,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,7 @@ DEFAULTS = {  # model -> (batch, size, num_classes)
     "resnet50d": (16, 224, 1000),
     "resnet50": (16, 224, 1000),
     "resnet18": (128, 224, 1000),
+    "airbench94": (1024, 32, 10),
 }
 
 
@@ -177,6 +182,15 @@ def build(name: str, num_classes: int, cifar_stem: bool = False) -> nn.Module:
         return CifarResNet(20, num_classes)
     if name == "cifar_resnet56":
         return CifarResNet(56, num_classes)
+    if name == "airbench94":
+        # The transcription tests/parity.rs checks against tricks' network (scripts/parity.py);
+        # its whitening conv is not trained, as in airbench94 and in tricks.
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+        from parity import airbench94_net
+
+        net = airbench94_net(num_classes)
+        net[0].weight.requires_grad = False
+        return net
     if name == "resnet50d":
         import timm
 
@@ -187,6 +201,33 @@ def build(name: str, num_classes: int, cifar_stem: bool = False) -> nn.Module:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def count_ops(step) -> int:
+    """Outermost operator calls of one `step()`, on every thread, as `tricks bench` counts them
+    (its `count_ops`, a RecordFunction observer in csrc/shim.cpp): each ATen operator called
+    from outside any other, and each node the autograd engine evaluates (the operators inside it
+    do not count again). Python annotations (the optimizer's step) are not calls; the operators
+    inside them count. On a GPU each counted call is at least one kernel launch."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    def is_call(e) -> bool:
+        return e.name.startswith(("aten::", "autograd::engine::evaluate_function:"))
+
+    warnings.filterwarnings("ignore", message="Warning: Profiler clears events")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    n = 0
+    for e in prof.events():
+        if not is_call(e):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not is_call(parent):
+            parent = parent.cpu_parent
+        n += parent is None
+    return n
 
 
 def measure(args, name: str) -> dict:
@@ -238,9 +279,11 @@ def measure(args, name: str) -> dict:
 
     model.train()
     train_img_s = timed(train_step, args.warmup, args.steps)
+    train_ops = count_ops(train_step)
     model.eval()
     with torch.no_grad():
         infer_img_s = timed(infer_step, args.warmup, args.steps)
+        infer_ops = count_ops(infer_step)
 
     return {
         "impl": "pytorch",
@@ -254,6 +297,8 @@ def measure(args, name: str) -> dict:
         "device": args.device,
         "train_img_s": round(train_img_s, 2),
         "infer_img_s": round(infer_img_s, 2),
+        "ops_per_train_step": train_ops,
+        "ops_per_infer_step": infer_ops,
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,

@@ -17,6 +17,8 @@
 # Environment:
 #   STEPS=10      timed steps per measurement        WARMUP=3   untimed steps before
 #   DEVICE=cpu    cpu | cuda                         MODELS="cifar_resnet20 cifar_resnet56 resnet50d"
+#                 (also: airbench94, batch 1024, the network of configs/cifar10/airbench94.toml;
+#                 ~4 s per fp32 step here)
 #   CONFIGS="fp32 bf16-cl"   fp32 = fp32 NCHW; bf16-cl = bf16 autocast + channels_last
 #   THREADS=      intra-op threads, passed as --threads to both sides (default: PyTorch's own
 #                 default, torch.get_num_threads(), so that both use the same number)
@@ -62,7 +64,7 @@ jsonl="bench/out/bench-$stamp.jsonl"
 table="bench/out/bench-$stamp.md"
 : >"$jsonl"
 
-batch_of() { case "$1" in resnet50d) echo 16 ;; *) echo 128 ;; esac; }
+batch_of() { case "$1" in resnet50d) echo 16 ;; airbench94) echo 1024 ;; *) echo 128 ;; esac; }
 size_of() { case "$1" in resnet50d) echo 224 ;; *) echo 32 ;; esac; }
 # The Rust CLI names an architecture by depth + paper variant: resnet50d = resnet50, variant d.
 # (Basic-block CIFAR ResNets are the same in every variant; "a" is the paper's baseline.)
@@ -146,15 +148,23 @@ def spread(ts, ps, field):
     rs = [t[field] / p[field] for t, p in zip(ts, ps) if p[field]]
     return "-" if len(rs) < 2 else f"{min(rs):.2f}-{max(rs):.2f}"
 
-print("| model | batch | px | precision | channels_last | device | rounds | train tricks | train pytorch | train ratio | (per round) | infer tricks | infer pytorch | infer ratio | (per round) |")
-print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|")
+def ops(rs):
+    # Operator calls per training step (the same count on both sides; older lines lack it).
+    vs = {r["ops_per_train_step"] for r in rs if "ops_per_train_step" in r}
+    return "-" if not vs else "/".join(str(v) for v in sorted(vs))
+
+print("| model | batch | px | precision | channels_last | device | rounds | train tricks | train pytorch | train ratio | (per round) | infer tricks | infer pytorch | infer ratio | (per round) | ops/train step tricks | pytorch |")
+print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|")
 for key, by in rows.items():
     t, p = by.get("tricks", []), by.get("pytorch", [])
     tt, pt = mean(t, "train_img_s"), mean(p, "train_img_s")
     ti, pi = mean(t, "infer_img_s"), mean(p, "infer_img_s")
     model, batch, size, prec, cl, dev = key
-    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {min(len(t), len(p))} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {spread(t, p, 'train_img_s')} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} | {spread(t, p, 'infer_img_s')} |")
+    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {min(len(t), len(p))} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {spread(t, p, 'train_img_s')} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} | {spread(t, p, 'infer_img_s')} | {ops(t)} | {ops(p)} |")
 print()
-print("img/s (mean over rounds); ratio = tricks / pytorch (> 1: tricks faster).")
+print("img/s (mean over rounds); ratio = tricks / pytorch (> 1: tricks faster). ops: outermost operator")
+print("calls per training step, counted alike on both sides (on a GPU each is at least one kernel launch;")
+print("on a CPU tricks steps its flat optimizer buffer in cache-sized chunks, PyTorch's SGD goes tensor by tensor,")
+print("and with channels_last tricks' fused CPU batch norm counts the calls it makes inside).")
 EOF
 echo "raw: $jsonl  table: $table" >&2

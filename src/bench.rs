@@ -3,7 +3,7 @@
 
 use crate::config::{ModelConfig, OptimConfig, Precision};
 use crate::device::{parse_device, to_channels_last, weights_to_channels_last};
-use crate::model::{ModelSpec, ResNet};
+use crate::model::{Classifier, AIRBENCH94};
 use crate::train::optim::Sgd;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use anyhow::Result;
@@ -41,15 +41,17 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         cifar_stem: spec.cifar_stem,
         ..Default::default()
     };
-    let mspec = ModelSpec::from_config(&mcfg)?;
-    let classes = if spec.model.starts_with("cifar_") || spec.cifar_stem {
+    let classes = if spec.model.starts_with("cifar_") || spec.cifar_stem || spec.model == AIRBENCH94
+    {
         10
     } else {
         1000
     };
     tch::manual_seed(0);
     let vs = nn::VarStore::new(device);
-    let net = ResNet::new(&vs.root(), &mspec, classes);
+    // airbench94's whitening conv keeps its random initial weights here (it is never trained, so
+    // its values do not change the step's cost).
+    let net = Classifier::new(&vs.root(), &mcfg, classes)?;
     if spec.channels_last {
         weights_to_channels_last(&vs);
     }

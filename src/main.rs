@@ -181,6 +181,7 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct BenchArgs {
+    /// A ResNet (resnet18..152, cifar_resnet20/56/110) or airbench94 (32 px, 10 classes).
     #[arg(long, default_value = "cifar_resnet20")]
     model: String,
     #[arg(long, default_value = "a")]

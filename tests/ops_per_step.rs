@@ -13,18 +13,14 @@ use tricks::train::{train, RunOptions};
 
 /// One test function: `count_ops` counts every thread's operator calls, so nothing may run beside
 /// it (the test harness would run a second test of this file in parallel).
-#[test]
-fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
-    count_ops_counts_outermost_operator_calls();
-    set_fused_batch_norm(false);
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    common::image_folder(&data, 10, 4, 1, 16);
+/// Operator calls per step of `tricks bench` (forward, cross-entropy, backward, flat SGD step)
+/// on `model` with a batch of 8 at `size` px, fp32.
+fn bare_step_ops(model: &str, size: i64) -> i64 {
     let bench = tricks::bench::run(&BenchSpec {
-        model: "cifar_resnet8".into(),
+        model: model.into(),
         variant: "a".into(),
         batch: 8,
-        size: 16,
+        size,
         precision: "fp32".into(),
         channels_last: false,
         device: "cpu".into(),
@@ -36,27 +32,45 @@ fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
     })
     .unwrap();
     let bench: serde_json::Value = serde_json::from_str(&bench).unwrap();
-    let bare = bench["ops_per_train_step"].as_i64().unwrap();
+    bench["ops_per_train_step"].as_i64().unwrap()
+}
 
-    // Trainings of 2 and 4 steps differ only by 2 steps: start-up, checkpoints and the final
-    // validation cancel out. data.on_device: batches come from tensor ops on the device (counted,
-    // as they are launches on a GPU), not from loader threads.
-    let cfg_path = common::tiny_config(dir.path(), &data, 1, "");
+/// Operator calls per step of `tricks train` on the tiny config (batch 8) with `overrides`.
+/// Trainings of 2 and 4 steps differ only by 2 steps: start-up, checkpoints and the final
+/// validation cancel out. data.on_device: batches come from tensor ops on the device (counted,
+/// as they are launches on a GPU), not from loader threads.
+fn trainer_step_ops(dir: &std::path::Path, data: &std::path::Path, overrides: &[&str]) -> i64 {
+    std::fs::create_dir_all(dir).unwrap();
+    let cfg_path = common::tiny_config(dir, data, 1, "");
     let ops = |steps: usize| {
-        let overrides = [
+        let mut sets = vec![
             format!("train.max_steps={steps}"),
             "data.on_device=true".into(),
         ];
-        let cfg = Config::load(&cfg_path, &overrides).unwrap();
-        let mut opts = RunOptions::new(dir.path().join(format!("run-{steps}")), tch::Device::Cpu);
+        sets.extend(overrides.iter().map(|s| s.to_string()));
+        let cfg = Config::load(&cfg_path, &sets).unwrap();
+        let mut opts = RunOptions::new(dir.join(format!("run-{steps}")), tch::Device::Cpu);
         opts.log = std::sync::Arc::new(|_: &str| {});
         let (r, n) = count_ops(|| train(&cfg, &opts));
         r.unwrap();
         n
     };
-    let per_step = (ops(4) - ops(2)) / 2;
-    println!("operator calls per step: bare {bare}, trainer {per_step}");
-    assert!(bare > 100, "{bench}");
+    (ops(4) - ops(2)) / 2
+}
+
+/// One test function: `count_ops` counts every thread's operator calls, so nothing may run beside
+/// it (the test harness would run a second test of this file in parallel).
+#[test]
+fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
+    count_ops_counts_outermost_operator_calls();
+    set_fused_batch_norm(false);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::image_folder(&data, 10, 4, 1, 16);
+    let bare = bare_step_ops("cifar_resnet8", 16);
+    let per_step = trainer_step_ops(&dir.path().join("resnet8"), &data, &[]);
+    println!("operator calls per step, ResNet-8: bare {bare}, trainer {per_step}");
+    assert!(bare > 100, "{bare}");
     // Measured with libtorch 2.11 (ResNet-8: 109 bare): the trainer added 60 calls while its
     // loss went through a one-hot target tensor and its top-1 through topk, 46 after, 42 since
     // the crop offsets are made once. What is left: the batch's augmentation on the device (pad,
@@ -66,6 +80,46 @@ fn the_trainer_adds_few_operator_calls_to_the_bare_step() {
     assert!(
         (0..=44).contains(&added),
         "the trainer's step makes {added} operator calls more than the bare step ({per_step} against {bare}): each is a kernel launch on a GPU"
+    );
+
+    // configs/cifar10/airbench94.toml's tricks, on its network at 32 px: reflect padding,
+    // alternating flip, label smoothing, BN-bias lr scale and lookahead (every 2 steps here, so
+    // that the 2 steps counted hold one of its averaging steps; every 5 in the recipe).
+    let data32 = dir.path().join("data32");
+    common::image_folder(&data32, 10, 4, 1, 32);
+    let bare = bare_step_ops("airbench94", 32);
+    let recipe = [
+        "model.name=airbench94",
+        "model.whiten_bias_epochs=1",
+        "data.train_size=32",
+        "data.val_size=32",
+        "data.pad_mode=\"reflect\"",
+        "data.alternate_flip=true",
+        "loss.label_smoothing=0.18",
+        "optim.bn_bias_lr_scale=64.0",
+        "optim.lookahead=true",
+        "optim.lookahead_every=2",
+    ];
+    let per_step = trainer_step_ops(&dir.path().join("airbench"), &data32, &recipe);
+    let no_lookahead = trainer_step_ops(&dir.path().join("airbench-la"), &data32, &recipe[..8]);
+    println!(
+        "operator calls per step, airbench94: bare {bare}, trainer {per_step}, without lookahead {no_lookahead}"
+    );
+    // Measured with libtorch 2.11 (163 bare, of which 88 are the flat step in 8 cache-sized
+    // chunks, one chunk on a GPU): 79 more without lookahead. Per chunk, the per-element lr and
+    // weight-decay scales of optim.bn_bias_lr_scale; once, the label-smoothed loss's backward
+    // nodes, the augmentation (reflect-pad index, crop, alternating flip) and the running sums.
+    let added = no_lookahead - bare;
+    assert!(
+        (0..=85).contains(&added),
+        "airbench94's recipe without lookahead makes {added} operator calls per step more than the bare step ({no_lookahead} against {bare})"
+    );
+    // Lookahead's averaging step is a lerp and a copy per floating-point variable (33 here:
+    // parameters and BN statistics), every 2 steps in this test: 33 calls per step.
+    assert_eq!(
+        per_step - no_lookahead,
+        33,
+        "{per_step} against {no_lookahead}"
     );
 }
 

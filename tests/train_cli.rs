@@ -534,7 +534,8 @@ fn device_resident_data_trains_exactly_like_the_loader() {
 
 /// airbench94's recipe end to end on 32-px images (its network needs them): every switch of
 /// configs/cifar10/airbench94.toml on, a run killed after its first epoch resumes to the very
-/// weights, momentum and lookahead state of a straight run; the whitening conv's weights never
+/// weights, momentum and lookahead state of a straight run, and so does a run from the images in
+/// device memory (`data.on_device`); the whitening conv's weights never
 /// train and its bias stops after `whiten_bias_epochs`; BN scales stay 1; the run ends on the
 /// lookahead average.
 #[test]
@@ -600,6 +601,29 @@ label_smoothing = 0.18
     assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
     for (k, t) in &a {
         assert!(t.equal(&b[k]), "tensor {k} differs after resume");
+    }
+    // With the images decoded into device memory, the whitening comes from them (not from a
+    // second decode through the loader) and the training is the same, tensor for tensor.
+    let resident = tmp.path().join("resident");
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        resident.to_str().unwrap(),
+        "--set",
+        "data.on_device=true",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    let (decoded, whitened) = (log.find("images decoded"), log.find("whitening conv set"));
+    assert!(
+        matches!((decoded, whitened), (Some(d), Some(w)) if d < w),
+        "{log}"
+    );
+    let r = epoch(&resident, 4);
+    for (k, t) in &a {
+        assert!(t.equal(&r[k]), "tensor {k} differs with data.on_device");
     }
     // The run ends on the slow weights, which the checkpoint carries for resuming.
     assert!(a.contains_key("optim.lookahead.block1.conv1.weight"));

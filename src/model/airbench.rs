@@ -156,11 +156,16 @@ impl Airbench {
     /// Sets the whitening conv from `images` (`[N,3,H,W]`, normalised as training normalises):
     /// with C the covariance of their 2x2 patches (as 12-vectors, uncentred) and C = V·Λ·Vᵀ, the
     /// 24 filters are ±V·(Λ + 5e-4)^-½, largest eigenvalue first, so the layer's outputs are
-    /// decorrelated with unit variance. Statistics in f64 on the CPU.
+    /// decorrelated with unit variance. Statistics in f64, on the images' device.
     pub fn init_whitening(&self, images: &[Tensor]) -> Result<()> {
         let k = WHITEN_KERNEL;
         let dim = 3 * k * k;
-        let mut cov = Tensor::zeros([dim, dim], (Kind::Double, Device::Cpu));
+        // Only the 12x12 eigendecomposition runs on the CPU (the copy there waits for the
+        // device's work, so the caller's clock includes it).
+        let Some(device) = images.first().map(|x| x.device()) else {
+            bail!("whitening needs at least one image");
+        };
+        let mut cov = Tensor::zeros([dim, dim], (Kind::Double, device));
         let mut n = 0i64;
         for x in images {
             if x.dim() != 4 || x.size()[1] != 3 || x.size()[2] < k || x.size()[3] < k {
@@ -169,7 +174,7 @@ impl Airbench {
             // [N,3,H',W',k,k] → [N·H'·W', 3·k·k] in (channel, row, column) order, the order of a
             // conv filter's weights.
             let patches = x
-                .to_device(Device::Cpu)
+                .to_device(device)
                 .to_kind(Kind::Double)
                 .unfold(2, k, 1)
                 .unfold(3, k, 1)
@@ -181,7 +186,7 @@ impl Airbench {
         if n == 0 {
             bail!("whitening needs at least one image");
         }
-        let cov = cov / n as f64;
+        let cov = (cov / n as f64).to_device(Device::Cpu);
         let (eigenvalues, eigenvectors) = cov.linalg_eigh("U");
         // Ascending from eigh; largest first, as airbench94 orders them.
         let eigenvalues = eigenvalues.flip([0]);

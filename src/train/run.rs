@@ -236,16 +236,12 @@ impl EvalSums {
     }
 }
 
-/// The first `n` images of `ds` (fewer if it is smaller) as the evaluation transform gives
-/// them, normalised, in batches on the CPU.
-fn first_images(
-    ds: &Arc<dyn data::Dataset>,
-    cfg: &crate::config::DataConfig,
-    n: usize,
-) -> Result<Vec<Tensor>> {
+/// The first `n` images of a split's evaluation batches (fewer if it is smaller): as the
+/// evaluation transform gives them, normalised, on the batches' device.
+fn first_images(batches: impl Iterator<Item = Result<Batch>>, n: usize) -> Result<Vec<Tensor>> {
     let mut out = Vec::new();
     let mut have = 0usize;
-    for batch in Loader::eval(ds.clone(), cfg, 500) {
+    for batch in batches {
         if have >= n {
             break;
         }
@@ -434,17 +430,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let net = Classifier::new(&vs.root(), &cfg.model, num_classes)?;
         (vs, net)
     };
-    if let (Classifier::Airbench(a), true) = (&net, cfg.finetune.from.is_empty()) {
-        let t = Instant::now();
-        let images = first_images(&train_ds, &cfg.data, model::WHITEN_IMAGES)?;
-        a.init_whitening(&images)
-            .with_context(|| format!("whitening from {}", cfg.data.dir))?;
-        log(&format!(
-            "whitening conv set from the 2x2 patches of the first {} training images in {:.1}s",
-            images.iter().map(|t| t.size()[0]).sum::<i64>(),
-            t.elapsed().as_secs_f64()
-        ));
-    }
     // `data.on_device`: both splits decoded once into device memory.
     let resident = if cfg.data.on_device {
         let t = Instant::now();
@@ -462,6 +447,23 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         None
     };
+    if let (Classifier::Airbench(a), true) = (&net, cfg.finetune.from.is_empty()) {
+        // From the decoded images already on the device when there are some (no second decode,
+        // and the covariance is computed there).
+        let t = Instant::now();
+        let n = model::WHITEN_IMAGES;
+        let images = match &resident {
+            Some((train, _)) => first_images(train.eval_batches(500, Shard::SINGLE), n)?,
+            None => first_images(Loader::eval(train_ds.clone(), &cfg.data, 500), n)?,
+        };
+        a.init_whitening(&images)
+            .with_context(|| format!("whitening from {}", cfg.data.dir))?;
+        log(&format!(
+            "whitening conv set from the 2x2 patches of the first {} training images in {:.2}s",
+            images.iter().map(|t| t.size()[0]).sum::<i64>(),
+            t.elapsed().as_secs_f64()
+        ));
+    }
     let loader_cfg = cfg.data.for_device(device);
     let eval_batches = |bs: usize| match &resident {
         Some((_, val)) => Batches::Resident(val.eval_batches(bs, shard)),

@@ -4,12 +4,17 @@
 #include <ATen/autocast_mode.h>
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_copy.h>
+#include <ATen/ops/_foreach_lerp.h>
 #include <ATen/ops/empty.h>
 #include <ATen/record_function.h>
 #include <c10/core/ScalarType.h>
 #include <torch/headeronly/version.h>
 
 #include <atomic>
+#include <vector>
+
+#include "ffi_error.h"
 
 extern "C" {
 
@@ -40,6 +45,26 @@ bool tricks_cudnn_benchmark() { return at::globalContext().benchmarkCuDNN(); }
 // Makes `g` the gradient tensor of `t` (autograd then accumulates into it in place): lets the
 // optimizer keep every gradient as a view of one flat buffer.
 void tricks_set_grad(at::Tensor* t, at::Tensor* g) { t->mutable_grad() = *g; }
+
+// Lookahead's averaging step in two multi-tensor operations instead of two per variable (each a
+// kernel launch on a GPU; timm's ModelEmaV3 averages with the same _foreach_lerp_):
+// slow[i] += weight * (live[i] - slow[i]), then live[i] = slow[i]. With copy_only, only the copy.
+// Tensors are at::Tensor* (tch's C_tensor*). NULL, or an error message (ffi_error.h).
+char* tricks_lookahead_step(at::Tensor** slow, at::Tensor** live, int64_t n, double weight,
+                            bool copy_only) {
+  return tricks::guarded([&] {
+    at::NoGradGuard no_grad;
+    std::vector<at::Tensor> s, l;
+    s.reserve(n);
+    l.reserve(n);
+    for (int64_t i = 0; i < n; ++i) {
+      s.push_back(*slow[i]);
+      l.push_back(*live[i]);
+    }
+    if (!copy_only) at::_foreach_lerp_(s, l, at::Scalar(weight));
+    at::_foreach_copy_(l, s);
+  });
+}
 
 // An uninitialised f32 CPU tensor in page-locked memory from libtorch's caching host allocator
 // (PyTorch DataLoader's pin_memory): a copy from it to a GPU can be asynchronous, and the

@@ -32,6 +32,16 @@ extern "C" {
     ) -> *mut std::ffi::c_char;
     /// `t.grad = g` (both `at::Tensor*`, i.e. tch's `*mut C_tensor`).
     pub fn tricks_set_grad(t: *mut std::ffi::c_void, g: *mut std::ffi::c_void);
+    /// Lookahead's averaging step over `n` variable pairs (`at::Tensor*`): `slow[i]` moves
+    /// `weight` of the way to `live[i]` (skipped with `copy_only`), then `live[i] = slow[i]`, in
+    /// two multi-tensor operations. NULL, or an error for `take_error`.
+    pub fn tricks_lookahead_step(
+        slow: *const *mut std::ffi::c_void,
+        live: *const *mut std::ffi::c_void,
+        n: i64,
+        weight: f64,
+        copy_only: bool,
+    ) -> *mut std::ffi::c_char;
     /// Starts counting outermost ATen operator calls on every thread (resetting the count).
     pub fn tricks_op_count_start();
     /// Stops counting; the calls since `tricks_op_count_start`.

@@ -69,12 +69,7 @@ impl Lookahead {
     pub fn after_step(&mut self, steps_done: usize) {
         if steps_done.is_multiple_of(self.every) {
             let d = self.decay_at(steps_done);
-            tch::no_grad(|| {
-                for (_, live, slow) in &mut self.slots {
-                    let _ = slow.lerp_(live, 1.0 - d);
-                    live.copy_(slow);
-                }
-            });
+            self.average(Some(1.0 - d));
         }
         if steps_done == self.total_steps {
             self.finish();
@@ -83,8 +78,41 @@ impl Lookahead {
 
     /// The end of the run: the model takes the slow weights.
     pub fn finish(&mut self) {
+        self.average(None);
+    }
+
+    /// `slow ← slow + weight·(live − slow)` (skipped without a weight), then `live ← slow`, for
+    /// every variable: two multi-tensor operations through csrc/shim.cpp (two per variable, each
+    /// a kernel launch on a GPU, tensor by tensor), or tensor by tensor should they fail.
+    fn average(&mut self, weight: Option<f64>) {
+        let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
+        let slow: Vec<_> = self.slots.iter().map(|(_, _, s)| ptr(s)).collect();
+        let live: Vec<_> = self.slots.iter().map(|(_, l, _)| ptr(l)).collect();
+        // SAFETY: the pointers are live tensors of `self.slots`, unchanged during the call.
+        let err = unsafe {
+            crate::ffi::tricks_lookahead_step(
+                slow.as_ptr(),
+                live.as_ptr(),
+                slow.len() as i64,
+                weight.unwrap_or(0.0),
+                weight.is_none(),
+            )
+        };
+        let Some(msg) = crate::ffi::take_error(err) else {
+            return;
+        };
+        // The tensors are dense, of one dtype, on one device: a failure is a bug, not bad input.
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            eprintln!(
+                "warning: lookahead's multi-tensor step failed ({msg}); going tensor by tensor"
+            )
+        });
         tch::no_grad(|| {
             for (_, live, slow) in &mut self.slots {
+                if let Some(w) = weight {
+                    let _ = slow.lerp_(live, w);
+                }
                 live.copy_(slow);
             }
         });
@@ -137,20 +165,36 @@ mod tests {
     fn slow_weights_follow_airbench94s_decay_and_the_model_restarts_from_them() {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut w = vs.root().zeros("w", &[3]);
+        let mut m = vs.root().zeros("m", &[2, 2]);
         let total = 100;
         let mut la = Lookahead::new(&vs, &cfg(), total);
         assert!((la.decay_at(50) - 0.95f64.powi(5) * 0.125).abs() < 1e-12);
         assert_eq!(la.decay_at(0), 0.0);
         // Off-cycle steps change nothing.
         tch::no_grad(|| w.copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0])));
+        tch::no_grad(|| m.copy_(&Tensor::from_slice(&[4.0f32, 5.0, 6.0, 7.0]).view([2, 2])));
         la.after_step(49);
         assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
-        // Step 50: ŵ = d·0 + (1 − d)·w, and w = ŵ.
+        // Step 50: ŵ = d·0 + (1 − d)·w, and w = ŵ, for every variable.
         la.after_step(50);
         let d = la.decay_at(50);
         let got = Vec::<f32>::try_from(&w).unwrap();
         for (g, x) in got.iter().zip([1.0, 2.0, 3.0]) {
             assert!((*g as f64 - (1.0 - d) * x).abs() < 1e-6, "{got:?}");
+        }
+        let got = Vec::<f32>::try_from(&m.view([-1])).unwrap();
+        for (g, x) in got.iter().zip([4.0, 5.0, 6.0, 7.0]) {
+            assert!((*g as f64 - (1.0 - d) * x).abs() < 1e-6, "{got:?}");
+        }
+        // Step 55: ŵ = d·ŵ + (1 − d)·w with the fast weights moved since.
+        let slow_m: Vec<f32> = got.clone();
+        tch::no_grad(|| m.copy_(&Tensor::from_slice(&[1.0f32, 1.0, 1.0, 1.0]).view([2, 2])));
+        la.after_step(55);
+        let d = la.decay_at(55);
+        let got = Vec::<f32>::try_from(&m.view([-1])).unwrap();
+        for (g, s) in got.iter().zip(&slow_m) {
+            let want = d * *s as f64 + (1.0 - d) * 1.0;
+            assert!((*g as f64 - want).abs() < 1e-6, "{got:?}");
         }
         // The state round-trips through a checkpoint's tensors.
         let saved: BTreeMap<String, Tensor> = la.state_tensors().into_iter().collect();

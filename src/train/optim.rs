@@ -422,6 +422,23 @@ mod tests {
         vs
     }
 
+    /// [`store`] with deterministic values, sin(`freq`·k + i) for element k of the i-th variable
+    /// by name: two stores built for one comparison start alike, which libtorch's process-wide
+    /// generator does not guarantee (tests running beside draw from it too).
+    fn store_with_values(freq: f64) -> nn::VarStore {
+        let vs = store();
+        tch::no_grad(|| {
+            for (i, (_, mut v)) in by_name(&vs).into_iter().enumerate() {
+                let n = v.numel() as i64;
+                let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * freq + i as f64)
+                    .sin()
+                    .view(v.size().as_slice());
+                v.copy_(&values);
+            }
+        });
+        vs
+    }
+
     fn set_grads(vs: &nn::VarStore, scale: f64) {
         let loss = vs
             .trainable_variables()
@@ -513,18 +530,7 @@ mod tests {
             ..Default::default()
         };
         let run = |flat: bool| {
-            // Deterministic values, not the process-wide generator (other tests draw from it
-            // in parallel, so the two runs would not start alike).
-            let vs = store();
-            tch::no_grad(|| {
-                for (i, (_, mut v)) in by_name(&vs).into_iter().enumerate() {
-                    let n = v.numel() as i64;
-                    let vals = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.37 + i as f64)
-                        .sin()
-                        .view(v.size().as_slice());
-                    v.copy_(&vals);
-                }
-            });
+            let vs = store_with_values(0.37);
             crate::device::weights_to_channels_last(&vs);
             let mut opt = Sgd::new(&vs, &cfg);
             if flat {
@@ -617,18 +623,7 @@ mod tests {
         };
         let mut results = Vec::new();
         for flat in [false, true] {
-            let vs = store();
-            // The same values on both paths without libtorch's process-wide generator, which
-            // tests running beside this one draw from too.
-            tch::no_grad(|| {
-                for (i, (_, mut v)) in by_name(&vs).into_iter().enumerate() {
-                    let n = v.numel() as i64;
-                    let values = (Tensor::arange(n, (Kind::Float, Device::Cpu)) * 0.7 + i as f64)
-                        .sin()
-                        .view(v.size().as_slice());
-                    v.copy_(&values);
-                }
-            });
+            let vs = store_with_values(0.7);
             let mut opt = Sgd::new(&vs, &cfg);
             if flat {
                 opt.flatten();

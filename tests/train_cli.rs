@@ -589,7 +589,19 @@ label_smoothing = 0.18
 
     let killed = tmp.path().join("killed");
     kill_after_first_epoch(c, &killed, Duration::ZERO);
-    resume(c, &killed);
+    // The resumed run takes its whitening conv from the checkpoint, without computing it again.
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        killed.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let log = stderr(&o);
+    assert!(log.contains("resuming from"), "{log}");
+    assert!(!log.contains("whitening conv set"), "{log}");
 
     let epoch = |out: &Path, e| {
         tensors_of(&checkpoint::epoch_checkpoint_path(
@@ -635,6 +647,22 @@ label_smoothing = 0.18
     }
     let e1 = epoch(&straight, 1);
     assert!(a["whiten.weight"].equal(&e1["whiten.weight"]));
+    // ... and they are the whitening init's: lookahead's averages start from them (a run
+    // without lookahead keeps them as set).
+    let plain = tmp.path().join("plain");
+    let o = run(&[
+        "train",
+        "--config",
+        c,
+        "--out",
+        plain.to_str().unwrap(),
+        "--set",
+        "optim.lookahead=false",
+        "--set",
+        "train.epochs=1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(a["whiten.weight"].equal(&epoch(&plain, 1)["whiten.weight"]));
     assert!(
         a["whiten.bias"].equal(&e1["whiten.bias"]),
         "trained after epoch 1"

@@ -43,6 +43,16 @@ impl Lookahead {
         }
     }
 
+    /// Slow weights restart at the model's current ones: for weights set after the lookahead
+    /// was made (airbench94's whitening init, which a resumed run skips).
+    pub fn restart_from_model(&mut self) {
+        tch::no_grad(|| {
+            for (_, live, slow) in &mut self.slots {
+                slow.copy_(live);
+            }
+        });
+    }
+
     /// Gives each slow copy its live tensor's memory layout (after a channels-last conversion),
     /// so that the averaging runs on dense, matching tensors.
     pub fn match_layouts(&mut self) {
@@ -206,5 +216,18 @@ mod tests {
         la2.finish();
         assert!(w2.allclose(&w, 0.0, 0.0, false));
         assert!(la2.load_state(&BTreeMap::new()).is_err());
+    }
+
+    #[test]
+    fn a_restart_takes_weights_set_after_the_lookahead_was_made() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut w = vs.root().zeros("w", &[3]);
+        let mut la = Lookahead::new(&vs, &cfg(), 100);
+        tch::no_grad(|| w.copy_(&Tensor::from_slice(&[1.0f32, 2.0, 3.0])));
+        la.restart_from_model();
+        tch::no_grad(|| w.copy_(&Tensor::from_slice(&[9.0f32, 9.0, 9.0])));
+        // The run's end takes the slow weights: the restarted ones, not the zeros it began with.
+        la.finish();
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![1.0, 2.0, 3.0]);
     }
 }

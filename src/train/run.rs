@@ -447,23 +447,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     } else {
         None
     };
-    if let (Classifier::Airbench(a), true) = (&net, cfg.finetune.from.is_empty()) {
-        // From the decoded images already on the device when there are some (no second decode,
-        // and the covariance is computed there).
-        let t = Instant::now();
-        let n = model::WHITEN_IMAGES;
-        let images = match &resident {
-            Some((train, _)) => first_images(train.eval_batches(500, Shard::SINGLE), n)?,
-            None => first_images(Loader::eval(train_ds.clone(), &cfg.data, 500), n)?,
-        };
-        a.init_whitening(&images)
-            .with_context(|| format!("whitening from {}", cfg.data.dir))?;
-        log(&format!(
-            "whitening conv set from the 2x2 patches of the first {} training images in {:.2}s",
-            images.iter().map(|t| t.size()[0]).sum::<i64>(),
-            t.elapsed().as_secs_f64()
-        ));
-    }
     let loader_cfg = cfg.data.for_device(device);
     let eval_batches = |bs: usize| match &resident {
         Some((_, val)) => Batches::Resident(val.eval_batches(bs, shard)),
@@ -500,8 +483,33 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     };
     let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
 
-    if rank0 {
-        resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
+    let resumed = if rank0 {
+        resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?
+    } else {
+        false
+    };
+    // airbench94's whitening conv is set from the data at the start of a run (a resumed run has
+    // it in its checkpoint; the other ranks of a data-parallel run get it from rank 0 below).
+    let fresh_start = rank0 && !resumed && cfg.finetune.from.is_empty();
+    if let (Classifier::Airbench(a), true) = (&net, fresh_start) {
+        // From the decoded images already on the device when there are some (no second decode,
+        // and the covariance is computed there).
+        let t = Instant::now();
+        let n = model::WHITEN_IMAGES;
+        let images = match &resident {
+            Some((train, _)) => first_images(train.eval_batches(500, Shard::SINGLE), n)?,
+            None => first_images(Loader::eval(train_ds.clone(), &cfg.data, 500), n)?,
+        };
+        a.init_whitening(&images)
+            .with_context(|| format!("whitening from {}", cfg.data.dir))?;
+        if let Some(la) = opt.lookahead_mut() {
+            la.restart_from_model();
+        }
+        log(&format!(
+            "whitening conv set from the 2x2 patches of the first {} training images in {:.2}s",
+            images.iter().map(|t| t.size()[0]).sum::<i64>(),
+            t.elapsed().as_secs_f64()
+        ));
     }
     if let Some(group) = &dist {
         sync_from_rank0(group, &vs, &mut opt, &mut state)?;

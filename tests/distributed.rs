@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tch::{Kind, Tensor};
@@ -35,6 +35,83 @@ fn is_weight(name: &str) -> bool {
     !name.starts_with("optim.") && !name.contains("running_") && !name.contains("num_batches")
 }
 
+/// `cfg` trained for `epochs` as 2 ranks of batch 8 (`launch`, with `dist_sets` too) and as one
+/// process of batch 16, both with `sets`; the two replicas must end bit-identical.
+struct TwoRanksAndOne {
+    log: String,
+    dist_out: PathBuf,
+    single_out: PathBuf,
+    /// Rank 0's replica.
+    r0: BTreeMap<String, Tensor>,
+    /// The last epoch's checkpoints.
+    dist_ckpt: BTreeMap<String, Tensor>,
+    single_ckpt: BTreeMap<String, Tensor>,
+}
+
+fn two_ranks_and_one(
+    dir: &Path,
+    cfg: &str,
+    epochs: usize,
+    sets: &[&str],
+    dist_sets: &[&str],
+) -> TwoRanksAndOne {
+    let with_sets = |c: &mut Command, sets: &[&str]| {
+        for s in sets {
+            c.args(["--set", s]);
+        }
+    };
+    let dist_out = dir.join("dist");
+    let replicas = dir.join("replicas");
+    let mut c = tricks();
+    c.args(["launch", "--nproc", "2", "--", "train", "--config", cfg])
+        .args([
+            "--out",
+            dist_out.to_str().unwrap(),
+            "--set",
+            "train.batch_size=8",
+        ])
+        .env("TRICKS_DEBUG_RANK_WEIGHTS", &replicas);
+    with_sets(&mut c, sets);
+    with_sets(&mut c, dist_sets);
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let single_out = dir.join("single");
+    let mut c = tricks();
+    c.args([
+        "train",
+        "--config",
+        cfg,
+        "--out",
+        single_out.to_str().unwrap(),
+    ])
+    .args(["--set", "train.batch_size=16"]);
+    with_sets(&mut c, sets);
+    let single = c.output().unwrap();
+    assert!(single.status.success(), "{}", stderr(&single));
+
+    let r0 = tensors(&replicas.join("rank0.safetensors"));
+    let r1 = tensors(&replicas.join("rank1.safetensors"));
+    assert!(!r0.is_empty());
+    for (k, t) in &r0 {
+        assert!(t.equal(&r1[k]), "replicas differ in {k}");
+    }
+    let last = |out: &Path| {
+        tensors(&checkpoint::epoch_checkpoint_path(
+            &out.join("checkpoints"),
+            epochs,
+        ))
+    };
+    TwoRanksAndOne {
+        log: stderr(&o),
+        dist_ckpt: last(&dist_out),
+        single_ckpt: last(&single_out),
+        dist_out,
+        single_out,
+        r0,
+    }
+}
+
 /// After one epoch of 3 global batches the two replicas hold bit-identical weights, and those
 /// weights match one process trained on the same global batch (16 = 2 × 8): same samples,
 /// same augmentation, gradients averaged by the Reducer, BN statistics over the global batch
@@ -46,19 +123,14 @@ fn two_ranks_train_like_one_process_on_the_global_batch() {
     let data = tmp.path().join("data");
     image_folder(&data, 3, 16, 4, 16);
     let cfg = tiny_config(tmp.path(), &data, 1, "");
-    let cfg = cfg.to_str().unwrap();
-    let dist_out = tmp.path().join("dist");
-    let replicas = tmp.path().join("replicas");
-    let o = tricks()
-        .args(["launch", "--nproc", "2", "--", "train", "--config", cfg])
-        .args(["--out", dist_out.to_str().unwrap()])
-        .args(["--set", "optim.lr=0.01", "--set", "train.batch_size=8"])
-        .args(["--set", "distributed.sync_bn=true"])
-        .env("TRICKS_DEBUG_RANK_WEIGHTS", &replicas)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-    let log = stderr(&o);
+    let t = two_ranks_and_one(
+        tmp.path(),
+        cfg.to_str().unwrap(),
+        1,
+        &["optim.lr=0.01"],
+        &["distributed.sync_bn=true"],
+    );
+    let log = &t.log;
     assert!(
         log.contains("2 ranks over Gloo, batch 8 per rank = 16 global, batch norm synchronised"),
         "{log}"
@@ -66,37 +138,15 @@ fn two_ranks_train_like_one_process_on_the_global_batch() {
     // Only rank 0 logs the epoch line.
     assert_eq!(log.matches("epoch 1/1:").count(), 1, "{log}");
 
-    let single_out = tmp.path().join("single");
-    let o = run(&[
-        "train",
-        "--config",
-        cfg,
-        "--out",
-        single_out.to_str().unwrap(),
-        "--set",
-        "optim.lr=0.01",
-        "--set",
-        "train.batch_size=16",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-
-    let r0 = tensors(&replicas.join("rank0.safetensors"));
-    let r1 = tensors(&replicas.join("rank1.safetensors"));
-    assert!(!r0.is_empty());
-    for (k, t) in &r0 {
-        assert!(t.equal(&r1[k]), "replicas differ in {k}");
-    }
     // Rank 0's checkpoint is its replica.
-    let dist_ckpt = tensors(&dist_out.join("checkpoints/epoch-0001.safetensors"));
-    assert_eq!(relative_l2(&dist_ckpt, &r0, is_weight), 0.0);
+    assert_eq!(relative_l2(&t.dist_ckpt, &t.r0, is_weight), 0.0);
 
-    let single = tensors(&single_out.join("checkpoints/epoch-0001.safetensors"));
-    let err = relative_l2(&r0, &single, is_weight);
+    let err = relative_l2(&t.r0, &t.single_ckpt, is_weight);
     assert!(err < 1e-4, "2 ranks vs 1 process: relative L2 {err}");
-    let err = relative_l2(&r0, &single, |k| k.contains("running_"));
+    let err = relative_l2(&t.r0, &t.single_ckpt, |k| k.contains("running_"));
     assert!(err < 1e-4, "BN running statistics: relative L2 {err}");
     // Momentum buffers too (they are the averaged gradients of the first step, then some).
-    let err = relative_l2(&dist_ckpt, &single, |k| k.starts_with("optim."));
+    let err = relative_l2(&t.dist_ckpt, &t.single_ckpt, |k| k.starts_with("optim."));
     assert!(err < 1e-4, "momentum: relative L2 {err}");
 
     // Epoch metrics are over all ranks: the same 48 training images, the whole val split.
@@ -104,10 +154,69 @@ fn two_ranks_train_like_one_process_on_the_global_batch() {
         let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
         serde_json::from_str(text.lines().next().unwrap()).unwrap()
     };
-    let (d, s) = (line(&dist_out), line(&single_out));
+    let (d, s) = (line(&t.dist_out), line(&t.single_out));
     let loss = |v: &serde_json::Value| v["train_loss"].as_f64().unwrap();
     assert!((loss(&d) - loss(&s)).abs() < 1e-3 * loss(&s), "{d} vs {s}");
     assert_eq!(d["val_top1"], s["val_top1"], "{d} vs {s}");
+}
+
+/// airbench94's recipe (whitening init, lookahead, BN-bias lr, alternating flip, reflect
+/// padding, label smoothing) over 2 ranks: rank 0 sets the whitening conv and the other rank
+/// gets it, and lookahead's slow weights, by broadcast (without that broadcast the replicas
+/// part at the first average); the ranks average at the same steps and end like one process on
+/// the global batch, slow weights included.
+#[test]
+fn airbench94_recipe_over_two_ranks_trains_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 16, 4, 32);
+    let text = format!(
+        r#"seed = 3
+[model]
+name = "airbench94"
+whiten_bias_epochs = 1
+[data]
+dir = "{}"
+pipeline = "cifar"
+train_size = 32
+val_size = 32
+val_crop_ratio = 1.0
+cifar_pad = 2
+pad_mode = "reflect"
+alternate_flip = true
+workers = 2
+[train]
+epochs = 2
+threads = 1
+[optim]
+lr = 0.05
+momentum = 0.85
+bn_bias_lr_scale = 64.0
+schedule = "triangle"
+lookahead = true
+lookahead_every = 2
+[loss]
+label_smoothing = 0.18
+"#,
+        data.display()
+    );
+    let cfg = tmp.path().join("airbench.toml");
+    std::fs::write(&cfg, text).unwrap();
+    let t = two_ranks_and_one(
+        tmp.path(),
+        cfg.to_str().unwrap(),
+        2,
+        &[],
+        &["distributed.sync_bn=true"],
+    );
+    assert!(t.log.contains("whitening conv set"), "{}", t.log);
+    assert_eq!(relative_l2(&t.dist_ckpt, &t.r0, is_weight), 0.0);
+    let err = relative_l2(&t.r0, &t.single_ckpt, is_weight);
+    assert!(err < 1e-4, "2 ranks vs 1 process: relative L2 {err}");
+    let slow = |k: &str| k.starts_with("optim.lookahead.");
+    assert!(t.dist_ckpt.keys().any(|k| slow(k)));
+    let err = relative_l2(&t.dist_ckpt, &t.single_ckpt, slow);
+    assert!(err < 1e-4, "lookahead's slow weights: relative L2 {err}");
 }
 
 fn rank(cfg: &str, out: &Path, rank: usize, port: u16, extra: &[&str]) -> Child {

@@ -1,6 +1,6 @@
-// Fused batch norm + ReLU, and batch norm + residual add + ReLU, for CPU training and inference in
-// channels_last layout (f32 or bf16 activations, f32 parameters and statistics, as under bf16
-// autocast).
+// Fused batch norm + ReLU, batch norm + residual add + ReLU, and batch norm + GELU (airbench94's
+// network), for CPU training and inference in channels_last layout (f32 or bf16 activations, f32
+// parameters and statistics, as under bf16 autocast).
 //
 // Why: on a CPU, libtorch's training-mode batch norm and ReLU are separate kernels that together
 // pass over the activation 13 times per step (norm forward 3, ReLU forward 2, ReLU backward 3,
@@ -8,7 +8,9 @@
 // PyTorch's profile. Here it is 8: the forward pass reads x twice and writes y once; the backward
 // pass recomputes the ReLU mask from x (no saved output), reads x and dy twice and writes dx once.
 // At the end of a residual block (batch norm, add the shortcut, ReLU) it is 11 passes instead of
-// 16 (see BnReluFn). In inference it is one pass (bn_eval).
+// 16 (see BnReluFn). Batch norm then GELU: 9 instead of 13 (the backward pass writes GELU's
+// gradient once, as the residual's gradient is written, since recomputing it costs an exp and a
+// division per value). In inference it is one pass (bn_eval).
 // Each pass runs over the rows in parallel on libtorch's OpenMP threads (this file is built with
 // -fopenmp: at::parallel_for is an inline OpenMP pragma) in loops the compiler vectorises, built
 // for x86-64-v4 (AVX-512), v3 (AVX2) and baseline x86-64 and picked at load time. Speed against
@@ -86,6 +88,71 @@ struct Tiling {
 // Tiles per f32 accumulation block, after which the block's sums go into the f64 totals.
 constexpr int64_t kTilesPerBlock = 64;
 
+// How the normalised value ends: as it is, through a ReLU, added to a residual then through a ReLU
+// (the end of a residual block), or through GELU.
+enum class Epilogue { None, Relu, AddRelu, Gelu };
+
+TRICKS_INLINE float bits_to_f(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+TRICKS_INLINE uint32_t f_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// exp(x) for -100 <= x <= 0 (or NaN), in a form the compiler vectorises for every target here
+// (libm's expf is a call it cannot vectorise, and a clamp on x becomes a branch on AVX2): x =
+// n·ln2 + r with |r| <= ln2/2 (n rounded by adding 1.5·2^23), Cephes' polynomial for exp(r), 2^n
+// from the exponent bits, 0 where 2^n is below f32's normal range. Relative error about 1e-7.
+TRICKS_INLINE float exp_nonpositive(float x) {
+  const float t = x * 1.44269504088896341f + 12582912.f;
+  const float n = t - 12582912.f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e = p * r * r + r + 1.f;
+  int32_t k = int32_t(n) + 127;
+  k = k < 1 ? 0 : k;
+  return e * bits_to_f(uint32_t(k) << 23);
+}
+
+// Exact GELU, v·Φ(v) = v·½(1 + erf(v/√2)), and its derivative Φ(v) + v·φ(v), with erf as
+// libtorch's vectorised CPU kernel computes it (Abramowitz & Stegun 7.1.26, absolute error
+// < 1.5e-7); one exp(−v²/2) serves both erf and φ. |v/√2| is capped at 10 (as integers: a float
+// min is a branch without -ffast-math), where erf is 1 and φ 0 in f32; a NaN v stays NaN through
+// the factor v.
+struct GeluTerms {
+  float cdf, pdf;
+};
+TRICKS_INLINE GeluTerms gelu_terms(float v) {
+  const float z = v * 0.70710678118654752f;
+  const uint32_t az_bits = f_to_bits(z) & 0x7FFFFFFFu;
+  const uint32_t cap = 0x41200000u;  // 10.0f
+  const float az = bits_to_f(az_bits < cap ? az_bits : cap);
+  const float t = 1.f / (1.f + 0.3275911f * az);
+  float r = 1.061405429f;
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  const float e = exp_nonpositive(-az * az);
+  const float erf_abs = 1.f - r * t * e;
+  const float erf = bits_to_f(f_to_bits(erf_abs) | (f_to_bits(z) & 0x80000000u));
+  return {0.5f * (1.f + erf), e * 0.39894228040143268f};
+}
+TRICKS_INLINE float gelu(float v) { return v * gelu_terms(v).cdf; }
+TRICKS_INLINE float gelu_grad(float v) {
+  const GeluTerms g = gelu_terms(v);
+  return g.cdf + v * g.pdf;
+}
+
 // a1 += x − shift and a2 += (x − shift)², value by value.
 template <typename T>
 TRICKS_INLINE void stats_span(const T* __restrict__ x, int64_t n, const float* __restrict__ shift,
@@ -97,23 +164,27 @@ TRICKS_INLINE void stats_span(const T* __restrict__ x, int64_t n, const float* _
   }
 }
 
-// y = x·scale + shift, plus the residual r when RES, then max(·, 0) when RELU.
-template <typename T, bool RELU, bool RES>
+// y = E(x·scale + shift): the epilogue E adds the residual r and takes max(·, 0) (AddRelu),
+// takes max(·, 0) (Relu) or GELU (Gelu).
+template <typename T, Epilogue E>
 TRICKS_INLINE void norm_span(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
                              int64_t n, const float* __restrict__ scale,
                              const float* __restrict__ shift) {
   for (int64_t j = 0; j < n; ++j) {
     float v = to_f(x[j]) * scale[j] + shift[j];
-    if (RES) v += to_f(r[j]);
-    if (RELU) v = v > 0.f ? v : 0.f;
+    if (E == Epilogue::AddRelu) v += to_f(r[j]);
+    if (E == Epilogue::Relu || E == Epilogue::AddRelu) v = v > 0.f ? v : 0.f;
+    if (E == Epilogue::Gelu) v = gelu(v);
     y[j] = from_f<T>(v);
   }
 }
 
-// With g = dy where the forward output was positive (all of dy without RELU; the mask is
-// recomputed from x, and from the residual r when RES): a1 += g and a2 += g·(x − mean), value by
-// value. With RES, g is also the residual's gradient, written to dr.
-template <typename T, bool RELU, bool RES>
+// With g the gradient of the batch norm's output (dy where the forward output was positive
+// with a ReLU, the mask recomputed from x and from the residual r; dy·GELU'(v) with GELU; dy
+// itself without an epilogue): a1 += g and a2 += g·(x − mean), value by value. With AddRelu, g
+// is also the residual's gradient, and with Gelu the input gradient pass's; both are written to
+// dr.
+template <typename T, Epilogue E>
 TRICKS_INLINE void grad_stats_span(const T* __restrict__ x, const T* __restrict__ r,
                                    const T* __restrict__ dy, T* __restrict__ dr, int64_t n,
                                    const float* __restrict__ scale,
@@ -124,9 +195,17 @@ TRICKS_INLINE void grad_stats_span(const T* __restrict__ x, const T* __restrict_
     float xv = to_f(x[j]);
     float g = to_f(dy[j]);
     float v = xv * scale[j] + shift[j];
-    if (RES) v += to_f(r[j]);
-    if (RELU) g = v > 0.f ? g : 0.f;
-    if (RES) dr[j] = from_f<T>(g);  // exact: g is dy or 0
+    if (E == Epilogue::AddRelu) v += to_f(r[j]);
+    if (E == Epilogue::Relu || E == Epilogue::AddRelu) g = v > 0.f ? g : 0.f;
+    if (E == Epilogue::AddRelu) dr[j] = from_f<T>(g);  // exact: g is dy or 0
+    if (E == Epilogue::Gelu) {
+      // Rounded to T first, as libtorch's GELU backward hands it to the batch norm's: the sums
+      // and the input gradient pass (which reads dr) then see the same values.
+      // (Not through a T local: its copy stops GCC vectorising the bf16 loop.)
+      const float gv = g * gelu_grad(v);
+      dr[j] = from_f<T>(gv);
+      g = to_f(from_f<T>(gv));
+    }
     a1[j] += g;
     a2[j] += g * (xv - mean[j]);
   }
@@ -170,13 +249,10 @@ TRICKS_INLINE void fold(const Tiling& t, float* a1, float* a2, double* s1, doubl
   }
 }
 
-// How the normalised value ends: as it is, through a ReLU, or added to a residual then through a
-// ReLU (the end of a residual block).
-enum class Epilogue { None, Relu, AddRelu };
-
 // One multiversioned entry per kernel and dtype (GCC cannot clone templates), over `rows` rows.
-// `r` and `dr` (the residual and its gradient) are read and written with Epilogue::AddRelu only.
-// The input gradient pass never masks with AddRelu: it is given the masked gradient, dr.
+// `r` (the residual) is read with Epilogue::AddRelu only, `dr` (the gradient of the batch norm's
+// output) written with AddRelu and Gelu. The input gradient pass never masks with AddRelu: it is
+// given the masked gradient, dr.
 #define TRICKS_DEFINE_KERNELS(T, SUFFIX)                                                          \
   TRICKS_CLONES void stats_##SUFFIX(const T* x, int64_t rows, const Tiling& t,                    \
                                     const float* shift, double* s1, double* s2, float* a1,        \
@@ -192,11 +268,13 @@ enum class Epilogue { None, Relu, AddRelu };
         [&](int64_t o, int64_t n) {                                                               \
           switch (e) {                                                                            \
             case Epilogue::None:                                                                  \
-              return norm_span<T, false, false>(x + o, nullptr, y + o, n, scale, shift);          \
+              return norm_span<T, Epilogue::None>(x + o, nullptr, y + o, n, scale, shift);        \
             case Epilogue::Relu:                                                                  \
-              return norm_span<T, true, false>(x + o, nullptr, y + o, n, scale, shift);           \
+              return norm_span<T, Epilogue::Relu>(x + o, nullptr, y + o, n, scale, shift);        \
             case Epilogue::AddRelu:                                                               \
-              return norm_span<T, true, true>(x + o, r + o, y + o, n, scale, shift);              \
+              return norm_span<T, Epilogue::AddRelu>(x + o, r + o, y + o, n, scale, shift);       \
+            case Epilogue::Gelu:                                                                  \
+              return norm_span<T, Epilogue::Gelu>(x + o, nullptr, y + o, n, scale, shift);        \
           }                                                                                       \
         },                                                                                        \
         [] {});                                                                                   \
@@ -210,14 +288,17 @@ enum class Epilogue { None, Relu, AddRelu };
         [&](int64_t o, int64_t n) {                                                               \
           switch (e) {                                                                            \
             case Epilogue::None:                                                                  \
-              return grad_stats_span<T, false, false>(x + o, nullptr, dy + o, nullptr, n, scale,  \
-                                                      shift, mean, a1, a2);                       \
+              return grad_stats_span<T, Epilogue::None>(x + o, nullptr, dy + o, nullptr, n,       \
+                                                        scale, shift, mean, a1, a2);              \
             case Epilogue::Relu:                                                                  \
-              return grad_stats_span<T, true, false>(x + o, nullptr, dy + o, nullptr, n, scale,   \
-                                                     shift, mean, a1, a2);                        \
+              return grad_stats_span<T, Epilogue::Relu>(x + o, nullptr, dy + o, nullptr, n,       \
+                                                        scale, shift, mean, a1, a2);              \
             case Epilogue::AddRelu:                                                               \
-              return grad_stats_span<T, true, true>(x + o, r + o, dy + o, dr + o, n, scale,       \
-                                                    shift, mean, a1, a2);                         \
+              return grad_stats_span<T, Epilogue::AddRelu>(x + o, r + o, dy + o, dr + o, n,       \
+                                                           scale, shift, mean, a1, a2);           \
+            case Epilogue::Gelu:                                                                  \
+              return grad_stats_span<T, Epilogue::Gelu>(x + o, nullptr, dy + o, dr + o, n, scale, \
+                                                        shift, mean, a1, a2);                     \
           }                                                                                       \
         },                                                                                        \
         [&] { fold(t, a1, a2, s1, s2); });                                                        \
@@ -349,9 +430,9 @@ at::Tensor normalise(const at::Tensor& x, const at::Tensor& residual, const at::
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Normalisation with given batch statistics, then the epilogue (ReLU, or residual add + ReLU); its
-// backward is the training-mode batch norm gradient (the statistics depend on x), with the ReLU
-// mask recomputed from x (and the residual) rather than saved.
+// Normalisation with given batch statistics, then the epilogue (ReLU, residual add + ReLU, GELU);
+// its backward is the training-mode batch norm gradient (the statistics depend on x), with the
+// ReLU mask or GELU's derivative recomputed from x (and the residual) rather than saved.
 //
 // With a residual (the end of a residual block: relu(bn(x) + r)), libtorch's batch norm, add and
 // ReLU pass over the activation 16 times per step; here 11: the forward pass reads x twice and r
@@ -390,8 +471,12 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
     const auto sc = t.repeat(sc1);
     const auto sh = t.repeat(shift.const_data_ptr<float>());
     const auto mr = t.repeat(mu);
-    at::Tensor dr;  // the residual's gradient: dy where the output was positive
-    if (e == Epilogue::AddRelu) dr = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+    // The gradient of the batch norm's output where the epilogue makes one to keep: the residual's
+    // (dy where the output was positive), or dy·GELU'.
+    at::Tensor dr;
+    if (e == Epilogue::AddRelu || e == Epilogue::Gelu) {
+      dr = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+    }
     Partials p(t, ch);
     over_rows(M, ch, [&](int64_t r, int64_t n, int k) {
       if (x.scalar_type() == at::kFloat) {
@@ -422,7 +507,8 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
       dbias.data_ptr<float>()[c] = float(sg);
     }
     const auto ar = t.repeat(a.data()), br = t.repeat(b.data()), kr = t.repeat(k.data());
-    // With a residual, g is dr, already masked; otherwise dy, masked here when there is a ReLU.
+    // With a residual or GELU, g is dr, already masked or multiplied; otherwise dy, masked here
+    // when there is a ReLU.
     const at::Tensor& g = dr.defined() ? dr : dy;
     const bool mask = e == Epilogue::Relu;
     at::Tensor dx = at::empty_like(x, at::MemoryFormat::ChannelsLast);
@@ -437,7 +523,8 @@ class BnReluFn : public torch::autograd::Function<BnReluFn> {
                         br.data(), kr.data());
       }
     });
-    return {dx, dweight, dbias, at::Tensor(), at::Tensor(), dr, at::Tensor()};
+    const at::Tensor dresidual = e == Epilogue::AddRelu ? dr : at::Tensor();
+    return {dx, dweight, dbias, at::Tensor(), at::Tensor(), dresidual, at::Tensor()};
   }
 };
 
@@ -510,14 +597,14 @@ extern "C" {
 
 // Batch norm of a channels_last CPU tensor (training mode: batch statistics, running statistics
 // updated in place; else the running statistics), then `epilogue`: 0 none, 1 ReLU, 2 add
-// `residual` (NULL otherwise) then ReLU. NULL on success, with the result in *out, or *out NULL
+// `residual` (NULL otherwise) then ReLU, 3 GELU. NULL on success, with the result in *out, or *out NULL
 // where an inference-mode call needs an autograd graph (use libtorch's); else a malloc'ed message
 // for tricks_dist_free_error.
 char* tricks_bn_fused(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, at::Tensor* running_mean,
                       at::Tensor* running_var, bool train, double momentum, double eps,
                       int32_t epilogue, at::Tensor* residual, at::Tensor** out) {
   return tricks::guarded([&] {
-    TORCH_CHECK(epilogue >= 0 && epilogue <= 2, "fused batch norm: unknown epilogue ", epilogue);
+    TORCH_CHECK(epilogue >= 0 && epilogue <= 3, "fused batch norm: unknown epilogue ", epilogue);
     const at::Tensor none;
     const at::Tensor& r = residual ? *residual : none;
     at::Tensor y = train ? bn_relu_train(*x, *weight, *bias, *running_mean, *running_var,

@@ -89,9 +89,9 @@ impl ModuleT for ConvGroup {
         let y = x
             .apply(&self.conv1)
             .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
-        let y = self.norm1.forward_t(&y, train).gelu("none");
+        let y = self.norm1.forward_gelu(&y, train);
         let y = y.apply(&self.conv2);
-        self.norm2.forward_t(&y, train).gelu("none")
+        self.norm2.forward_gelu(&y, train)
     }
 }
 

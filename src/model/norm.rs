@@ -91,12 +91,20 @@ enum Epilogue<'a> {
     Relu,
     /// `relu(bn(x) + residual)`: the end of a residual block.
     AddRelu(&'a Tensor),
+    /// Exact GELU (airbench94's network).
+    Gelu,
 }
 
 impl BatchNorm2d {
     /// `relu(self(x))`. On a channels_last CPU batch, one fused kernel does both.
     pub fn forward_relu(&self, x: &Tensor, train: bool) -> Tensor {
         self.forward_with(x, train, Epilogue::Relu)
+    }
+
+    /// `gelu(self(x))` (the exact, erf form). On a channels_last CPU batch, one fused kernel does
+    /// both.
+    pub fn forward_gelu(&self, x: &Tensor, train: bool) -> Tensor {
+        self.forward_with(x, train, Epilogue::Gelu)
     }
 
     /// `relu(self(x) + residual)`, the end of a residual block. On channels_last CPU batches of
@@ -127,14 +135,15 @@ impl BatchNorm2d {
             Epilogue::None => normalised,
             Epilogue::Relu => normalised.relu(),
             Epilogue::AddRelu(r) => (normalised + r).relu(),
+            Epilogue::Gelu => normalised.gelu("none"),
         }
     }
 
     /// Batch norm and its epilogue through csrc/bn_relu.cpp, when it applies: CPU, channels_last,
     /// f32 or bf16 activations (and a residual of the same shape, layout and dtype). In training
     /// it passes over the activations 8 times per step where libtorch's batch norm and ReLU pass
-    /// 13 times, 11 where they and the residual add pass 16; in inference once (read, write)
-    /// where they pass 4 or 7 times (see the file). `None`: use libtorch's (also for inference
+    /// 13 times, 11 where they and the residual add pass 16, 9 where batch norm and GELU pass
+    /// 13; in inference once (read, write) where they pass 4 or 7 times (see the file). `None`: use libtorch's (also for inference
     /// that needs an autograd graph, which the kernel does not build).
     fn fused(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Option<Tensor> {
         let (Some(w), Some(b)) = (&self.bn.ws, &self.bn.bs) else {
@@ -166,6 +175,7 @@ impl BatchNorm2d {
             Epilogue::None => (0, std::ptr::null_mut()),
             Epilogue::Relu => (1, std::ptr::null_mut()),
             Epilogue::AddRelu(r) => (2, ptr(r)),
+            Epilogue::Gelu => (3, std::ptr::null_mut()),
         };
         // SAFETY: all tensors passed are live for the duration of the call; a non-null `out` is a
         // fresh `at::Tensor*` whose ownership passes to the returned Tensor.
@@ -320,14 +330,14 @@ mod tests {
         }
     }
 
-    /// The fused CPU kernel against libtorch's batch norm (+ ReLU, + residual add and ReLU) on the
-    /// same channels_last batch: output, running statistics, and the gradients of x, γ, β and the
+    /// The fused CPU kernel against libtorch's batch norm (+ ReLU, + residual add and ReLU, +
+    /// GELU) on the same channels_last batch: output, running statistics, and the gradients of x, γ, β and the
     /// residual.
     #[test]
     fn fused_batch_norm_epilogues_match_libtorch() {
         tch::manual_seed(5);
         for (kind, tol) in [(Kind::Float, 2e-5), (Kind::BFloat16, 2e-2)] {
-            for epilogue in ["none", "relu", "add_relu"] {
+            for epilogue in ["none", "relu", "add_relu", "gelu"] {
                 for (n, c, h) in [(4, 24, 5), (3, 3, 7)] {
                     let cl = |t: Tensor| crate::device::to_channels_last(&t.to_kind(kind));
                     let randn = || Tensor::randn([n, c, h, h], (Kind::Float, Device::Cpu));
@@ -352,9 +362,11 @@ mod tests {
                         let y = match (mask, epilogue) {
                             (None, "none") => bn.fused(&x, true, Epilogue::None),
                             (None, "relu") => bn.fused(&x, true, Epilogue::Relu),
+                            (None, "gelu") => bn.fused(&x, true, Epilogue::Gelu),
                             (None, _) => bn.fused(&x, true, Epilogue::AddRelu(&r)),
                             (Some(_), "none") => Some(x.apply_t(&bn.bn, true)),
                             (Some(m), "relu") => Some(x.apply_t(&bn.bn, true) * m),
+                            (Some(_), "gelu") => Some(x.apply_t(&bn.bn, true).gelu("none")),
                             (Some(m), _) => Some((x.apply_t(&bn.bn, true) + &r) * m),
                         }
                         .expect("the fused kernel applies");
@@ -409,7 +421,7 @@ mod tests {
     }
 
     /// Inference mode (running statistics, no graph): the fused kernel against libtorch's batch
-    /// norm (+ ReLU, + residual add and ReLU); with a graph needed, it declines.
+    /// norm (+ ReLU, + residual add and ReLU, + GELU); with a graph needed, it declines.
     #[test]
     fn fused_inference_matches_libtorch_and_declines_when_a_graph_is_needed() {
         tch::manual_seed(7);
@@ -435,6 +447,8 @@ mod tests {
                 ("none", Epilogue::None, reference.shallow_clone()),
                 ("relu", Epilogue::Relu, reference.relu()),
                 ("add_relu", Epilogue::AddRelu(&r), (&reference + &r).relu()),
+                // Normalised values up to about ±30: GELU's tails, where its exp underflows.
+                ("gelu", Epilogue::Gelu, reference.gelu("none")),
             ];
             let stats = (bn.bn.running_mean.copy(), bn.bn.running_var.copy());
             for (name, epilogue, expected) in cases {

@@ -277,6 +277,9 @@ def measure(args, name: str) -> dict:
         sync(device)
         return batch * n_steps / (time.perf_counter() - t0)
 
+    if args.lockstep:
+        return lockstep(model, train_step, infer_step, args.warmup, device)
+
     model.train()
     train_img_s = timed(train_step, args.warmup, args.steps)
     train_ops = count_ops(train_step)
@@ -306,6 +309,36 @@ def measure(args, name: str) -> dict:
     }
 
 
+def lockstep(model, train_step, infer_step, warmup: int, device) -> dict:
+    """--lockstep, for bench/lockstep.py (the protocol of `tricks bench --lockstep`): after the
+    warm-up prints `ready`, then for each line of stdin, `train` or `infer`, takes one step and
+    prints its milliseconds; the end of input ends it."""
+
+    def train():
+        model.train()
+        train_step()
+
+    def infer():
+        model.eval()
+        with torch.no_grad():
+            infer_step()
+
+    for _ in range(warmup):
+        train()
+        infer()
+    sync(device)
+    print("ready", flush=True)
+    for line in sys.stdin:
+        step = {"train": train, "infer": infer}.get(line.strip())
+        if step is None:
+            raise SystemExit(f"lockstep: unknown command {line.strip()!r} (train or infer)")
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        print(f"{1e3 * (time.perf_counter() - t0):.3f}", flush=True)
+    return {"impl": "pytorch", "lockstep": True}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="all", help="comma-separated, or 'all': " + ", ".join(DEFAULTS))
@@ -318,6 +351,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (train and inference each)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    ap.add_argument("--lockstep", action="store_true",
+                    help="after the warm-up, take one step per line of stdin (train or infer) and print its ms "
+                         "(bench/lockstep.py; one model only)")
     args = ap.parse_args()
 
     if args.steps < 1 or args.warmup < 0:
@@ -330,6 +366,8 @@ def main() -> None:
     for name in models:
         if name not in DEFAULTS:
             ap.error(f"unknown model {name!r}; known: {', '.join(DEFAULTS)}")
+    if args.lockstep and len(models) != 1:
+        ap.error("--lockstep takes one model")
     for name in models:
         print(json.dumps(measure(args, name)), flush=True)
 

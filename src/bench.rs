@@ -26,6 +26,9 @@ pub struct BenchSpec {
     pub per_tensor_optimizer: bool,
     /// `model.cifar_stem` (an ImageNet ResNet at CIFAR resolution, as `resnet18-tta.toml`).
     pub cifar_stem: bool,
+    /// After the warm-up, take one step per command from stdin instead of timing a loop (see
+    /// [`lockstep`]).
+    pub lockstep: bool,
 }
 
 /// Runs the benchmark and returns its JSON line.
@@ -85,6 +88,21 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         }
         scaler.update(!finite);
     };
+    let infer = || {
+        tch::no_grad(|| {
+            let _ac = Autocast::enter(precision, device);
+            net.forward_t(&x, false)
+        })
+    };
+    if spec.lockstep {
+        for _ in 0..spec.warmup {
+            train_step();
+            let _ = infer();
+        }
+        sync();
+        lockstep(&mut train_step, &mut || drop(infer()), &sync)?;
+        return Ok(serde_json::json!({"impl": "tricks", "lockstep": true}).to_string());
+    }
     for _ in 0..spec.warmup {
         train_step();
     }
@@ -104,12 +122,6 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     }
     sync();
     let step_ms = 1e3 * t.elapsed().as_secs_f64() / spec.steps as f64;
-    let infer = || {
-        tch::no_grad(|| {
-            let _ac = Autocast::enter(precision, device);
-            net.forward_t(&x, false)
-        })
-    };
     for _ in 0..spec.warmup {
         let _ = infer();
     }
@@ -141,6 +153,32 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         "ops_per_infer_step": infer_ops,
     })
     .to_string())
+}
+
+/// `tricks bench --lockstep`: for bench/lockstep.py, which runs this and bench/pytorch_bench.py
+/// side by side and has them take turns, one step each, so that the speed of a shared machine,
+/// which wanders by more than the difference being measured, is the same for both. Prints
+/// `ready`, then reads one command per line: `train` or `infer` takes one step and prints its
+/// milliseconds (device work included); the end of input ends it.
+fn lockstep(train: &mut dyn FnMut(), infer: &mut dyn FnMut(), sync: &dyn Fn()) -> Result<()> {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let step: &mut dyn FnMut() = match line.trim() {
+            "train" => train,
+            "infer" => infer,
+            other => anyhow::bail!("lockstep: unknown command {other:?} (train or infer)"),
+        };
+        let t = Instant::now();
+        step();
+        sync();
+        writeln!(out, "{:.3}", 1e3 * t.elapsed().as_secs_f64())?;
+        out.flush()?;
+    }
+    Ok(())
 }
 
 /// Runs `f` and counts the ATen operators it calls, on every thread, outermost calls only (a

@@ -210,6 +210,10 @@ struct BenchArgs {
     /// An ImageNet ResNet with the full-resolution stem (`model.cifar_stem`), 10 classes.
     #[arg(long)]
     cifar_stem: bool,
+    /// After the warm-up, take one step per line of stdin (`train` or `infer`) and print its
+    /// milliseconds: bench/lockstep.py alternates this with PyTorch step by step.
+    #[arg(long)]
+    lockstep: bool,
 }
 
 fn main() {
@@ -256,6 +260,7 @@ fn main() {
             threads: a.threads,
             per_tensor_optimizer: a.per_tensor_optimizer,
             cifar_stem: a.cifar_stem,
+            lockstep: a.lockstep,
         })
         .map(|line| println!("{line}")),
         Command::Ablate(a) => cmd_ablate(a),

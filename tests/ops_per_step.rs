@@ -29,6 +29,7 @@ fn bare_step_ops(model: &str, size: i64) -> i64 {
         threads: 1,
         per_tensor_optimizer: false,
         cifar_stem: false,
+        lockstep: false,
     })
     .unwrap();
     let bench: serde_json::Value = serde_json::from_str(&bench).unwrap();

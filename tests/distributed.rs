@@ -170,38 +170,7 @@ fn airbench94_recipe_over_two_ranks_trains_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     image_folder(&data, 3, 16, 4, 32);
-    let text = format!(
-        r#"seed = 3
-[model]
-name = "airbench94"
-whiten_bias_epochs = 1
-[data]
-dir = "{}"
-pipeline = "cifar"
-train_size = 32
-val_size = 32
-val_crop_ratio = 1.0
-cifar_pad = 2
-pad_mode = "reflect"
-alternate_flip = true
-workers = 2
-[train]
-epochs = 2
-threads = 1
-[optim]
-lr = 0.05
-momentum = 0.85
-bn_bias_lr_scale = 64.0
-schedule = "triangle"
-lookahead = true
-lookahead_every = 2
-[loss]
-label_smoothing = 0.18
-"#,
-        data.display()
-    );
-    let cfg = tmp.path().join("airbench.toml");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = airbench_config(tmp.path(), &data, 2, 2);
     let t = two_ranks_and_one(
         tmp.path(),
         cfg.to_str().unwrap(),

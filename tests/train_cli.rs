@@ -543,43 +543,7 @@ fn airbench94_recipe_trains_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     image_folder(&data, 3, 48, 4, 32);
-    let text = format!(
-        r#"seed = 3
-[model]
-name = "airbench94"
-whiten_bias_epochs = 1
-[data]
-dir = "{}"
-pipeline = "cifar"
-train_size = 32
-val_size = 32
-val_crop_ratio = 1.0
-cifar_pad = 2
-pad_mode = "reflect"
-alternate_flip = true
-workers = 2
-[train]
-epochs = 4
-batch_size = 8
-threads = 1
-keep_checkpoints = 4
-eval_flip = true
-eval_translate = true
-[optim]
-lr = 0.1
-momentum = 0.85
-weight_decay = 5e-3
-bn_bias_lr_scale = 64.0
-schedule = "triangle"
-lookahead = true
-lookahead_every = 3
-[loss]
-label_smoothing = 0.18
-"#,
-        data.display()
-    );
-    let cfg = tmp.path().join("airbench.toml");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = airbench_config(tmp.path(), &data, 4, 3);
     let c = cfg.to_str().unwrap();
 
     let straight = tmp.path().join("straight");

@@ -68,6 +68,50 @@ step_epochs = [2]
     path
 }
 
+/// airbench94's recipe (configs/cifar10/airbench94.toml's switches) on 32-px images in `data`, for
+/// `epochs` with lookahead every `lookahead_every` steps and a batch of 8, written to
+/// `dir/airbench.toml`.
+pub fn airbench_config(dir: &Path, data: &Path, epochs: usize, lookahead_every: usize) -> PathBuf {
+    let text = format!(
+        r#"seed = 3
+[model]
+name = "airbench94"
+whiten_bias_epochs = 1
+[data]
+dir = "{}"
+pipeline = "cifar"
+train_size = 32
+val_size = 32
+val_crop_ratio = 1.0
+cifar_pad = 2
+pad_mode = "reflect"
+alternate_flip = true
+workers = 2
+[train]
+epochs = {epochs}
+batch_size = 8
+threads = 1
+keep_checkpoints = 4
+eval_flip = true
+eval_translate = true
+[optim]
+lr = 0.1
+momentum = 0.85
+weight_decay = 5e-3
+bn_bias_lr_scale = 64.0
+schedule = "triangle"
+lookahead = true
+lookahead_every = {lookahead_every}
+[loss]
+label_smoothing = 0.18
+"#,
+        data.display()
+    );
+    let path = dir.join("airbench.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 pub fn tricks() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tricks"))
 }

@@ -25,8 +25,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# model -> (batch, px), as bench/run.sh
-DEFAULTS = {"resnet50d": (16, 224), "airbench94": (1024, 32)}
+sys.path.insert(0, str(ROOT / "bench"))
+from pytorch_bench import DEFAULTS  # noqa: E402  model -> (batch, px, classes), one table for both sides
 
 
 def tricks_model(name: str) -> list[str]:
@@ -82,8 +82,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="cifar_resnet20",
                     help="pytorch_bench.py's name: cifar_resnet20, cifar_resnet56, resnet50d, airbench94, resnet18")
-    ap.add_argument("--batch", type=int, default=0, help="default: 16 for resnet50d, 1024 for airbench94, else 128")
-    ap.add_argument("--size", type=int, default=0, help="default: 224 for resnet50d, else 32")
+    ap.add_argument("--batch", type=int, default=0, help="default: pytorch_bench.py's for the model")
+    ap.add_argument("--size", type=int, default=0, help="default: pytorch_bench.py's for the model (32 with --cifar-stem)")
     ap.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--cifar-stem", action="store_true")
@@ -101,8 +101,10 @@ def main() -> None:
 
     import torch  # only for its default thread count, which both sides then use
 
+    if args.model not in DEFAULTS:
+        ap.error(f"unknown model {args.model!r}; known: {', '.join(DEFAULTS)}")
     threads = args.threads or torch.get_num_threads()
-    batch, size = DEFAULTS.get(args.model, (128, 32))
+    batch, size, _ = DEFAULTS[args.model]
     if args.cifar_stem:
         size = 32
     batch, size = args.batch or batch, args.size or size

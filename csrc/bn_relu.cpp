@@ -48,13 +48,19 @@ namespace {
 
 using bf16 = c10::BFloat16;
 
-TRICKS_INLINE float to_f(float v) { return v; }
-TRICKS_INLINE float to_f(bf16 v) {
-  uint32_t u = uint32_t(v.x) << 16;
+TRICKS_INLINE float bits_to_f(uint32_t b) {
   float f;
-  std::memcpy(&f, &u, 4);
+  std::memcpy(&f, &b, 4);
   return f;
 }
+TRICKS_INLINE uint32_t f_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+TRICKS_INLINE float to_f(float v) { return v; }
+TRICKS_INLINE float to_f(bf16 v) { return bits_to_f(uint32_t(v.x) << 16); }
 template <typename T>
 TRICKS_INLINE T from_f(float f);
 template <>
@@ -63,8 +69,7 @@ TRICKS_INLINE float from_f<float>(float f) {
 }
 template <>
 TRICKS_INLINE bf16 from_f<bf16>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
+  const uint32_t u = f_to_bits(f);
   // Round to nearest even, as c10::BFloat16 does; a NaN stays a (quiet) NaN.
   uint16_t rounded = uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
   uint16_t bits = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t(0x7FC0) : rounded;
@@ -91,17 +96,6 @@ constexpr int64_t kTilesPerBlock = 64;
 // How the normalised value ends: as it is, through a ReLU, added to a residual then through a ReLU
 // (the end of a residual block), or through GELU.
 enum class Epilogue { None, Relu, AddRelu, Gelu };
-
-TRICKS_INLINE float bits_to_f(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-TRICKS_INLINE uint32_t f_to_bits(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
 
 // exp(x) for -100 <= x <= 0 (or NaN), in a form the compiler vectorises for every target here
 // (libm's expf is a call it cannot vectorise, and a clamp on x becomes a branch on AVX2): x =
@@ -597,9 +591,9 @@ extern "C" {
 
 // Batch norm of a channels_last CPU tensor (training mode: batch statistics, running statistics
 // updated in place; else the running statistics), then `epilogue`: 0 none, 1 ReLU, 2 add
-// `residual` (NULL otherwise) then ReLU, 3 GELU. NULL on success, with the result in *out, or *out NULL
-// where an inference-mode call needs an autograd graph (use libtorch's); else a malloc'ed message
-// for tricks_dist_free_error.
+// `residual` (NULL otherwise) then ReLU, 3 GELU. NULL on success, with the result in *out, or
+// *out NULL where an inference-mode call needs an autograd graph (use libtorch's); else a
+// malloc'ed message for tricks_dist_free_error.
 char* tricks_bn_fused(at::Tensor* x, at::Tensor* weight, at::Tensor* bias, at::Tensor* running_mean,
                       at::Tensor* running_var, bool train, double momentum, double eps,
                       int32_t epilogue, at::Tensor* residual, at::Tensor** out) {

@@ -143,8 +143,9 @@ impl BatchNorm2d {
     /// f32 or bf16 activations (and a residual of the same shape, layout and dtype). In training
     /// it passes over the activations 8 times per step where libtorch's batch norm and ReLU pass
     /// 13 times, 11 where they and the residual add pass 16, 9 where batch norm and GELU pass
-    /// 13; in inference once (read, write) where they pass 4 or 7 times (see the file). `None`: use libtorch's (also for inference
-    /// that needs an autograd graph, which the kernel does not build).
+    /// 13; in inference once (read, write) where they pass 4 or 7 times (see the file). `None`:
+    /// use libtorch's (also for inference that needs an autograd graph, which the kernel does
+    /// not build).
     fn fused(&self, x: &Tensor, train: bool, epilogue: Epilogue) -> Option<Tensor> {
         let (Some(w), Some(b)) = (&self.bn.ws, &self.bn.bs) else {
             return None;
@@ -331,8 +332,8 @@ mod tests {
     }
 
     /// The fused CPU kernel against libtorch's batch norm (+ ReLU, + residual add and ReLU, +
-    /// GELU) on the same channels_last batch: output, running statistics, and the gradients of x, γ, β and the
-    /// residual.
+    /// GELU) on the same channels_last batch: output, running statistics, and the gradients of
+    /// x, γ, β and the residual.
     #[test]
     fn fused_batch_norm_epilogues_match_libtorch() {
         tch::manual_seed(5);

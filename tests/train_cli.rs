@@ -493,28 +493,48 @@ fn trains_identically_with_and_without(
     let data = tmp.path().join("data");
     image_folder(&data, 3, per_class, val_per_class, 16);
     let cfg = tiny_config(tmp.path(), &data, 2, "");
+    same_training_with_and_without(&cfg, tmp.path(), key, &[], 2)
+}
+
+/// Trains `cfg` (with the `sets`) for `epochs` epochs with `key` false, then true, and asserts
+/// that the last checkpoints (weights, BN statistics, optimiser state) and the per-epoch metrics
+/// are the same; returns the two logs.
+fn same_training_with_and_without(
+    cfg: &Path,
+    dir: &Path,
+    key: &str,
+    sets: &[&str],
+    epochs: usize,
+) -> (String, String) {
     let train = |out: &Path, on: bool| {
-        let o = run(&[
+        let flag = format!("{key}={on}");
+        let mut args = vec![
             "train",
             "--config",
             cfg.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--set",
-            &format!("{key}={on}"),
-        ]);
+            &flag,
+        ];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let o = run(&args);
         assert!(o.status.success(), "{}", stderr(&o));
         stderr(&o)
     };
-    let (a, b) = (tmp.path().join("off"), tmp.path().join("on"));
+    let (a, b) = (dir.join("off"), dir.join("on"));
     let logs = (train(&a, false), train(&b, true));
-    let wa = checkpoint::load(&a.join("checkpoints/epoch-0002.safetensors")).unwrap();
-    let wb = checkpoint::load(&b.join("checkpoints/epoch-0002.safetensors")).unwrap();
+    let last = format!("checkpoints/epoch-{epochs:04}.safetensors");
+    let wa = checkpoint::load(&a.join(&last)).unwrap();
+    let wb = checkpoint::load(&b.join(&last)).unwrap();
     assert_eq!(wa.tensors.len(), wb.tensors.len());
     for (k, t) in &wa.tensors {
         assert!(t.equal(&wb.tensors[k]), "{k} differs");
     }
     let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), epochs);
     for (x, y) in ma.iter().zip(&mb) {
         assert_eq!(
             (x.train_loss, x.val_top1, x.val_loss),
@@ -652,4 +672,30 @@ fn untimed_warmup_changes_nothing() {
     let (off, on) = trains_identically_with_and_without("train.untimed_warmup", 8, 3);
     assert!(!off.contains("untimed warm-up"));
     assert!(on.contains("untimed warm-up"));
+}
+
+/// The warm-up's training step (label smoothing, the optimiser step, a lookahead average, the
+/// device-resident augmentation) leaves no trace either: airbench94's recipe, lookahead every 2
+/// steps, trains to the same weights, momentum and slow weights with and without it.
+#[test]
+fn untimed_warmup_with_airbench94s_recipe_changes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    image_folder(&data, 3, 8, 2, 32);
+    let cfg = airbench_config(tmp.path(), &data, 2, 2);
+    let (off, on) = same_training_with_and_without(
+        &cfg,
+        tmp.path(),
+        "train.untimed_warmup",
+        &["data.on_device=true"],
+        2,
+    );
+    assert!(!off.contains("untimed warm-up") && on.contains("untimed warm-up"));
+    let ckpt = checkpoint::load(&tmp.path().join("on/checkpoints/epoch-0002.safetensors")).unwrap();
+    // The comparison covered the optimiser's state, not only the weights.
+    assert!(ckpt
+        .tensors
+        .keys()
+        .any(|k| k.starts_with(checkpoint::MOMENTUM_PREFIX)));
+    assert!(ckpt.tensors.keys().any(|k| k.contains("lookahead")));
 }

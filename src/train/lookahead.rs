@@ -128,6 +128,28 @@ impl Lookahead {
         });
     }
 
+    /// Copies of the slow weights, for [`Lookahead::restore`].
+    pub fn snapshot(&self) -> Vec<Tensor> {
+        tch::no_grad(|| self.slots.iter().map(|(_, _, slow)| slow.copy()).collect())
+    }
+
+    /// Puts back the slow weights of [`Lookahead::snapshot`].
+    pub fn restore(&mut self, saved: Vec<Tensor>) {
+        tch::no_grad(|| {
+            for ((_, _, slow), saved) in self.slots.iter_mut().zip(saved) {
+                slow.copy_(&saved);
+            }
+        });
+    }
+
+    /// One averaging step with the first step's decay, whatever the step count: what
+    /// `train.untimed_warmup` runs once (and undoes) so that its kernels are loaded before the
+    /// first epoch.
+    pub fn warm_up(&mut self) {
+        let d = self.decay_at(self.every);
+        self.average(Some(1.0 - d));
+    }
+
     /// The slow weights by `PREFIX` + variable name, for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         self.slots

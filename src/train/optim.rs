@@ -67,6 +67,12 @@ struct Flat {
     chunk: i64,
 }
 
+/// The optimiser's state at one moment ([`Sgd::snapshot`]).
+pub struct Snapshot {
+    momentum: Vec<Option<Tensor>>,
+    lookahead: Option<Vec<Tensor>>,
+}
+
 /// Whether a parameter is decayed: with `no_bias_decay`, biases and BN γ/β (all 1-D tensors) are not.
 pub fn decays(tensor: &Tensor, no_bias_decay: bool) -> bool {
     !no_bias_decay || tensor.dim() > 1
@@ -351,6 +357,35 @@ impl Sgd {
         self.lookahead.as_mut()
     }
 
+    /// Copies of the optimiser's state (momentum buffers, lookahead's slow weights), for steps
+    /// that must leave no trace: [`Sgd::restore`] puts it back.
+    pub fn snapshot(&self) -> Snapshot {
+        tch::no_grad(|| Snapshot {
+            momentum: self
+                .params
+                .iter()
+                .map(|p| p.momentum.as_ref().map(Tensor::copy))
+                .collect(),
+            lookahead: self.lookahead.as_ref().map(Lookahead::snapshot),
+        })
+    }
+
+    /// Puts back the state of [`Sgd::snapshot`]: in place where the buffers are views of the
+    /// flat buffer; a buffer that did not exist then (the first step makes it) goes again.
+    pub fn restore(&mut self, snapshot: Snapshot) {
+        tch::no_grad(|| {
+            for (p, saved) in self.params.iter_mut().zip(snapshot.momentum) {
+                match (&mut p.momentum, saved) {
+                    (Some(live), Some(saved)) => live.copy_(&saved),
+                    (live, saved) => *live = saved,
+                }
+            }
+        });
+        if let (Some(la), Some(slow)) = (&mut self.lookahead, snapshot.lookahead) {
+            la.restore(slow);
+        }
+    }
+
     /// Momentum buffers by parameter name (and lookahead's slow weights), for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v: Vec<(String, Tensor)> = self
@@ -570,6 +605,58 @@ mod tests {
         assert_eq!(m_ref.len(), m_flat.len());
         for (k, t) in &m_ref {
             assert!(t.equal(&m_flat[k]), "momentum {k} differs");
+        }
+    }
+
+    /// `restore` undoes every step since `snapshot` on both update paths: the momentum buffers
+    /// come back (in place in the flat buffer; the per-tensor path's, made by the first step, go
+    /// again), so the next steps are those of an optimiser that never took them.
+    #[test]
+    fn restore_undoes_the_steps_since_snapshot() {
+        let cfg = OptimConfig {
+            weight_decay: 1e-2,
+            momentum: 0.9,
+            nesterov: true,
+            ..Default::default()
+        };
+        for flat in [false, true] {
+            let run = |warm: bool| {
+                let vs = store_with_values(0.37);
+                let mut opt = Sgd::new(&vs, &cfg);
+                if flat {
+                    opt.flatten();
+                }
+                if warm {
+                    let (weights, saved) = (snapshot(&vs), opt.snapshot());
+                    for _ in 0..2 {
+                        opt.zero_grad();
+                        set_grads(&vs, 1.0);
+                        opt.step(0.3);
+                    }
+                    tch::no_grad(|| {
+                        for (k, mut v) in by_name(&vs) {
+                            v.copy_(&weights[&k]);
+                        }
+                    });
+                    opt.restore(saved);
+                }
+                for _ in 0..2 {
+                    opt.zero_grad();
+                    set_grads(&vs, 0.5);
+                    opt.step(0.1);
+                }
+                let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+                (snapshot(&vs), state)
+            };
+            let ((w_ref, m_ref), (w, m)) = (run(false), run(true));
+            assert!(!m_ref.is_empty());
+            for (k, t) in &w_ref {
+                assert!(t.equal(&w[k]), "flat {flat}: {k} differs");
+            }
+            assert_eq!(m_ref.len(), m.len());
+            for (k, t) in &m_ref {
+                assert!(t.equal(&m[k]), "flat {flat}: momentum {k} differs");
+            }
         }
     }
 

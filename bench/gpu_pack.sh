@@ -6,6 +6,7 @@
 #               gzipped tar (20 MB: the small JPEGs are mostly identical headers), for the
 #               time-to-accuracy runs. The device tool counts the folder's size on disk, where
 #               60,000 files of 1 KB take 4 KB blocks each (239 MB): loose files do not fit.
+#   tricks-base.xz  (when BASE_BIN names an earlier build) the base of bench/gpu_ab.sh's A/B runs
 #   airbench/   the `airbench` package (airbench==0.1.8 from PyPI, MIT; 12 KB), the same-run
 #               reference of the time-to-accuracy runs (bench/airbench_ref.py); skipped with a
 #               warning when PyPI cannot be reached.
@@ -24,6 +25,10 @@ dest="$root/data-local/gpu"
 rm -rf "$dest"
 mkdir -p "$dest"
 xz -T0 -6 -c "$BIN" >"$dest/tricks.xz"
+if [[ -n "${BASE_BIN:-}" ]]; then
+    [[ -x "$BASE_BIN" ]] || { echo "BASE_BIN=$BASE_BIN is not an executable" >&2; exit 1; }
+    xz -T0 -6 -c "$BASE_BIN" >"$dest/tricks-base.xz"
+fi
 tar -C "$(dirname "$DATA")" -cf - "$(basename "$DATA")" | gzip -6 >"$dest/cifar10.tar.gz"
 PY="${PY:-$root/.venv/bin/python}"
 sdist="$(mktemp -d)"

@@ -376,9 +376,10 @@ pub struct TrainConfig {
     pub cudnn_benchmark: bool,
     /// Stop after this many optimiser steps in total (0 = no limit); for smoke tests and benchmarks.
     pub max_steps: usize,
-    /// Before the first epoch, one untimed training pass (forward and backward) and the
-    /// evaluation's forward passes on one batch, with nothing kept (gradients zeroed, BN
-    /// statistics restored): cuDNN's autotuning and first-use set-up then fall outside the
+    /// Before the first epoch, one untimed training step (augmentation on the device, forward,
+    /// loss, backward, optimiser step, lookahead average) and the evaluation's forward passes,
+    /// then undone (weights, BN statistics, momentum and slow weights restored, gradients
+    /// zeroed): cuDNN's autotuning and each kernel's first-use loading then fall outside the
     /// epochs' seconds, as airbench's untimed warm-up run keeps them out of its clock. The
     /// training is the same with or without it.
     pub untimed_warmup: bool,

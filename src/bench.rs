@@ -74,7 +74,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         }
     };
     // f16 trains through the trainer's dynamic loss scaler (bf16 and fp32 need none).
-    let mut scaler = LossScaler::new(precision == Precision::Fp16);
+    let mut scaler = LossScaler::new(precision == Precision::Fp16, device);
     let mut train_step = || {
         let loss = {
             let _ac = Autocast::enter(precision, device);
@@ -82,11 +82,11 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         };
         opt.zero_grad();
         scaler.scale_loss(&loss).backward();
-        let finite = scaler.unscale(&opt.gradients());
-        if finite {
-            opt.step(0.01);
+        let found_inf = scaler.unscale(&opt.gradients());
+        opt.step_unless(0.01, found_inf.as_ref());
+        if let Some(found_inf) = &found_inf {
+            scaler.update(found_inf);
         }
-        scaler.update(!finite);
     };
     let infer = || {
         tch::no_grad(|| {

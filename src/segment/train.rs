@@ -240,7 +240,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         loss_scale: 1.0,
         ..Default::default()
     };
-    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
+    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16, device);
 
     let resumed =
         resume_or_start::<SegEpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;

@@ -285,8 +285,23 @@ impl Sgd {
     /// One update with learning rate `lr`. Parameters without a gradient are left alone (but see
     /// [`Sgd::flatten`]).
     pub fn step(&mut self, lr: f64) {
+        self.step_unless(lr, None);
+    }
+
+    /// [`Sgd::step`], skipped where `skip` (a 0-dim tensor on the parameters' device, as
+    /// [`LossScaler::unscale`](super::precision::LossScaler::unscale) gives it) is non-zero.
+    /// With the flat buffers the choice is made on the device, element by element, so the host
+    /// does not wait for the flag (the parameters and momentum keep their values where skipped;
+    /// where not, they get the very values of `step`); the per-tensor path reads it.
+    pub fn step_unless(&mut self, lr: f64, skip: Option<&Tensor>) {
         let (mu, wd, nesterov) = (self.momentum, self.weight_decay, self.nesterov);
+        if let (Some(flag), None) = (skip, &self.flat) {
+            if f64::try_from(flag).map_or(true, |v| v != 0.0) {
+                return;
+            }
+        }
         if let Some(f) = &mut self.flat {
+            let keep = skip.map(|flag| flag.eq(0.0));
             let (total, chunk) = (f.params.numel() as i64, f.chunk);
             tch::no_grad(|| {
                 for start in (0..total).step_by(chunk as usize) {
@@ -301,7 +316,15 @@ impl Sgd {
                         (_, false) => grads,
                     };
                     if mu != 0.0 {
-                        let _ = momentum.g_mul_scalar_(mu).g_add_(&g);
+                        match &keep {
+                            None => {
+                                let _ = momentum.g_mul_scalar_(mu).g_add_(&g);
+                            }
+                            Some(keep) => {
+                                let moved = &momentum * mu + &g;
+                                momentum.copy_(&moved.where_self(keep, &momentum));
+                            }
+                        }
                         g = if nesterov {
                             g + &momentum * mu
                         } else {
@@ -312,7 +335,12 @@ impl Sgd {
                         Some(s) => g * (part(s) * -lr),
                         None => g * -lr,
                     };
-                    let _ = params.g_add_(&update);
+                    match &keep {
+                        None => {
+                            let _ = params.g_add_(&update);
+                        }
+                        Some(keep) => params.copy_(&(&params + &update).where_self(keep, &params)),
+                    }
                 }
             });
             return;
@@ -605,6 +633,66 @@ mod tests {
         assert_eq!(m_ref.len(), m_flat.len());
         for (k, t) in &m_ref {
             assert!(t.equal(&m_flat[k]), "momentum {k} differs");
+        }
+    }
+
+    /// `step_unless`: a zero flag gives `step`'s very values, a non-zero one leaves parameters and
+    /// momentum untouched, even with inf/NaN gradients (f16 loss scaling's skipped steps), on
+    /// both update paths and with lr multipliers.
+    #[test]
+    fn step_unless_skips_on_the_flag_and_otherwise_equals_step() {
+        let cfg = OptimConfig {
+            weight_decay: 1e-2,
+            momentum: 0.9,
+            nesterov: true,
+            no_bias_decay: true,
+            ..Default::default()
+        };
+        for flat in [false, true] {
+            // Steps with flags (None: plain `step`); gradients poisoned where the flag is set.
+            let run = |flags: &[Option<f32>]| {
+                let vs = store_with_values(0.37);
+                let mut opt = Sgd::new(&vs, &cfg);
+                opt.set_lr_scale(|n| n.ends_with("bias"), 4.0);
+                if flat {
+                    opt.flatten();
+                }
+                for (i, flag) in flags.iter().enumerate() {
+                    opt.zero_grad();
+                    set_grads(&vs, 1.0 + i as f64);
+                    if flag == &Some(1.0) {
+                        for g in opt.gradients().iter().filter(|g| g.defined()) {
+                            let _ = g.shallow_clone().narrow(0, 0, 1).fill_(f64::NAN);
+                        }
+                    }
+                    match flag {
+                        None => opt.step(0.1),
+                        Some(v) => opt.step_unless(0.1, Some(&Tensor::from(*v))),
+                    }
+                }
+                let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+                (snapshot(&vs), state)
+            };
+            let same =
+                |a: &(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>),
+                 b: &(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)| {
+                    assert_eq!(a.1.len(), b.1.len());
+                    for (k, t) in a.0.iter().chain(&a.1) {
+                        let other = b.0.get(k).or_else(|| b.1.get(k)).unwrap();
+                        assert!(t.equal(other), "flat {flat}: {k} differs");
+                    }
+                };
+            let plain = run(&[None, None]);
+            same(&plain, &run(&[Some(0.0), Some(0.0)]));
+            // A skipped first step: as if it never happened (no momentum made, nothing moved)...
+            let skipped_first = run(&[Some(1.0)]);
+            same(&run(&[]), &skipped_first);
+            assert!(skipped_first
+                .0
+                .values()
+                .all(|t| t.isfinite().all().int64_value(&[]) == 1));
+            // ...and a skipped step in the middle: the next step continues from the first.
+            same(&run(&[None, Some(1.0)]), &run(&[None]));
         }
     }
 

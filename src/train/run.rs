@@ -291,9 +291,8 @@ fn untimed_warmup(
     };
     opt.zero_grad();
     scaler.scale_loss(&loss).f_backward()?;
-    if scaler.unscale(&opt.gradients()) {
-        opt.step(step.lr);
-    }
+    let found_inf = scaler.unscale(&opt.gradients());
+    opt.step_unless(step.lr, found_inf.as_ref());
     if let Some(la) = opt.lookahead_mut() {
         la.warm_up();
     }
@@ -508,7 +507,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         loss_scale: 1.0,
         ..Default::default()
     };
-    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16);
+    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16, device);
 
     let resumed = if rank0 {
         resume_or_start::<EpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?
@@ -635,7 +634,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 eval_settings,
             )?;
             log(&format!(
-                "untimed warm-up (a training and an evaluation pass, nothing kept): {:.1}s",
+                "untimed warm-up (a training step and an evaluation pass, undone): {:.1}s",
                 t.elapsed().as_secs_f64()
             ));
         }
@@ -1054,17 +1053,19 @@ pub(crate) fn optimizer_step(
         }
     })?;
     let grads = opt.gradients();
-    let finite = scaler.unscale(&grads);
-    if finite {
-        if optim.clip_grad_value > 0.0 {
-            clip::clip_grad_value(&grads, optim.clip_grad_value);
-        }
-        if optim.clip_grad_norm > 0.0 {
-            let _ = clip::clip_grad_norm(&grads, optim.clip_grad_norm);
-        }
-        opt.step(lr);
+    // With f16 loss scaling, 1 on the device where a gradient is inf or NaN: the step is skipped
+    // there (clipping such gradients makes NaNs, which the skipped step never reads).
+    let found_inf = scaler.unscale(&grads);
+    if optim.clip_grad_value > 0.0 {
+        clip::clip_grad_value(&grads, optim.clip_grad_value);
     }
-    scaler.update(!finite);
+    if optim.clip_grad_norm > 0.0 {
+        let _ = clip::clip_grad_norm(&grads, optim.clip_grad_norm);
+    }
+    opt.step_unless(lr, found_inf.as_ref());
+    if let Some(found_inf) = &found_inf {
+        scaler.update(found_inf);
+    }
     Ok(StepOutcome {
         loss: loss.detach(),
         stop,
@@ -1301,6 +1302,56 @@ mod tests {
 
     fn scalar(v: f32) -> Tensor {
         Tensor::from(v)
+    }
+
+    /// The trainer's step with f16 loss scaling (in f32 here: the scaler does not care): a
+    /// finite step moves the weights by the unscaled gradient; an infinite loss is skipped on the
+    /// device, leaving weights and momentum as they were, and halves the scale.
+    #[test]
+    fn loss_scaled_steps_unscale_and_skip_infinite_ones() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var_copy("w", &Tensor::from_slice(&[1.0f32, 2.0]));
+        let optim = crate::config::OptimConfig {
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 0.0,
+            ..Default::default()
+        };
+        let mut opt = Sgd::new(&vs, &optim);
+        opt.flatten();
+        let mut scaler = LossScaler::new(true, Device::Cpu);
+        let dir = tempfile::tempdir().unwrap();
+        let step = |opt: &mut Sgd, scaler: &mut LossScaler, loss: Tensor, global_step: usize| {
+            let at = StepPosition {
+                epoch: 1,
+                step_in_epoch: global_step,
+                global_step,
+            };
+            optimizer_step(
+                &loss,
+                opt,
+                scaler,
+                &optim,
+                0.1,
+                dir.path(),
+                at,
+                None,
+                false,
+                false,
+            )
+            .unwrap()
+        };
+        // d(w·w)/dw = 2w; first step of momentum: b = g, w -= 0.1·g.
+        step(&mut opt, &mut scaler, (&w * &w).sum(Kind::Float), 0);
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![0.8, 1.6]);
+        let momentum = opt.state_tensors()[0].1.copy();
+        let infinite = (&w * f64::INFINITY).sum(Kind::Float);
+        let outcome = step(&mut opt, &mut scaler, infinite, 1);
+        assert!(f64::try_from(&outcome.loss).unwrap().is_infinite());
+        assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![0.8, 1.6]);
+        assert!(opt.state_tensors()[0].1.equal(&momentum));
+        assert_eq!(scaler.scale(), 32768.0);
+        assert_eq!(scaler.good_steps(), 0);
     }
 
     #[test]

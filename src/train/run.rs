@@ -254,19 +254,19 @@ fn first_images(batches: impl Iterator<Item = Result<Batch>>, n: usize) -> Resul
 }
 
 /// `train.untimed_warmup`: before the first epoch, one training step on `step.batch` (forward
-/// in training mode, the label-smoothed loss, backward through the loss scaler, the optimiser
-/// step and a lookahead average) and the evaluation's forward passes on `eval` (full batches and,
-/// when the split does not divide into them, the last `eval_tail` images), so that cuDNN's
-/// autotuning for these shapes and each kernel's first-use loading happen outside the timed
-/// epochs, as in airbench's warm-up run. Nothing is kept: the variables (BN statistics included),
-/// the optimiser's momentum and lookahead's slow weights are put back, the gradients zeroed, and
-/// the loss scaler's state is not touched. Mixup's and distillation's targets are not warmed.
+/// in training mode, the label-smoothed loss, then the trainer's own [`optimizer_step`] and a
+/// lookahead average) and the evaluation's forward passes on `eval` (full batches and, when the
+/// split does not divide into them, the last `eval_tail` images), so that cuDNN's autotuning for
+/// these shapes and each kernel's first-use loading happen outside the timed epochs, as in
+/// airbench's warm-up run. Nothing is kept: the variables (BN statistics included), the
+/// optimiser's momentum, lookahead's slow weights and the loss scaler's state are put back, the
+/// gradients zeroed. Mixup's and distillation's targets are not warmed.
 #[allow(clippy::too_many_arguments)]
 fn untimed_warmup(
     net: &Classifier,
     vs: &nn::VarStore,
     opt: &mut Sgd,
-    scaler: &LossScaler,
+    scaler: &mut LossScaler,
     step: WarmupStep,
     eval: &Batch,
     eval_tail: usize,
@@ -281,18 +281,33 @@ fn untimed_warmup(
         })
         .collect();
     let saved_optimiser = opt.snapshot();
+    let mut saved_scaler = TrainState::default();
+    scaler.record(&mut saved_scaler);
     let x = to_device_input(&step.batch.images, settings.device, settings.channels_last);
     let y = upload(&step.batch.labels, settings.device);
     let loss = {
         let _ac = Autocast::enter(settings.precision, settings.device);
         let logits = net.forward_t(&x, true);
         let _ = top1_hits(&logits, &y);
-        smoothed_cross_entropy(&logits, &y, step.num_classes, step.label_smoothing)
+        smoothed_cross_entropy(&logits, &y, step.num_classes, step.cfg.loss.label_smoothing)
     };
-    opt.zero_grad();
-    scaler.scale_loss(&loss).f_backward()?;
-    let found_inf = scaler.unscale(&opt.gradients());
-    opt.step_unless(step.lr, found_inf.as_ref());
+    let at = StepPosition {
+        epoch: 1,
+        step_in_epoch: 0,
+        global_step: 0,
+    };
+    optimizer_step(
+        &loss,
+        opt,
+        scaler,
+        &step.cfg.optim,
+        step.lr,
+        step.ckpt_dir,
+        at,
+        None,
+        false,
+        false,
+    )?;
     if let Some(la) = opt.lookahead_mut() {
         la.warm_up();
     }
@@ -308,20 +323,23 @@ fn untimed_warmup(
         }
     });
     opt.restore(saved_optimiser);
+    scaler.restore(&saved_scaler);
     if let Device::Cuda(i) = settings.device {
         tch::Cuda::synchronize(i as i64);
     }
     Ok(())
 }
 
-/// The training step of [`untimed_warmup`]: its batch (the first of epoch 1 from a
-/// device-resident dataset, so that the augmentation's kernels load too), the loss's class count
-/// and label smoothing, and the learning rate.
+/// The training step of [`untimed_warmup`]: its batch (one of epoch 1 from a device-resident
+/// dataset, so that the augmentation's kernels load too), the loss's class count, the learning
+/// rate, the run's config (loss and optimiser settings) and its checkpoint folder (which the
+/// step's errors name).
 struct WarmupStep<'a> {
     batch: &'a Batch,
     num_classes: i64,
-    label_smoothing: f64,
     lr: f64,
+    cfg: &'a Config,
+    ckpt_dir: &'a Path,
 }
 
 /// Moves a batch to the device, in NHWC memory layout when `channels_last`.
@@ -611,23 +629,27 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let eval = eval_batches(bs)
                 .next()
                 .ok_or_else(|| anyhow!("the evaluation split has no images"))??;
-            // The CPU loader augments on the host: nothing of its to warm on the device.
+            // The CPU loader augments on the host: nothing of its to warm on the device. From
+            // the device, the epoch's last batch: the draws of one batch, not of the epoch.
             let train_batch = match &resident {
-                Some((train, _)) => train.train_batches(bs, cfg.seed, 1, 0, shard).next(),
+                Some((train, _)) => train
+                    .train_batches(bs, cfg.seed, 1, iters_per_epoch - 1, shard)
+                    .next(),
                 None => None,
             }
             .transpose()?;
             let step = WarmupStep {
                 batch: train_batch.as_ref().unwrap_or(&eval),
                 num_classes,
-                label_smoothing: cfg.loss.label_smoothing,
                 lr: schedule.lr_at(state.global_step),
+                cfg,
+                ckpt_dir: &ckpt_dir,
             };
             untimed_warmup(
                 &net,
                 &vs,
                 &mut opt,
-                &scaler,
+                &mut scaler,
                 step,
                 &eval,
                 val_len % bs,

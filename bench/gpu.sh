@@ -82,7 +82,9 @@ TTA_CONFIGS="${TTA_CONFIGS:-airbench94-tta airbench94-tta:seed=1 airbench94-tta:
 # Seconds since the epoch, to the millisecond (no bc on the device machine).
 now() { date +%s.%3N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-site="$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
+# TORCH_SITE: torch's site-packages, found once by a caller that runs this script many times
+# (bench/gpu_ab.sh); importing torch takes seconds.
+site="${TORCH_SITE:-$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')}"
 ld="$site/torch/lib"
 for d in "$site"/nvidia/*/lib; do [[ -d "$d" ]] && ld="$ld:$d"; done
 export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
@@ -96,11 +98,15 @@ try() {
     "$@" || echo "{\"failed\": \"$what\", \"exit\": $?}" | tee -a "$log"
 }
 
-try "tricks info" "$BIN" info | tee "$OUT/info.txt"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null | tee -a "$OUT/info.txt" || true
+# CHECKED=1: the caller has already run the checks below in this call (bench/gpu_ab.sh, after its
+# first run), so each further run does not pay for them again.
+if [[ "${CHECKED:-0}" != 1 ]]; then
+    try "tricks info" "$BIN" info | tee "$OUT/info.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>/dev/null | tee -a "$OUT/info.txt" || true
+fi
 # Fail fast: a device call is scarce, and nothing below means anything if the binary cannot reach
 # the GPU. Stop within seconds with what is needed to fix it here.
-if [[ "$DEVICE" == cuda ]]; then
+if [[ "$DEVICE" == cuda && "${CHECKED:-0}" != 1 ]]; then
     if ! grep -q 'cuda: yes' "$OUT/info.txt"; then
         echo "tricks sees no CUDA device; libraries it resolves:" >&2
         ldd "$BIN" | grep -E 'torch|cuda|not found' >&2 || true

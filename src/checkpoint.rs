@@ -26,7 +26,9 @@ pub struct TrainState {
     pub epochs_done: usize,
     /// Optimizer steps taken.
     pub global_step: usize,
-    pub best_top1: f64,
+    /// The best evaluation so far by the task's headline metric (top-1, mIoU) and its epoch.
+    #[serde(alias = "best_top1")]
+    pub best_metric: f64,
     pub best_epoch: usize,
     /// Dynamic loss scaler (f16) scale and its count of good steps.
     pub loss_scale: f64,
@@ -44,10 +46,17 @@ pub struct TrainState {
 /// Running sums of a partly trained epoch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct EpochProgress {
+    /// Sum over the steps of the mean loss times the batch's samples.
     pub loss_sum: f64,
+    /// Correct predictions: images, or pixels in segmentation.
     pub correct: i64,
+    /// Samples trained on.
     pub seen: usize,
+    /// Unreadable images skipped.
     pub skipped: usize,
+    /// What `correct` counts among: the samples, or the labelled pixels in segmentation.
+    #[serde(default)]
+    pub counted: usize,
 }
 
 /// The checkpoint written when a run stops in the middle of an epoch (signal or step limit).
@@ -522,7 +531,7 @@ mod tests {
         TrainState {
             epochs_done: 3,
             global_step: 42,
-            best_top1: 55.5,
+            best_metric: 55.5,
             best_epoch: 2,
             loss_scale: 1.0,
             loss_scale_good_steps: 0,

@@ -142,6 +142,16 @@ pub fn weights_to_channels_last(vs: &nn::VarStore) {
     });
 }
 
+/// Moves a batch to the device, in NHWC memory layout when `channels_last`.
+pub fn to_device_input(x: &Tensor, device: Device, channels_last: bool) -> Tensor {
+    let x = upload(x, device);
+    if channels_last {
+        to_channels_last(&x)
+    } else {
+        x
+    }
+}
+
 /// Copies a CPU tensor to `device` without making the host wait for the GPU's queue to drain (a
 /// blocking copy synchronises the stream: one stall per batch). Safe for any source: from
 /// page-locked memory the copy is asynchronous and libtorch's host allocator keeps the block

@@ -6,10 +6,12 @@
 
 pub mod bench;
 pub mod checkpoint;
+pub mod classify;
 pub mod config;
 pub mod data;
 pub mod device;
 pub mod distributed;
+pub mod engine;
 pub mod experiments;
 pub mod ffi;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use tricks::config::Config;
-use tricks::{data, device, train};
+use tricks::{classify, data, device, engine, train};
 
 #[derive(Parser)]
 #[command(
@@ -326,19 +326,21 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
         _ => device,
     };
-    let mut opts = train::RunOptions::new(&out, device);
+    let mut opts = engine::RunOptions::new(&out, device);
     opts.resume = a.resume;
     opts.progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     opts.stop = stop;
     if let Some(env) = &dist {
-        if cfg.task == tricks::config::Task::Segmentation {
-            anyhow::bail!("data-parallel training (WORLD_SIZE={}) supports classification only; segmentation runs in one process", env.world_size);
-        }
         opts.progress &= env.rank == 0;
         let group = tricks::distributed::ProcessGroup::init(env, &cfg.distributed, device)?;
         opts.dist = Some(Arc::new(group));
         if env.rank != 0 {
-            return train::train(&cfg, &opts).map(|_| ());
+            return match cfg.task {
+                tricks::config::Task::Classification => classify::train(&cfg, &opts).map(|_| ()),
+                tricks::config::Task::Segmentation => {
+                    tricks::segment::train(&cfg, &opts).map(|_| ())
+                }
+            };
         }
     }
     if cfg.task == tricks::config::Task::Segmentation {
@@ -351,7 +353,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         cfg.data.dir,
         out.display()
     );
-    let s = train::train(&cfg, &opts)?;
+    let s = classify::train(&cfg, &opts)?;
     if s.stopped_early {
         eprintln!(
             "stopped early after {} epoch(s); outputs in {}",
@@ -416,7 +418,7 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
-fn train_segmentation(cfg: &Config, opts: &train::RunOptions) -> Result<()> {
+fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<()> {
     let out = opts.out_dir.display();
     eprintln!(
         "training FCN on {} (variant {}), segmentation of {} → {out}",
@@ -520,14 +522,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
     let loader = data::Loader::eval(ds, &cfg.data.for_device(device), a.batch_size);
-    let settings = train::EvalSettings {
+    let settings = classify::EvalSettings {
         device,
         precision,
         channels_last: a.channels_last,
         flip: a.flip.unwrap_or(cfg.train.eval_flip),
         translate: a.translate.unwrap_or(cfg.train.eval_translate),
     };
-    let r = train::evaluate(&model, loader, settings)?;
+    let r = classify::evaluate(&model, loader, settings)?;
     println!(
         "{}: top-1 {:.2}%  top-5 {:.2}%  loss {:.4}  ({} images{})",
         a.checkpoint.display(),

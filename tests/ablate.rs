@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use tricks::classify::RunSummary;
 use tricks::experiments::{self, RunStatus, Study};
-use tricks::train::RunSummary;
 
 const PLOTS: [&str; 4] = ["val_top1", "train_loss", "lr_schedule", "delta_top1"];
 
@@ -183,7 +183,7 @@ overrides = { "optim.schedule" = "cosine" }
             let metrics =
                 std::fs::read_to_string(out.join(format!("runs/{variant}/seed-{s}/metrics.jsonl")))
                     .unwrap();
-            let last: tricks::train::EpochMetrics =
+            let last: tricks::classify::EpochMetrics =
                 serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
             assert_eq!(last.epoch, 2);
             assert_eq!(last.val_top1, Some(r.final_top1));

@@ -164,7 +164,11 @@ fn a_short_segmentation_run_ends_on_the_recorded_bits() {
             let class = |x: u32, y: u32| ((x / 4 + 2 * (y / 4) + i) % 4) as u8;
             let img = image::RgbImage::from_fn(20, 16, |x, y| {
                 let c = class(x, y) as u32;
-                image::Rgb([(c * 70) as u8, (200 - c * 50) as u8, ((x * 9 + y) % 256) as u8])
+                image::Rgb([
+                    (c * 70) as u8,
+                    (200 - c * 50) as u8,
+                    ((x * 9 + y) % 256) as u8,
+                ])
             });
             let mask = image::GrayImage::from_fn(20, 16, |x, y| {
                 image::Luma([match class(x, y) {

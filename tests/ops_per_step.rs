@@ -7,9 +7,10 @@
 mod common;
 
 use tricks::bench::{count_ops, BenchSpec};
+use tricks::classify::train;
 use tricks::config::Config;
+use tricks::engine::RunOptions;
 use tricks::model::norm::set_fused_batch_norm;
-use tricks::train::{train, RunOptions};
 
 /// One test function: `count_ops` counts every thread's operator calls, so nothing may run beside
 /// it (the test harness would run a second test of this file in parallel).

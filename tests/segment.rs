@@ -633,7 +633,7 @@ fn tiny_training_writes_metrics_and_eval_and_predict_work() {
         stdout(&o)
     );
 
-    // metrics.jsonl: one line per epoch, the segmentation fields and the ones `ablate` reads.
+    // metrics.jsonl: one line per epoch, the segmentation metrics under their own names.
     let raw = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let lines: Vec<&str> = raw.lines().collect();
     assert_eq!(lines.len(), 2);
@@ -642,8 +642,9 @@ fn tiny_training_writes_metrics_and_eval_and_predict_work() {
         "lr",
         "train_loss",
         "val_loss",
-        "pixel_acc",
-        "miou",
+        "train_pixel_acc",
+        "val_pixel_acc",
+        "val_miou",
         "seconds",
         "images_per_second",
     ] {
@@ -655,28 +656,42 @@ fn tiny_training_writes_metrics_and_eval_and_predict_work() {
     }
     let m = segment::read_metrics(&out.join("metrics.jsonl")).unwrap();
     for e in &m {
-        let (miou, acc) = (e.miou.unwrap(), e.pixel_acc.unwrap());
+        let (miou, acc) = (e.val_miou.unwrap(), e.val_pixel_acc.unwrap());
         assert!(
             (0.0..=100.0).contains(&miou)
                 && (0.0..=100.0).contains(&acc)
                 && e.train_loss.is_finite()
         );
     }
-    let compat: Vec<tricks::train::EpochMetrics> = lines
-        .iter()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(compat[1].val_top1, m[1].miou);
-    let summary: segment::SegSummary =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
-    let as_run: tricks::train::RunSummary =
-        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    // No classification names stand in for them any more, in the lines or the summary.
+    for key in [
+        "val_top1",
+        "val_top5",
+        "train_top1",
+        "\"miou\"",
+        "\"pixel_acc\"",
+    ] {
+        assert!(!raw.contains(key), "{key} in {raw}");
+    }
+    let summary_text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+    assert!(!summary_text.contains("top1"), "{summary_text}");
+    let summary: segment::SegSummary = serde_json::from_str(&summary_text).unwrap();
     assert_eq!(
         (summary.epochs, summary.final_miou, summary.final_pixel_acc),
-        (2, m[1].miou.unwrap(), m[1].pixel_acc.unwrap())
+        (2, m[1].val_miou.unwrap(), m[1].val_pixel_acc.unwrap())
     );
+    // Studies read it through the segmentation adaptor: headline = mIoU, second = pixel accuracy.
+    let outcome = tricks::experiments::results::read_summary(
+        tricks::config::Task::Segmentation,
+        &out.join("summary.json"),
+    )
+    .unwrap();
     assert_eq!(
-        (as_run.final_top1, as_run.final_top5, as_run.best_top1),
+        (
+            outcome.final_metric,
+            outcome.final_second,
+            outcome.best_metric
+        ),
         (
             summary.final_miou,
             summary.final_pixel_acc,
@@ -770,14 +785,14 @@ fn an_interrupted_and_resumed_run_ends_exactly_as_an_uninterrupted_one() {
          [optim]\nlr = 0.05\nschedule = \"cosine\"\n[segment]\nscale = [0.75, 1.5]\n",
         data.display().to_string()
     ));
-    let quiet = |o: &mut tricks::train::RunOptions| o.log = Arc::new(|_: &str| {});
-    let mut a = tricks::train::RunOptions::new(tmp.path().join("a"), Device::Cpu);
+    let quiet = |o: &mut tricks::engine::RunOptions| o.log = Arc::new(|_: &str| {});
+    let mut a = tricks::engine::RunOptions::new(tmp.path().join("a"), Device::Cpu);
     quiet(&mut a);
     let sa = segment::train(&cfg, &a).unwrap();
 
     // Stop during epoch 2 (the flag is raised when epoch 1 is logged), then resume.
     let out_b = tmp.path().join("b");
-    let mut b = tricks::train::RunOptions::new(&out_b, Device::Cpu);
+    let mut b = tricks::engine::RunOptions::new(&out_b, Device::Cpu);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     b.stop = stop;
@@ -796,7 +811,7 @@ fn an_interrupted_and_resumed_run_ends_exactly_as_an_uninterrupted_one() {
         (state.epochs_done, state.batch_in_epoch, state.global_step),
         (1, 1, 3)
     );
-    let mut b = tricks::train::RunOptions::new(&out_b, Device::Cpu);
+    let mut b = tricks::engine::RunOptions::new(&out_b, Device::Cpu);
     quiet(&mut b);
     b.resume = true;
     let sb = segment::train(&cfg, &b).unwrap();
@@ -816,10 +831,10 @@ fn an_interrupted_and_resumed_run_ends_exactly_as_an_uninterrupted_one() {
     let mb = segment::read_metrics(&out_b.join("metrics.jsonl")).unwrap();
     assert_eq!(
         ma.iter()
-            .map(|m| (m.epoch, m.train_loss, m.miou))
+            .map(|m| (m.epoch, m.train_loss, m.val_miou))
             .collect::<Vec<_>>(),
         mb.iter()
-            .map(|m| (m.epoch, m.train_loss, m.miou))
+            .map(|m| (m.epoch, m.train_loss, m.val_miou))
             .collect::<Vec<_>>()
     );
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tricks::checkpoint;
-use tricks::train::EpochMetrics;
+use tricks::classify::EpochMetrics;
 
 fn metrics(out: &Path) -> Vec<EpochMetrics> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
@@ -90,7 +90,7 @@ fn train_writes_every_output_and_eval_reads_the_checkpoint() {
         .keys()
         .any(|k| k.starts_with("optim.momentum.")));
     assert_eq!(last.classes, vec!["class0", "class1", "class2"]);
-    let summary: tricks::train::RunSummary =
+    let summary: tricks::classify::RunSummary =
         serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary.epochs, 2);
     assert_eq!(summary.final_top1, m[1].val_top1.unwrap());

@@ -7,7 +7,8 @@
 //!
 //! - `results.csv`: one line per run;
 //! - `table.md`: the paper's layout, top-1 mean ± sample std over seeds, top-5, Δ top-1, time;
-//! - `val_top1`, `train_loss`, `lr_schedule`, `delta_top1` as `.png` and `.svg`;
+//! - `val_<metric>`, `train_loss`, `lr_schedule`, `delta_<metric>` as `.png` and `.svg` (the
+//!   task's headline metric: `top1`, `miou`);
 //! - `study.toml` (the study file as given), `study.json` (what `report` needs) and
 //!   `configs/<variant>.toml` (each variant's resolved config).
 //!
@@ -24,8 +25,9 @@ pub use results::{RunRecord, RunStatus, VariantRow};
 pub use study::{study_device, Manifest, Mode, Study};
 
 use crate::config::{Config, Task};
-use crate::train::{self, RunOptions, RunSummary};
+use crate::engine::RunOptions;
 use anyhow::{bail, Context, Result};
+pub use results::RunOutcome;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -125,7 +127,7 @@ struct Job {
 }
 
 enum Outcome {
-    Trained(RunSummary),
+    Trained(RunOutcome),
     Interrupted,
     Failed(String),
 }
@@ -139,7 +141,7 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
         .check_inputs()
         .with_context(|| format!("study {}", study_path.display()))?;
     for (i, v) in study.variants.iter().enumerate() {
-        train::precision::check_supported(v.config.train.precision, opts.device)
+        crate::train::precision::check_supported(v.config.train.precision, opts.device)
             .with_context(|| format!("variant {} (`{}`): key `train.precision`", i + 1, v.name))?;
     }
 
@@ -178,7 +180,7 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
             cfg.train.threads = old.train.threads;
         }
         if dir.join("summary.json").exists() {
-            results::read_run(&study.variants[vi].name, seed, &dir)?;
+            results::read_run(cfg.task, &study.variants[vi].name, seed, &dir)?;
             skipped += 1;
         } else {
             pending.push(Job {
@@ -245,10 +247,14 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
                 log(&format!("[{name} seed {}] starting ({}/{total})", job.seed, i + 1));
                 let outcome = run_job(job, name, opts, workers == 1);
                 match &outcome {
-                    Outcome::Trained(s) => log(&format!(
-                        "[{name} seed {}] done: top-1 {:.2}% top-5 {:.2}% (best {:.2}% at epoch {}), {:.1}s",
-                        job.seed, s.final_top1, s.final_top5, s.best_top1, s.best_epoch, s.train_seconds
-                    )),
+                    Outcome::Trained(s) => {
+                        let n = results::metric_names(job.cfg.task);
+                        let (m1, m2) = (n.headline, n.second);
+                        log(&format!(
+                            "[{name} seed {}] done: {m1} {:.2}% {m2} {:.2}% (best {:.2}% at epoch {}), {:.1}s",
+                            job.seed, s.final_metric, s.final_second, s.best_metric, s.best_epoch, s.train_seconds
+                        ))
+                    }
                     Outcome::Interrupted => log(&format!("[{name} seed {}] interrupted; rerun the study to resume it", job.seed)),
                     Outcome::Failed(e) => log(&format!("[{name} seed {}] FAILED: {e}", job.seed)),
                 }
@@ -312,7 +318,10 @@ pub fn load_results(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<Variant
 
 fn write_outputs(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<VariantRow>)> {
     let (manifest, runs, rows) = load_results(dir)?;
-    write(&dir.join("results.csv"), &results::results_csv(&runs))?;
+    write(
+        &dir.join("results.csv"),
+        &results::results_csv(manifest.task, &runs),
+    )?;
     write(
         &dir.join("table.md"),
         &results::table_md(&manifest, &rows, &runs),
@@ -366,11 +375,11 @@ fn run_job(job: &Job, name: &str, opts: &AblateOptions, single: bool) -> Outcome
         .with_context(|| format!("cannot create {}", job.dir.display()))
         .and_then(|_| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match job.cfg.task {
-                Task::Classification => train::train(&job.cfg, &ro),
-                // Segmentation runs write the same files, mIoU and pixel accuracy under the
-                // names top-1 and top-5.
+                Task::Classification => {
+                    crate::classify::train(&job.cfg, &ro).map(|s| RunOutcome::from(&s))
+                }
                 Task::Segmentation => {
-                    crate::segment::train(&job.cfg, &ro).map(|s| s.to_run_summary())
+                    crate::segment::train(&job.cfg, &ro).map(|s| RunOutcome::from(&s))
                 }
             }))
             .unwrap_or_else(|p| Err(anyhow::anyhow!("training panicked: {}", panic_text(&p))))

@@ -7,11 +7,11 @@
 //! `assets/DejaVuSans-LICENSE.txt`) embedded in the binary: plotters' `ab_glyph` font backend
 //! needs a registered font and the build has no system-font lookup.
 
+use super::results::EpochPoint;
 use super::results::{metric_names, RunRecord, RunStatus, VariantRow};
 use super::study::Manifest;
 use crate::config::Config;
 use crate::train::schedule::LrSchedule;
-use crate::train::EpochMetrics;
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -417,7 +417,7 @@ fn draw_bars<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, b: &Bars) -> Res
 /// `(epoch, mean, min, max)` over the runs of one variant, for epochs where some run has a value.
 fn epoch_band(
     runs: &[&RunRecord],
-    value: fn(&EpochMetrics) -> Option<f64>,
+    value: fn(&EpochPoint) -> Option<f64>,
 ) -> Vec<(f64, f64, f64, f64)> {
     let mut by_epoch: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
     for r in runs {
@@ -465,7 +465,8 @@ pub fn lr_curve(cfg: &Config, iters_per_epoch: usize) -> Vec<(f64, f64)> {
     pts
 }
 
-/// Writes `val_top1`, `train_loss`, `lr_schedule` and `delta_top1` (.png and .svg) into `out`.
+/// Writes `val_<metric>`, `train_loss`, `lr_schedule` and `delta_<metric>` (.png and .svg) into
+/// `out`, `<metric>` the task's headline (`top1`, `miou`).
 /// `configs[i]` is variant i's resolved config (for the lr schedule), if known.
 pub fn write_plots(
     out: &Path,
@@ -474,10 +475,12 @@ pub fn write_plots(
     rows: &[VariantRow],
     configs: &[Option<Config>],
 ) -> Result<()> {
-    let m1 = match metric_names(manifest.task).0 {
+    let names = metric_names(manifest.task);
+    let m1 = match names.headline {
         "Top-1" => "top-1",
         other => other,
     };
+    let key = names.headline_key;
     let seeds: Vec<String> = manifest.seeds.iter().map(|s| s.to_string()).collect();
     let seeds = format!(
         "seed{} {}",
@@ -489,7 +492,7 @@ pub fn write_plots(
             .filter(|r| r.variant == name && r.status != RunStatus::Pending)
             .collect()
     };
-    let band_series = |value: fn(&EpochMetrics) -> Option<f64>| -> Vec<Series> {
+    let band_series = |value: fn(&EpochPoint) -> Option<f64>| -> Vec<Series> {
         manifest
             .variants
             .iter()
@@ -511,13 +514,13 @@ pub fn write_plots(
         ),
         x_label: "epoch".into(),
         y_label: format!("validation {m1} (%)"),
-        series: band_series(|m| m.val_top1),
+        series: band_series(|m| m.val_metric),
         band: true,
         markers: true,
         legend: SeriesLabelPosition::LowerRight,
         y_limits: (0.0, 100.0),
     })
-    .save(out, "val_top1")?;
+    .save(out, &format!("val_{key}"))?;
 
     Figure::Lines(Lines {
         title: format!("{}: training loss per epoch", manifest.name),
@@ -589,7 +592,7 @@ pub fn write_plots(
         .map(|(i, r)| Bar {
             name: r.name.clone(),
             color: color(i),
-            value: match (r.delta_top1, r.top1_std) {
+            value: match (r.delta, r.metric_std) {
                 (Some(d), Some(s)) => Some((d, s)),
                 _ => None,
             },
@@ -603,7 +606,7 @@ pub fn write_plots(
         x_label: format!("Δ validation {m1} (percentage points)"),
         bars,
     })
-    .save(out, "delta_top1")?;
+    .save(out, &format!("delta_{key}"))?;
     Ok(())
 }
 

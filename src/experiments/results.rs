@@ -2,8 +2,9 @@
 //! statistics over seeds, and the `results.csv` / `table.md` written from them.
 
 use super::study::{Manifest, Mode};
+use crate::classify::{EpochMetrics, RunSummary};
 use crate::config::Task;
-use crate::train::{EpochMetrics, RunSummary};
+use crate::segment::{SegEpochMetrics, SegSummary};
 use anyhow::{Context, Result};
 use serde::Serialize;
 use std::fmt::Write as _;
@@ -34,6 +35,85 @@ impl RunStatus {
     }
 }
 
+/// A finished run's figures whatever its task, adapted from the task's own `summary.json`: the
+/// headline metric (top-1, mIoU) and the second one (top-5, pixel accuracy), in %.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunOutcome {
+    pub epochs: usize,
+    pub final_metric: f64,
+    pub final_second: f64,
+    pub best_metric: f64,
+    pub best_epoch: usize,
+    pub final_val_loss: f64,
+    pub train_seconds: f64,
+    pub images_per_second: f64,
+    pub stopped_early: bool,
+}
+
+impl From<&RunSummary> for RunOutcome {
+    fn from(s: &RunSummary) -> RunOutcome {
+        RunOutcome {
+            epochs: s.epochs,
+            final_metric: s.final_top1,
+            final_second: s.final_top5,
+            best_metric: s.best_top1,
+            best_epoch: s.best_epoch,
+            final_val_loss: s.final_val_loss,
+            train_seconds: s.train_seconds,
+            images_per_second: s.images_per_second,
+            stopped_early: s.stopped_early,
+        }
+    }
+}
+
+impl From<&SegSummary> for RunOutcome {
+    fn from(s: &SegSummary) -> RunOutcome {
+        RunOutcome {
+            epochs: s.epochs,
+            final_metric: s.final_miou,
+            final_second: s.final_pixel_acc,
+            best_metric: s.best_miou,
+            best_epoch: s.best_epoch,
+            final_val_loss: s.final_val_loss,
+            train_seconds: s.train_seconds,
+            images_per_second: s.images_per_second,
+            stopped_early: s.stopped_early,
+        }
+    }
+}
+
+/// One epoch of a run whatever its task: what the plots draw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochPoint {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    /// The validation headline metric (%), on epochs that were evaluated.
+    pub val_metric: Option<f64>,
+}
+
+impl From<EpochMetrics> for EpochPoint {
+    fn from(m: EpochMetrics) -> EpochPoint {
+        EpochPoint {
+            epoch: m.epoch,
+            lr: m.lr,
+            train_loss: m.train_loss,
+            val_metric: m.val_top1,
+        }
+    }
+}
+
+impl From<SegEpochMetrics> for EpochPoint {
+    fn from(m: SegEpochMetrics) -> EpochPoint {
+        EpochPoint {
+            epoch: m.epoch,
+            lr: m.lr,
+            train_loss: m.train_loss,
+            val_metric: m.val_miou,
+        }
+    }
+}
+
 /// One (variant, seed) run.
 #[derive(Debug, Clone, Serialize)]
 pub struct RunRecord {
@@ -41,12 +121,12 @@ pub struct RunRecord {
     pub seed: u64,
     pub dir: PathBuf,
     pub status: RunStatus,
-    pub summary: Option<RunSummary>,
+    pub summary: Option<RunOutcome>,
     /// The error of a failed run.
     pub error: Option<String>,
     /// Per-epoch metrics (empty when the run never finished an epoch).
     #[serde(skip)]
-    pub metrics: Vec<EpochMetrics>,
+    pub metrics: Vec<EpochPoint>,
 }
 
 /// One row of the table: a variant's statistics over its finished runs.
@@ -57,26 +137,47 @@ pub struct VariantRow {
     pub n: usize,
     /// Runs the study asked for.
     pub runs: usize,
-    /// Mean and sample standard deviation (n - 1; 0 with one run) of the final top-1 (%).
-    pub top1_mean: Option<f64>,
-    pub top1_std: Option<f64>,
-    pub top5_mean: Option<f64>,
-    /// Mean top-1 minus the first row's mean top-1 (percentage points).
-    pub delta_top1: Option<f64>,
-    pub best_top1_mean: Option<f64>,
+    /// Mean and sample standard deviation (n - 1; 0 with one run) of the final headline metric
+    /// (top-1, mIoU; %).
+    pub metric_mean: Option<f64>,
+    pub metric_std: Option<f64>,
+    /// Mean of the final second metric (top-5, pixel accuracy; %).
+    pub second_mean: Option<f64>,
+    /// Mean headline metric minus the first row's (percentage points).
+    pub delta: Option<f64>,
+    pub best_metric_mean: Option<f64>,
     pub train_seconds_mean: Option<f64>,
     pub images_per_second_mean: Option<f64>,
 }
 
-/// What `top1` / `top5` measure for a task: (short name of top-1, of top-5, a sentence).
-pub fn metric_names(task: Task) -> (&'static str, &'static str, &'static str) {
+/// How a task's metrics are named: in tables and plots (`headline`, `second`), in CSV columns
+/// and plot file names (`headline_key`, `second_key`), and a sentence for the table's legend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricNames {
+    pub headline: &'static str,
+    pub second: &'static str,
+    pub headline_key: &'static str,
+    pub second_key: &'static str,
+    pub sentence: &'static str,
+}
+
+/// The metric names of a task.
+pub fn metric_names(task: Task) -> MetricNames {
     match task {
-        Task::Classification => ("Top-1", "Top-5", "Top-1 and top-5 are the validation accuracy (%)"),
-        Task::Segmentation => (
-            "mIoU",
-            "Pixel acc.",
-            "mIoU and pixel accuracy (%) are measured on the validation split (results.csv keeps them as top1 and top5)",
-        ),
+        Task::Classification => MetricNames {
+            headline: "Top-1",
+            second: "Top-5",
+            headline_key: "top1",
+            second_key: "top5",
+            sentence: "Top-1 and top-5 are the validation accuracy (%)",
+        },
+        Task::Segmentation => MetricNames {
+            headline: "mIoU",
+            second: "Pixel acc.",
+            headline_key: "miou",
+            second_key: "pixel_acc",
+            sentence: "mIoU and pixel accuracy (%) are measured on the validation split",
+        },
     }
 }
 
@@ -87,20 +188,15 @@ pub fn run_dir(out: &Path, variant_dir: &str, seed: u64) -> PathBuf {
         .join(format!("seed-{seed}"))
 }
 
-/// Reads one run's state from its folder.
-pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
+/// Reads one run of a `task` from its folder.
+pub fn read_run(task: Task, variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
     let summary_path = dir.join("summary.json");
-    let summary: Option<RunSummary> = if summary_path.exists() {
-        let text = std::fs::read_to_string(&summary_path)
-            .with_context(|| format!("cannot read {}", summary_path.display()))?;
-        Some(
-            serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a run summary", summary_path.display()))?,
-        )
+    let summary = if summary_path.exists() {
+        Some(read_summary(task, &summary_path)?)
     } else {
         None
     };
-    let metrics = read_metrics(&dir.join("metrics.jsonl"))?;
+    let metrics = read_metrics(task, &dir.join("metrics.jsonl"))?;
     let error = std::fs::read_to_string(dir.join("error.txt")).ok();
     let status = if summary.is_some() {
         RunStatus::Done
@@ -126,12 +222,37 @@ pub fn read_run(variant: &str, seed: u64, dir: &Path) -> Result<RunRecord> {
     })
 }
 
-/// `metrics.jsonl` (one [`EpochMetrics`] per line); no file means no epochs.
-pub fn read_metrics(path: &Path) -> Result<Vec<EpochMetrics>> {
+/// A run's `summary.json`, read as its task writes it (a segmentation summary written before the
+/// metrics were named, which also carried `final_top1` etc., reads too).
+pub fn read_summary(task: Task, path: &Path) -> Result<RunOutcome> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let not_summary = || format!("{} is not a run summary", path.display());
+    Ok(match task {
+        Task::Classification => {
+            RunOutcome::from(&serde_json::from_str::<RunSummary>(&text).with_context(not_summary)?)
+        }
+        Task::Segmentation => {
+            RunOutcome::from(&serde_json::from_str::<SegSummary>(&text).with_context(not_summary)?)
+        }
+    })
+}
+
+/// `metrics.jsonl` of a `task`'s run (one line per epoch); no file means no epochs.
+pub fn read_metrics(task: Task, path: &Path) -> Result<Vec<EpochPoint>> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    crate::metrics::read(path)
+    Ok(match task {
+        Task::Classification => crate::metrics::read::<EpochMetrics>(path)?
+            .into_iter()
+            .map(EpochPoint::from)
+            .collect(),
+        Task::Segmentation => crate::metrics::read::<SegEpochMetrics>(path)?
+            .into_iter()
+            .map(EpochPoint::from)
+            .collect(),
+    })
 }
 
 /// Every run of a study, in table order (variant by variant, seeds in study order).
@@ -139,7 +260,12 @@ pub fn read_runs(out: &Path, manifest: &Manifest) -> Result<Vec<RunRecord>> {
     let mut runs = Vec::new();
     for v in &manifest.variants {
         for &seed in &manifest.seeds {
-            runs.push(read_run(&v.name, seed, &run_dir(out, &v.dir, seed))?);
+            runs.push(read_run(
+                manifest.task,
+                &v.name,
+                seed,
+                &run_dir(out, &v.dir, seed),
+            )?);
         }
     }
     Ok(runs)
@@ -169,30 +295,30 @@ pub fn rows(manifest: &Manifest, runs: &[RunRecord]) -> Vec<VariantRow> {
         .variants
         .iter()
         .map(|v| {
-            let done: Vec<&RunSummary> = runs
+            let done: Vec<&RunOutcome> = runs
                 .iter()
                 .filter(|r| r.variant == v.name)
                 .filter_map(|r| r.summary.as_ref())
                 .collect();
-            let col = |f: fn(&RunSummary) -> f64| done.iter().map(|s| f(s)).collect::<Vec<f64>>();
-            let top1 = mean_std(&col(|s| s.final_top1));
+            let col = |f: fn(&RunOutcome) -> f64| done.iter().map(|s| f(s)).collect::<Vec<f64>>();
+            let metric = mean_std(&col(|s| s.final_metric));
             VariantRow {
                 name: v.name.clone(),
                 n: done.len(),
                 runs: manifest.seeds.len(),
-                top1_mean: top1.map(|t| t.0),
-                top1_std: top1.map(|t| t.1),
-                top5_mean: mean(&col(|s| s.final_top5)),
-                delta_top1: None,
-                best_top1_mean: mean(&col(|s| s.best_top1)),
+                metric_mean: metric.map(|t| t.0),
+                metric_std: metric.map(|t| t.1),
+                second_mean: mean(&col(|s| s.final_second)),
+                delta: None,
+                best_metric_mean: mean(&col(|s| s.best_metric)),
                 train_seconds_mean: mean(&col(|s| s.train_seconds)),
                 images_per_second_mean: mean(&col(|s| s.images_per_second)),
             }
         })
         .collect();
-    if let Some(reference) = rows.first().and_then(|r| r.top1_mean) {
+    if let Some(reference) = rows.first().and_then(|r| r.metric_mean) {
         for r in &mut rows {
-            r.delta_top1 = r.top1_mean.map(|m| m - reference);
+            r.delta = r.metric_mean.map(|m| m - reference);
         }
     }
     rows
@@ -202,10 +328,12 @@ fn opt(v: Option<f64>, digits: usize) -> String {
     v.map(|x| format!("{x:.digits$}")).unwrap_or_default()
 }
 
-/// `results.csv`: one line per run.
-pub fn results_csv(runs: &[RunRecord]) -> String {
-    let mut s = String::from(
-        "variant,seed,top1,top5,best_top1,best_epoch,train_seconds,images_per_second,status\n",
+/// `results.csv`: one line per run, the task's metrics under their names.
+pub fn results_csv(task: Task, runs: &[RunRecord]) -> String {
+    let n = metric_names(task);
+    let (m1, m2) = (n.headline_key, n.second_key);
+    let mut s = format!(
+        "variant,seed,{m1},{m2},best_{m1},best_epoch,train_seconds,images_per_second,status\n"
     );
     for r in runs {
         let m = r.summary.as_ref();
@@ -214,9 +342,9 @@ pub fn results_csv(runs: &[RunRecord]) -> String {
             "{},{},{},{},{},{},{},{},{}",
             csv_field(&r.variant),
             r.seed,
-            opt(m.map(|m| m.final_top1), 4),
-            opt(m.map(|m| m.final_top5), 4),
-            opt(m.map(|m| m.best_top1), 4),
+            opt(m.map(|m| m.final_metric), 4),
+            opt(m.map(|m| m.final_second), 4),
+            opt(m.map(|m| m.best_metric), 4),
             m.map(|m| m.best_epoch.to_string()).unwrap_or_default(),
             opt(m.map(|m| m.train_seconds), 2),
             opt(m.map(|m| m.images_per_second), 1),
@@ -275,7 +403,8 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
             "cumulative (each row adds its overrides to those of every row above it)"
         }
     };
-    let (m1, m5, what) = metric_names(manifest.task);
+    let names = metric_names(manifest.task);
+    let (m1, m5, what) = (names.headline, names.second, names.sentence);
     let _ = writeln!(
         s,
         "{} seed{} ({}); mode: {mode}. {what} after the last epoch, \
@@ -292,11 +421,11 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
     );
     let _ = writeln!(s, "|:--|--:|--:|--:|--:|--:|");
     for (i, r) in rows.iter().enumerate() {
-        let top1 = match (r.top1_mean, r.top1_std) {
+        let top1 = match (r.metric_mean, r.metric_std) {
             (Some(m), Some(sd)) => format_mean_std(m, sd, r.n),
             _ => "–".into(),
         };
-        let delta = match r.delta_top1 {
+        let delta = match r.delta {
             _ if i == 0 => "–".to_string(),
             Some(d) => format!("{d:+.2}"),
             None => "–".into(),
@@ -306,7 +435,7 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
             "| {} | {} | {} | {} | {} | {}/{} |",
             escape_md(&r.name),
             top1,
-            r.top5_mean
+            r.second_mean
                 .map(|x| format!("{x:.2}"))
                 .unwrap_or_else(|| "–".into()),
             delta,
@@ -369,9 +498,10 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
             );
         }
     }
+    let key = names.headline_key;
     let _ = writeln!(
         s,
-        "\nPlots: val_top1, train_loss, lr_schedule, delta_top1 (.png and .svg). Per-run results: results.csv."
+        "\nPlots: val_{key}, train_loss, lr_schedule, delta_{key} (.png and .svg). Per-run results: results.csv."
     );
     s
 }

@@ -13,7 +13,7 @@ use super::transforms::{pad_crop_pair, JointTransform};
 use crate::config::Config;
 use crate::data::loader::thread_pool;
 use crate::data::prefetch::Prefetch;
-use crate::data::Image;
+use crate::data::{Image, Shard};
 use crate::train::derive_seed;
 use anyhow::{anyhow, bail, Result};
 use rand::seq::SliceRandom;
@@ -60,6 +60,8 @@ struct Job {
     pool: Arc<ThreadPool>,
     /// Batches before this one are not produced (resuming in the middle of an epoch).
     first_batch: usize,
+    /// This process's share of a data-parallel run (see [`SegLoader::train_shard`]).
+    shard: Shard,
 }
 
 /// Checks that every mask value is a class id or `ignore`; the error names the first bad pixel.
@@ -77,6 +79,14 @@ fn check_mask(mask: &Mask, num_classes: i64, ignore: u8) -> std::result::Result<
 }
 
 impl Job {
+    /// The position in the epoch's global order of this shard's `i`-th sample: its augmentation
+    /// is drawn from that position, so a sample is augmented the same way whatever the number of
+    /// processes.
+    fn epoch_position(&self, i: usize) -> usize {
+        let b = self.batch_size;
+        (i / b) * b * self.shard.world + self.shard.rank * b + i % b
+    }
+
     fn load(&self, pos: usize) -> Result<(Image, Mask)> {
         let i = self.order[pos];
         let (img, mask) = self.ds.sample(i)?;
@@ -88,7 +98,7 @@ impl Job {
                     seed,
                     "segment-sample",
                     epoch,
-                    pos as u64,
+                    self.epoch_position(pos) as u64,
                 ));
                 self.transform.train_pair(&img, &mask, &mut rng)
             }
@@ -175,6 +185,21 @@ impl SegLoader {
         epoch: usize,
         first_batch: usize,
     ) -> SegLoader {
+        Self::train_shard(ds, cfg, batch_size, seed, epoch, first_batch, Shard::SINGLE)
+    }
+
+    /// One process's share of a data-parallel epoch, as [`crate::data::Loader::train_shard`]:
+    /// rank r's batch s is the r-th slice of the single-process global batch s (of
+    /// `batch_size · shard.world` samples), augmented as it would be in one process.
+    pub fn train_shard(
+        ds: Arc<SegDataset>,
+        cfg: &Config,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+        shard: Shard,
+    ) -> SegLoader {
         assert!(batch_size > 0, "batch size must be positive");
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(
@@ -183,30 +208,59 @@ impl SegLoader {
             epoch as u64,
             0,
         )));
-        let num_batches = order.len() / batch_size;
-        order.truncate(num_batches * batch_size);
+        let global = batch_size * shard.world;
+        let num_batches = order.len() / global;
+        let mine: Vec<usize> = (0..num_batches)
+            .flat_map(|s| {
+                let from = s * global + shard.rank * batch_size;
+                order[from..from + batch_size].iter().copied()
+            })
+            .collect();
+        let mode = Mode::Train {
+            seed,
+            epoch: epoch as u64,
+        };
+        Self::start(
+            ds,
+            cfg,
+            mine,
+            batch_size,
+            num_batches,
+            mode,
+            first_batch,
+            shard,
+        )
+    }
+
+    /// In file order, last partial batch kept, full images without augmentation.
+    pub fn eval(ds: Arc<SegDataset>, cfg: &Config, batch_size: usize) -> SegLoader {
+        Self::eval_shard(ds, cfg, batch_size, Shard::SINGLE)
+    }
+
+    /// [`SegLoader::eval`] over every `shard.world`-th image from `shard.rank` on: the ranks of
+    /// a data-parallel run together evaluate each image once.
+    pub fn eval_shard(
+        ds: Arc<SegDataset>,
+        cfg: &Config,
+        batch_size: usize,
+        shard: Shard,
+    ) -> SegLoader {
+        assert!(batch_size > 0, "batch size must be positive");
+        let order: Vec<usize> = (shard.rank..ds.len()).step_by(shard.world).collect();
+        let num_batches = order.len().div_ceil(batch_size);
         Self::start(
             ds,
             cfg,
             order,
             batch_size,
             num_batches,
-            Mode::Train {
-                seed,
-                epoch: epoch as u64,
-            },
-            first_batch,
+            Mode::Eval,
+            0,
+            shard,
         )
     }
 
-    /// In file order, last partial batch kept, full images without augmentation.
-    pub fn eval(ds: Arc<SegDataset>, cfg: &Config, batch_size: usize) -> SegLoader {
-        assert!(batch_size > 0, "batch size must be positive");
-        let order: Vec<usize> = (0..ds.len()).collect();
-        let num_batches = order.len().div_ceil(batch_size);
-        Self::start(ds, cfg, order, batch_size, num_batches, Mode::Eval, 0)
-    }
-
+    #[allow(clippy::too_many_arguments)]
     fn start(
         ds: Arc<SegDataset>,
         cfg: &Config,
@@ -215,6 +269,7 @@ impl SegLoader {
         num_batches: usize,
         mode: Mode,
         first_batch: usize,
+        shard: Shard,
     ) -> SegLoader {
         let job = Job {
             ds,
@@ -226,6 +281,7 @@ impl SegLoader {
             num_classes: cfg.segment.num_classes,
             pool: thread_pool(cfg.data.workers),
             first_batch: first_batch.min(num_batches),
+            shard,
         };
         let batches = Prefetch::spawn(
             "tricks-segment-prefetch",

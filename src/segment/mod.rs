@@ -21,7 +21,7 @@ pub mod loader;
 pub mod metrics;
 pub mod model;
 pub mod predict;
-pub mod train;
+pub mod task;
 pub mod transforms;
 
 pub use dataset::{Mask, SegDataset};
@@ -31,7 +31,7 @@ pub use model::{load_backbone, FcnHead, SegModel};
 pub use predict::{
     checkpoint_task, evaluate_checkpoint, load_model, palette, predict_image, Prediction,
 };
-pub use train::{evaluate, read_metrics, train, SegEpochMetrics, SegEval, SegSummary};
+pub use task::{evaluate, read_metrics, train, SegEpochMetrics, SegEval, SegSummary, Segmentation};
 
 use crate::config::{Config, Task};
 use anyhow::{bail, Result};

@@ -4,7 +4,7 @@
 use super::dataset::open_split;
 use super::loader::SegLoader;
 use super::model::SegModel;
-use super::train::{evaluate, SegEval};
+use super::task::{evaluate, SegEval};
 use crate::checkpoint;
 use crate::config::{Config, Precision, Task};
 use crate::data::imagefolder::load_image;

@@ -1,41 +1,37 @@
-//! One segmentation training run, built from the classification run's parts: [`Sgd`] (with a
-//! per-parameter lr scale for `segment.backbone_lr_mult`), [`LrSchedule`] (warmup, step or
-//! cosine), autocast and loss scaling, gradient clipping, and the same checkpoints, resume and
+//! Segmentation, the second task of the engine: an FCN trained with the same optimizer,
+//! schedule, precision, checkpoints, resume and data parallelism as classification, and the same
 //! output files (`config.toml`, `metrics.jsonl`, `checkpoints/epoch-NNNN.safetensors`,
 //! `best.safetensors`, `summary.json`).
 //!
-//! The loss is the pixel-wise cross entropy averaged over the labelled pixels of the batch (void
-//! pixels, `segment.ignore_index`, count nowhere). "Best" is the epoch with the highest val mIoU.
-//! So that `tricks ablate` / `report` read a segmentation run unchanged, each metrics line and
-//! the summary also carry the classification field names: `val_top1` / `best_top1` /
-//! `final_top1` = mIoU, `val_top5` / `final_top5` = pixel accuracy, `train_top1` = training
-//! pixel accuracy (all in %).
+//! The loss is the pixel-wise cross entropy averaged over the labelled pixels of the global batch
+//! (void pixels, `segment.ignore_index`, count nowhere). "Best" is the epoch with the highest val
+//! mIoU. Metrics are named as what they are: `train_pixel_acc`, `val_pixel_acc`, `val_miou` (%).
 
-use super::dataset;
-use super::loader::SegLoader;
+use super::dataset::{self, SegDataset};
+use super::loader::{SegBatch, SegLoader};
 use super::metrics::{batch_counts, ConfusionMatrix};
 use super::model::{load_backbone, SegModel, HEAD_PREFIX};
-use crate::checkpoint::{self, TrainState};
-use crate::config::{Config, Precision, Task};
-use crate::device::weights_to_channels_last;
-use crate::metrics;
-use crate::train::optim::Sgd;
-use crate::train::precision::{check_supported, Autocast, LossScaler};
-use crate::train::schedule::LrSchedule;
-use crate::train::{
-    derive_seed, optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint,
-    save_weights, to_device_input, training_checkpoint, EpochSums, RunOptions, RunSummary,
-    StepPosition,
+use crate::config::{Config, Precision, Task as TaskKind};
+use crate::data::Shard;
+use crate::device::{to_device_input, upload};
+use crate::engine::{
+    self, EpochLine, Evaluation, Run, RunOptions, RunTotals, StepContext, StepOutput, Task,
+    TaskBatch,
 };
-use anyhow::{bail, Context, Result};
+use crate::metrics;
+use crate::train::derive_seed;
+use crate::train::optim::Sgd;
+use crate::train::precision::Autocast;
+use crate::train::DataParallel;
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::sync::Arc;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// One line of a segmentation run's `metrics.jsonl`.
+/// One line of a segmentation run's `metrics.jsonl` (older files, which named the validation
+/// figures `miou` and `pixel_acc`, still read).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SegEpochMetrics {
     pub epoch: usize,
@@ -44,20 +40,25 @@ pub struct SegEpochMetrics {
     /// Mean pixel cross entropy of the epoch's training batches.
     pub train_loss: f64,
     /// Training pixel accuracy (%) on the augmented crops.
-    pub train_top1: f64,
+    #[serde(alias = "train_top1")]
+    pub train_pixel_acc: f64,
     pub val_loss: Option<f64>,
     /// Validation pixel accuracy (%).
-    pub pixel_acc: Option<f64>,
+    #[serde(alias = "pixel_acc")]
+    pub val_pixel_acc: Option<f64>,
     /// Validation mean IoU (%).
-    pub miou: Option<f64>,
-    /// = `miou`, under the classification name `tricks ablate` reads.
-    pub val_top1: Option<f64>,
-    /// = `pixel_acc`, under the classification name `tricks ablate` reads.
-    pub val_top5: Option<f64>,
+    #[serde(alias = "miou")]
+    pub val_miou: Option<f64>,
     /// Training throughput (loading + augmentation + training, no evaluation).
     pub images_per_second: f64,
     /// Wall time of the epoch, evaluation included.
     pub seconds: f64,
+    /// Time the training loop waited for its next batch.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
+    /// Wall time of the epoch's evaluation pass (0 without one); part of `seconds`.
+    #[serde(default)]
+    pub eval_seconds: f64,
 }
 
 /// What a finished segmentation run reports (also `summary.json`).
@@ -74,29 +75,6 @@ pub struct SegSummary {
     pub train_seconds: f64,
     pub images_per_second: f64,
     pub stopped_early: bool,
-    /// = `best_miou` / `final_miou` / `final_pixel_acc` under the classification names, so that
-    /// the file also reads as a [`RunSummary`].
-    pub best_top1: f64,
-    pub final_top1: f64,
-    pub final_top5: f64,
-}
-
-impl SegSummary {
-    /// The summary as the classification tools (`tricks ablate`, `report`) see it: top-1 = mIoU,
-    /// top-5 = pixel accuracy.
-    pub fn to_run_summary(&self) -> RunSummary {
-        RunSummary {
-            epochs: self.epochs,
-            best_top1: self.best_miou,
-            best_epoch: self.best_epoch,
-            final_top1: self.final_miou,
-            final_top5: self.final_pixel_acc,
-            final_val_loss: self.final_val_loss,
-            train_seconds: self.train_seconds,
-            images_per_second: self.images_per_second,
-            stopped_early: self.stopped_early,
-        }
-    }
 }
 
 /// The evaluation of a segmentation model over a whole split.
@@ -111,6 +89,12 @@ pub struct SegEval {
     pub iou: Vec<Option<f64>>,
     pub confusion: ConfusionMatrix,
     pub images: usize,
+}
+
+impl Evaluation for SegEval {
+    fn headline(&self) -> f64 {
+        self.miou
+    }
 }
 
 /// Summed pixel cross entropy over the labelled pixels (computed in f32).
@@ -138,38 +122,88 @@ pub fn evaluate(
     channels_last: bool,
     ignore: i64,
 ) -> Result<SegEval> {
-    let k = model.num_classes;
-    // The sums stay on the device until the end: a read per batch would stall a GPU's queue.
-    let mut counts = Tensor::zeros([k * k], (Kind::Int64, device));
-    let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
-    let (mut pixels, mut images) = (0i64, 0usize);
-    for batch in loader {
-        let batch = batch?;
-        let x = to_device_input(&batch.images, device, channels_last);
-        let y = crate::device::upload(&batch.masks, device);
-        let logits = tch::no_grad(|| {
-            let _ac = Autocast::enter(precision, device);
-            model.forward_t(&x, false)
+    let sums = EvalSums::over(model, loader, device, precision, channels_last, ignore)?;
+    sums.result(model.num_classes as usize)
+}
+
+/// The sums of an evaluation pass (summable over the ranks of a data-parallel run): the
+/// confusion counts, the summed loss, the labelled pixels and the images.
+struct EvalSums {
+    counts: Vec<f64>,
+    loss: f64,
+    pixels: f64,
+    images: f64,
+}
+
+impl EvalSums {
+    fn over(
+        model: &SegModel,
+        loader: SegLoader,
+        device: Device,
+        precision: Precision,
+        channels_last: bool,
+        ignore: i64,
+    ) -> Result<EvalSums> {
+        let k = model.num_classes;
+        // The sums stay on the device until the end: a read per batch would stall a GPU's queue.
+        let mut counts = Tensor::zeros([k * k], (Kind::Int64, device));
+        let mut loss_sum = Tensor::zeros([], (Kind::Double, device));
+        let (mut pixels, mut images) = (0i64, 0usize);
+        for batch in loader {
+            let batch = batch?;
+            let x = to_device_input(&batch.images, device, channels_last);
+            let y = upload(&batch.masks, device);
+            let logits = tch::no_grad(|| {
+                let _ac = Autocast::enter(precision, device);
+                model.forward_t(&x, false)
+            })
+            .to_kind(Kind::Float);
+            loss_sum += tch::no_grad(|| pixel_ce_sum(&logits, &y, ignore)).to_kind(Kind::Double);
+            pixels += labelled(&batch.masks, ignore);
+            counts += batch_counts(&y, &logits.argmax(1, false), k);
+            images += batch.len();
+        }
+        Ok(EvalSums {
+            counts: Vec::<i64>::try_from(&counts)?
+                .into_iter()
+                .map(|c| c as f64)
+                .collect(),
+            loss: f64::try_from(&loss_sum)?,
+            pixels: pixels as f64,
+            images: images as f64,
         })
-        .to_kind(Kind::Float);
-        loss_sum += tch::no_grad(|| pixel_ce_sum(&logits, &y, ignore)).to_kind(Kind::Double);
-        pixels += labelled(&batch.masks, ignore);
-        counts += batch_counts(&y, &logits.argmax(1, false), k);
-        images += batch.len();
     }
-    if images == 0 {
-        bail!("the evaluation split has no images");
+
+    fn all_ranks(self, dp: Option<&DataParallel>) -> Result<EvalSums> {
+        let Some(dp) = dp else { return Ok(self) };
+        let mut v = self.counts;
+        v.extend([self.loss, self.pixels, self.images]);
+        let mut v = dp.sum(&v)?;
+        let tail = v.split_off(v.len() - 3);
+        Ok(EvalSums {
+            counts: v,
+            loss: tail[0],
+            pixels: tail[1],
+            images: tail[2],
+        })
     }
-    let mut cm = ConfusionMatrix::new(k as usize);
-    cm.add_counts(&counts);
-    Ok(SegEval {
-        loss: f64::try_from(&loss_sum)? / pixels.max(1) as f64,
-        pixel_acc: cm.pixel_accuracy(),
-        miou: cm.mean_iou(),
-        iou: cm.iou(),
-        confusion: cm,
-        images,
-    })
+
+    fn result(self, k: usize) -> Result<SegEval> {
+        if self.images == 0.0 {
+            bail!("the evaluation split has no images");
+        }
+        let counts: Vec<i64> = self.counts.iter().map(|&c| c as i64).collect();
+        let mut cm = ConfusionMatrix::new(k);
+        cm.add_counts(&Tensor::from_slice(&counts));
+        Ok(SegEval {
+            loss: self.loss / self.pixels.max(1.0),
+            pixel_acc: cm.pixel_accuracy(),
+            miou: cm.mean_iou(),
+            iou: cm.iou(),
+            confusion: cm,
+            images: self.images as usize,
+        })
+    }
 }
 
 impl metrics::EpochRecord for SegEpochMetrics {
@@ -184,7 +218,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<SegEpochMetrics>> {
 }
 
 fn format_epoch(m: &SegEpochMetrics, epochs: usize) -> String {
-    let val = match (m.val_loss, m.pixel_acc, m.miou) {
+    let val = match (m.val_loss, m.val_pixel_acc, m.val_miou) {
         (Some(l), Some(a), Some(iou)) => {
             format!(" | val loss {l:.4} pixel acc {a:.2}% mIoU {iou:.2}%")
         }
@@ -192,308 +226,196 @@ fn format_epoch(m: &SegEpochMetrics, epochs: usize) -> String {
     };
     format!(
         "epoch {}/{epochs}: lr {:.5} train loss {:.4} pixel acc {:.2}%{val} | {:.1} img/s, {:.1}s",
-        m.epoch, m.lr, m.train_loss, m.train_top1, m.images_per_second, m.seconds
+        m.epoch, m.lr, m.train_loss, m.train_pixel_acc, m.images_per_second, m.seconds
     )
 }
 
 /// Trains an FCN as the config says (`task = "segmentation"`), writing everything into
 /// `opts.out_dir`; `opts.resume` continues from the newest valid checkpoint there.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
-    if cfg.task != Task::Segmentation {
+    if cfg.task != TaskKind::Segmentation {
         bail!("segment::train needs a config with task = \"segmentation\"");
     }
-    let log = |m: &str| (opts.log)(m);
-    let device = opts.device;
-    check_supported(cfg.train.precision, device)?;
-    crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
+    engine::train::<Segmentation>(cfg, opts)
+}
 
-    let out = &opts.out_dir;
-    std::fs::create_dir_all(out)
-        .with_context(|| format!("cannot create output folder {}", out.display()))?;
-    let ckpt_dir = out.join("checkpoints");
-    std::fs::create_dir_all(&ckpt_dir)
-        .with_context(|| format!("cannot create {}", ckpt_dir.display()))?;
-    let metrics_path = out.join("metrics.jsonl");
-    checkpoint::write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())
-        .with_context(|| format!("output folder {} is not writable", out.display()))?;
-
-    let (train_ds, val_ds) = dataset::open_train_val(cfg)?;
-    let classes = super::class_names(cfg);
-    let ignore = cfg.segment.ignore_index;
-    let (vs, net) = {
-        let _guard = crate::train::MODEL_INIT_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        tch::manual_seed(cfg.seed as i64);
-        let vs = nn::VarStore::new(device);
-        let net = SegModel::new(&vs.root(), cfg)?;
-        (vs, net)
-    };
-    let mut opt = Sgd::new(&vs, &cfg.optim);
-    if cfg.segment.backbone_lr_mult != 1.0 {
-        opt.set_lr_scale(
-            |name| !name.starts_with(HEAD_PREFIX),
-            cfg.segment.backbone_lr_mult,
-        );
+impl TaskBatch for SegBatch {
+    fn len(&self) -> usize {
+        SegBatch::len(self)
     }
-    let mut state = TrainState {
-        loss_scale: 1.0,
-        ..Default::default()
-    };
-    let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16, device);
+}
 
-    let resumed =
-        resume_or_start::<SegEpochMetrics>(cfg, opts, &vs, &mut opt, &mut scaler, &mut state)?;
-    if !resumed {
-        load_backbone(&vs, cfg)?;
-        if !cfg.segment.backbone.is_empty() {
-            log(&format!(
+/// A segmentation run: its data and its model.
+pub struct Segmentation {
+    cfg: Config,
+    train_ds: Arc<SegDataset>,
+    val_ds: Arc<SegDataset>,
+    classes: Vec<String>,
+    net: Option<SegModel>,
+    device: Device,
+    shard: Shard,
+}
+
+impl Segmentation {
+    fn net(&self) -> &SegModel {
+        self.net
+            .as_ref()
+            .expect("the model is built before training")
+    }
+}
+
+impl Task for Segmentation {
+    type Batch = SegBatch;
+    type Batches = SegLoader;
+    type Eval = SegEval;
+    type Metrics = SegEpochMetrics;
+    type Summary = SegSummary;
+
+    fn open(run: &Run) -> Result<Self> {
+        let (train_ds, val_ds) = dataset::open_train_val(run.cfg)?;
+        Ok(Segmentation {
+            cfg: run.cfg.clone(),
+            train_ds,
+            val_ds,
+            classes: super::class_names(run.cfg),
+            net: None,
+            device: run.device,
+            shard: run.shard,
+        })
+    }
+
+    fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    fn train_len(&self) -> usize {
+        self.train_ds.len()
+    }
+
+    fn build_model(&mut self, root: &nn::Path) -> Result<()> {
+        self.net = Some(SegModel::new(root, &self.cfg)?);
+        Ok(())
+    }
+
+    fn backbone_lr_mult(&self, _run: &Run) -> Option<(&'static str, f64)> {
+        let mult = self.cfg.segment.backbone_lr_mult;
+        (mult != 1.0).then_some((HEAD_PREFIX, mult))
+    }
+
+    fn on_fresh_start(&mut self, vs: &nn::VarStore, _opt: &mut Sgd, run: &Run) -> Result<()> {
+        load_backbone(vs, &self.cfg)?;
+        if !self.cfg.segment.backbone.is_empty() {
+            run.log(&format!(
                 "backbone initialised from {}; the head starts at random",
-                cfg.segment.backbone
+                self.cfg.segment.backbone
             ));
         }
+        Ok(())
     }
 
-    let channels_last = cfg.train.channels_last;
-    if channels_last {
-        weights_to_channels_last(&vs);
-    }
-    opt.flatten();
-    let bs = cfg.train.batch_size;
-    let iters_per_epoch = train_ds.len() / bs;
-    if iters_per_epoch == 0 {
-        bail!(
-            "key `train.batch_size` ({bs}) is larger than the training set ({} images)",
-            train_ds.len()
-        );
-    }
-    let epochs = cfg.train.epochs;
-    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), iters_per_epoch, epochs);
-    let precision = cfg.train.precision;
-    let read_every = EpochSums::read_every(device, false);
-    let mut stopped_early = false;
-    let mut last_eval: Option<SegEval> = None;
-    let mut last_ips = 0.0;
-    let (mut ips_images, mut ips_seconds) = (0usize, 0.0f64);
-
-    // Checkpoints are written in the background; `finish` below waits for the last ones.
-    let mut writer = checkpoint::Writer::new();
-    for epoch in state.epochs_done + 1..=epochs {
-        let epoch_start = Instant::now();
-        // Resuming from an interrupt checkpoint continues the epoch at its next batch with the
-        // epoch's running sums (as classification does). Segmentation keeps its correct and
-        // labelled pixel counts in `EpochProgress::correct` and `::skipped` (it skips no image).
-        let first_batch = std::mem::take(&mut state.batch_in_epoch);
-        let partial = std::mem::take(&mut state.partial);
-        let loader = SegLoader::train_from(train_ds.clone(), cfg, bs, cfg.seed, epoch, first_batch);
-        let bar = progress_bar(opts.progress, loader.num_batches() as u64, epoch, epochs);
-        bar.set_position(first_batch as u64);
-        // Loss and correct-pixel sums stay on the device between reads, as in classification;
-        // the labelled-pixel count comes from the CPU masks.
-        let mut sums = EpochSums::new(
-            partial.loss_sum,
-            partial.correct,
-            device,
-            read_every,
-            scaler.enabled,
-            &ckpt_dir,
-        );
-        let (mut seen, mut pixels) = (partial.seen, partial.skipped as i64);
-        let seen_before = seen;
-        let mut lr = schedule.lr_at(state.global_step);
-        let train_start = Instant::now();
-        let mut steps_done = first_batch;
-        for (i, batch) in loader.enumerate() {
-            let step_in_epoch = first_batch + i;
-            let batch = batch?;
-            let b = batch.len();
-            if b == 0 {
-                continue;
-            }
-            lr = schedule.lr_at(state.global_step);
-            let x = to_device_input(&batch.images, device, channels_last);
-            let y = crate::device::upload(&batch.masks, device);
-            let n_labelled = labelled(&batch.masks, ignore);
-            // Dropout draws from libtorch's generator: seed it per step so a resume replays them.
-            tch::manual_seed(
-                derive_seed(cfg.seed, "segment-dropout", state.global_step as u64, 0) as i64,
-            );
-            let (logits, loss) = {
-                let _ac = Autocast::enter(precision, device);
-                let logits = net.forward_t(&x, true);
-                let loss = pixel_ce_sum(&logits, &y, ignore) / n_labelled.max(1) as f64;
-                (logits, loss)
-            };
-            let at = StepPosition {
-                epoch,
-                step_in_epoch,
-                global_step: state.global_step,
-            };
-            let step = optimizer_step(
-                &loss,
-                &mut opt,
-                &mut scaler,
-                &cfg.optim,
-                lr,
-                &ckpt_dir,
-                at,
-                None,
-                opts.stop.load(Ordering::SeqCst),
-                sums.reads_every_step(),
-            )?;
-            let hits = tch::no_grad(|| {
-                logits
-                    .argmax(1, false)
-                    .eq_tensor(&y)
-                    .logical_and(&y.ne(ignore))
-                    .sum(Kind::Int64)
-            });
-            let current = sums.add(&step.loss, &hits, b as i64, state.global_step)?;
-            state.global_step += 1;
-            seen += b;
-            pixels += n_labelled;
-            if current {
-                let ips =
-                    (seen - seen_before) as f64 / train_start.elapsed().as_secs_f64().max(1e-9);
-                bar.set_message(format!(
-                    "loss {:.4} pixel acc {:.2}% lr {:.4} {:.1} img/s",
-                    sums.loss / seen as f64,
-                    100.0 * sums.correct as f64 / pixels.max(1) as f64,
-                    lr,
-                    ips
-                ));
-            }
-            bar.inc(1);
-            steps_done = step_in_epoch + 1;
-            let step_limit = cfg.train.max_steps > 0 && state.global_step >= cfg.train.max_steps;
-            if step.stop || step_limit {
-                // At the end of an epoch the epoch is finished normally below.
-                stopped_early = true;
-                if steps_done < iters_per_epoch {
-                    break;
-                }
-            }
-        }
-        bar.finish_and_clear();
-        sums.read()?;
-        let (loss_sum, correct) = (sums.loss, sums.correct);
-        if seen == 0 {
-            bail!("epoch {epoch}: no training batches");
-        }
-        let train_seconds = train_start.elapsed().as_secs_f64();
-        state.train_seconds += train_seconds;
-        if stopped_early && steps_done < iters_per_epoch {
-            // Mid-epoch stop: save where the epoch stands; `--resume` continues at the next batch.
-            state.epochs_done = epoch - 1;
-            state.batch_in_epoch = steps_done;
-            state.partial = checkpoint::EpochProgress {
-                loss_sum,
-                correct,
-                seen,
-                skipped: pixels as usize,
-            };
-            scaler.record(&mut state);
-            let path = ckpt_dir.join(checkpoint::INTERRUPT_FILE);
-            writer.submit(training_checkpoint(&path, &vs, &opt, cfg, &classes, &state))?;
-            log(&format!(
-                "stopped at epoch {epoch}, step {steps_done}/{iters_per_epoch}: checkpoint written to {}; continue with --resume",
-                path.display()
-            ));
-            break;
-        }
-        last_ips = (seen - seen_before) as f64 / train_seconds.max(1e-9);
-        ips_images += seen - seen_before;
-        ips_seconds += train_seconds;
-
-        let is_last = epoch == epochs || stopped_early;
-        let eval = if epoch % cfg.train.eval_every == 0 || is_last {
-            let loader = SegLoader::eval(val_ds.clone(), cfg, bs);
-            Some(evaluate(
-                &net,
-                loader,
-                device,
-                precision,
-                channels_last,
-                ignore,
-            )?)
-        } else {
-            None
-        };
-        if let Some(e) = &eval {
-            if e.miou > state.best_top1 || state.best_epoch == 0 {
-                state.best_top1 = e.miou;
-                state.best_epoch = epoch;
-                save_weights(&writer, &out.join("best.safetensors"), &vs, cfg, &classes)?;
-            }
-        }
-        let m = SegEpochMetrics {
+    fn train_batches(&self, _run: &Run, epoch: usize, first: usize) -> Result<(SegLoader, usize)> {
+        let (cfg, bs) = (&self.cfg, self.cfg.train.batch_size);
+        let loader = SegLoader::train_shard(
+            self.train_ds.clone(),
+            cfg,
+            bs,
+            cfg.seed,
             epoch,
-            lr,
-            train_loss: loss_sum / seen as f64,
-            train_top1: 100.0 * correct as f64 / pixels.max(1) as f64,
-            val_loss: eval.as_ref().map(|e| e.loss),
-            pixel_acc: eval.as_ref().map(|e| e.pixel_acc),
-            miou: eval.as_ref().map(|e| e.miou),
-            val_top1: eval.as_ref().map(|e| e.miou),
-            val_top5: eval.as_ref().map(|e| e.pixel_acc),
-            images_per_second: last_ips,
-            seconds: epoch_start.elapsed().as_secs_f64(),
+            first,
+            self.shard,
+        );
+        let n = loader.num_batches();
+        Ok((loader, n))
+    }
+
+    fn train_step(&self, batch: &SegBatch, ctx: &StepContext) -> Result<StepOutput> {
+        let cfg = &self.cfg;
+        let ignore = cfg.segment.ignore_index;
+        let x = to_device_input(&batch.images, self.device, cfg.train.channels_last);
+        let y = upload(&batch.masks, self.device);
+        let n_labelled = labelled(&batch.masks, ignore);
+        // The mean over the labelled pixels of the global batch: each rank divides its sum by
+        // the global count over the ranks (whose gradients are then averaged).
+        let per_rank = match ctx.dp {
+            Some(dp) => dp.sum(&[n_labelled as f64])?[0].max(1.0) / dp.world_size() as f64,
+            None => n_labelled.max(1) as f64,
         };
-        metrics::append(&metrics_path, &m)?;
-        log(&format_epoch(&m, epochs));
-        if eval.is_some() {
-            last_eval = eval;
-        }
+        // Dropout draws from libtorch's generator: seed it per step so a resume replays them.
+        let rank = ctx.dp.map_or(0, |dp| dp.rank() as u64);
+        let step = ctx.at.global_step as u64;
+        tch::manual_seed(derive_seed(cfg.seed, "segment-dropout", step, rank) as i64);
+        let (logits, loss) = {
+            let _ac = Autocast::enter(cfg.train.precision, self.device);
+            let logits = self.net().forward_t(&x, true);
+            let loss = pixel_ce_sum(&logits, &y, ignore) / per_rank;
+            (logits, loss)
+        };
+        let hits = tch::no_grad(|| {
+            logits
+                .argmax(1, false)
+                .eq_tensor(&y)
+                .logical_and(&y.ne(ignore))
+                .sum(Kind::Int64)
+        });
+        Ok(StepOutput {
+            loss,
+            hits,
+            samples: batch.len() as i64,
+            counted: n_labelled as usize,
+        })
+    }
 
-        state.epochs_done = epoch;
-        scaler.record(&mut state);
-        save_epoch_checkpoint(&writer, &ckpt_dir, epoch, &vs, &opt, cfg, &classes, &state)?;
-        if stopped_early {
-            break;
+    fn evaluate(&self, _run: &Run, dp: Option<&DataParallel>) -> Result<SegEval> {
+        let (cfg, bs) = (&self.cfg, self.cfg.train.batch_size);
+        let loader = SegLoader::eval_shard(self.val_ds.clone(), cfg, bs, self.shard);
+        let (precision, cl) = (cfg.train.precision, cfg.train.channels_last);
+        let ignore = cfg.segment.ignore_index;
+        EvalSums::over(self.net(), loader, self.device, precision, cl, ignore)?
+            .all_ranks(dp)?
+            .result(self.net().num_classes as usize)
+    }
+
+    fn epoch_metrics(&self, l: &EpochLine, eval: Option<&SegEval>) -> SegEpochMetrics {
+        SegEpochMetrics {
+            epoch: l.epoch,
+            lr: l.lr,
+            train_loss: l.train_loss,
+            train_pixel_acc: l.train_accuracy,
+            val_loss: eval.map(|e| e.loss),
+            val_pixel_acc: eval.map(|e| e.pixel_acc),
+            val_miou: eval.map(|e| e.miou),
+            images_per_second: l.images_per_second,
+            seconds: l.seconds,
+            data_wait_seconds: l.data_wait_seconds,
+            eval_seconds: l.eval_seconds,
         }
     }
 
-    let final_eval = match last_eval {
-        Some(e) => e,
-        None => evaluate(
-            &net,
-            SegLoader::eval(val_ds.clone(), cfg, bs),
-            device,
-            precision,
-            channels_last,
-            ignore,
-        )?,
-    };
-    let best_pixel_acc = read_metrics(&metrics_path)
-        .ok()
-        .and_then(|ms| ms.into_iter().find(|m| m.epoch == state.best_epoch))
-        .and_then(|m| m.pixel_acc)
-        .unwrap_or(final_eval.pixel_acc);
-    let summary = SegSummary {
-        epochs: state.epochs_done,
-        best_miou: state.best_top1,
-        best_epoch: state.best_epoch,
-        best_pixel_acc,
-        final_miou: final_eval.miou,
-        final_pixel_acc: final_eval.pixel_acc,
-        final_val_loss: final_eval.loss,
-        train_seconds: state.train_seconds,
-        images_per_second: if ips_seconds > 0.0 {
-            ips_images as f64 / ips_seconds
-        } else {
-            last_ips
-        },
-        stopped_early,
-        best_top1: state.best_top1,
-        final_top1: final_eval.miou,
-        final_top5: final_eval.pixel_acc,
-    };
-    writer.finish()?;
-    if !stopped_early {
-        checkpoint::write_atomic(
-            &out.join("summary.json"),
-            serde_json::to_string_pretty(&summary)?.as_bytes(),
-        )?;
+    fn describe_epoch(&self, m: &SegEpochMetrics, epochs: usize) -> String {
+        format_epoch(m, epochs)
     }
-    Ok(summary)
+
+    fn summary(&self, run: &Run, t: &RunTotals, last: &SegEval) -> SegSummary {
+        let best_pixel_acc = read_metrics(&run.metrics_path)
+            .ok()
+            .and_then(|ms| ms.into_iter().find(|m| m.epoch == t.best_epoch))
+            .and_then(|m| m.val_pixel_acc)
+            .unwrap_or(last.pixel_acc);
+        SegSummary {
+            epochs: t.epochs,
+            best_miou: t.best,
+            best_epoch: t.best_epoch,
+            best_pixel_acc,
+            final_miou: last.miou,
+            final_pixel_acc: last.pixel_acc,
+            final_val_loss: last.loss,
+            train_seconds: t.train_seconds,
+            images_per_second: t.images_per_second,
+            stopped_early: t.stopped_early,
+        }
+    }
+
+    fn train_accuracy_name(&self) -> &'static str {
+        "pixel acc"
+    }
 }

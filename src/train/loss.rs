@@ -1,7 +1,62 @@
 //! Losses on soft targets: label smoothing (paper §5.2), soft-target cross entropy (needed by
 //! label smoothing and mixup, §5.4), knowledge distillation (§5.3), and top-k accuracy counts.
 
+use crate::config::Config;
 use tch::{Kind, Tensor};
+
+/// The training loss of a classification run, chosen once from the config: cross entropy on
+/// hard labels (with the paper's label smoothing), on target distributions when mixup blends
+/// them, or the distillation loss against a teacher's logits.
+#[derive(Debug, Clone, Copy)]
+pub struct Criterion {
+    num_classes: i64,
+    /// `loss.label_smoothing`.
+    eps: f64,
+    /// `distill.*` when a teacher is set: (temperature, hard weight, soft weight).
+    distill: Option<(f64, f64, f64)>,
+}
+
+impl Criterion {
+    pub fn from_config(cfg: &Config, num_classes: i64) -> Criterion {
+        let d = &cfg.distill;
+        Criterion {
+            num_classes,
+            eps: cfg.loss.label_smoothing,
+            distill: (!d.teacher.is_empty()).then_some((
+                d.temperature,
+                d.hard_weight,
+                d.soft_weight,
+            )),
+        }
+    }
+
+    /// The (smoothed) target distributions of hard labels, where the loss needs them: mixup
+    /// blends them, distillation takes them. `None` otherwise: hard labels go to the fused cross
+    /// entropy.
+    pub fn targets(&self, labels: &Tensor, mixing: bool) -> Option<Tensor> {
+        (mixing || self.distill.is_some())
+            .then(|| smooth_targets(labels, self.num_classes, self.eps))
+    }
+
+    /// The loss of `logits` against `targets` from [`Criterion::targets`] (or the hard
+    /// `labels` without them) and, with distillation, the teacher's logits.
+    pub fn loss(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        targets: Option<&Tensor>,
+        teacher: Option<&Tensor>,
+    ) -> Tensor {
+        match (self.distill, targets, teacher) {
+            (Some((t, hard, soft)), Some(q), Some(r)) => {
+                distillation_loss(logits, r, q, t, hard, soft)
+            }
+            (None, Some(q), _) => soft_cross_entropy(logits, q),
+            (None, None, _) => smoothed_cross_entropy(logits, labels, self.num_classes, self.eps),
+            _ => panic!("distillation needs target distributions and the teacher's logits"),
+        }
+    }
+}
 
 /// Label smoothing in the paper's form (§5.2): `1 - eps` on the true class and `eps / (K - 1)`
 /// on every other class. PyTorch's `label_smoothing` spreads `eps / K` over all classes

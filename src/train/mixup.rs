@@ -1,8 +1,54 @@
 //! Mixup training (paper §5.4, Zhang et al. 2018): train on convex blends of random pairs.
 
+use super::derive_seed;
+use crate::config::Config;
 use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution};
 use tch::Tensor;
+
+/// Mixup as the run uses it, built once from the config (`mixup.alpha`, `mixup.off_epochs`):
+/// its draws for a batch are a function of (seed, epoch, step), so a resumed run replays them.
+#[derive(Debug, Clone, Copy)]
+pub struct Mixup {
+    alpha: f64,
+    /// The last epoch that mixes (mixup is off for the final `mixup.off_epochs`).
+    last_epoch: usize,
+    seed: u64,
+}
+
+impl Mixup {
+    /// `None` when `mixup.alpha` is 0.
+    pub fn from_config(cfg: &Config) -> Option<Mixup> {
+        (cfg.mixup.alpha > 0.0).then(|| Mixup {
+            alpha: cfg.mixup.alpha,
+            last_epoch: cfg.train.epochs.saturating_sub(cfg.mixup.off_epochs),
+            seed: cfg.seed,
+        })
+    }
+
+    /// Whether the batches of `epoch` are mixed.
+    pub fn active(&self, epoch: usize) -> bool {
+        epoch <= self.last_epoch
+    }
+
+    /// The batch at (`epoch`, `step`) blended with a permutation of itself, inputs and target
+    /// distributions alike, λ and the permutation drawn for that step.
+    pub fn apply(
+        &self,
+        epoch: usize,
+        step: usize,
+        x: &Tensor,
+        targets: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let stream = derive_seed(self.seed, "mixup", epoch as u64, step as u64);
+        let mut rng = ChaCha8Rng::seed_from_u64(stream);
+        let lambda = sample_lambda(&mut rng, self.alpha);
+        let perm = permutation(&mut rng, x.size()[0] as usize);
+        mixup(x, targets, lambda, &perm)
+    }
+}
 
 /// Draws the blend weight λ ~ Beta(α, α) from `rng` (seeded, so runs are reproducible).
 /// `α <= 0` means mixup is off and returns 1.0, which leaves every example unchanged.

@@ -1,4 +1,5 @@
-//! Training: the loop, the optimizer, the schedule and every training trick.
+//! Training tricks and the parts of a step: the optimizer, the schedule and every trick (the
+//! loop that uses them is the [`crate::engine`]).
 //!
 //! Each trick lives in the module named after it: `schedule` (linear scaling, warmup, step and
 //! cosine decay, airbench's triangle), `loss` (label smoothing, distillation), `mixup`, `clip`,
@@ -7,21 +8,15 @@
 //! with the data pipeline.
 
 pub mod clip;
-mod data_parallel;
+pub(crate) mod data_parallel;
 pub mod lookahead;
 pub mod loss;
 pub mod mixup;
 pub mod optim;
 pub mod precision;
-mod run;
 pub mod schedule;
 
 pub use data_parallel::DataParallel;
-pub use run::{evaluate, train, EpochMetrics, EvalResult, EvalSettings, RunOptions, RunSummary};
-pub(crate) use run::{
-    optimizer_step, progress_bar, resume_or_start, save_epoch_checkpoint, save_weights,
-    to_device_input, training_checkpoint, EpochSums, StepPosition,
-};
 
 /// libtorch's random generator is process-wide: trainings started together in one process
 /// (`ablate --jobs N`) take this lock around seeding and weight initialisation.

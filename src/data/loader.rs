@@ -133,8 +133,8 @@ impl Job {
 
     fn side(&self) -> u32 {
         match self.mode {
-            Mode::Train { .. } => self.transform.train_size,
-            Mode::Eval => self.transform.val_size,
+            Mode::Train { .. } => self.transform.cfg.train_size,
+            Mode::Eval => self.transform.cfg.val_size,
         }
     }
 
@@ -181,8 +181,8 @@ impl Job {
                             let pos = self.epoch_position(start + r);
                             let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
                             let flip = Flip::for_sample(
-                                transform.flip,
-                                transform.alternate_flip,
+                                transform.cfg.flip,
+                                transform.cfg.alternate_flip,
                                 seed,
                                 order[start + r],
                                 epoch as usize,

@@ -588,17 +588,6 @@ impl Config {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
-    /// Effective peak learning rate after linear scaling, for a run on `world_size` processes
-    /// (`train.batch_size` is per process; the scaling uses the global batch).
-    pub fn peak_lr(&self, world_size: usize) -> f64 {
-        if self.optim.linear_scaling {
-            self.optim.lr * (self.train.batch_size * world_size.max(1)) as f64
-                / self.optim.lr_reference_batch as f64
-        } else {
-            self.optim.lr
-        }
-    }
-
     /// Checks values that parse but make no sense; each error names its key.
     pub fn validate(&self) -> Result<()> {
         if self.task == Task::Segmentation {
@@ -933,18 +922,6 @@ mod tests {
         assert!(c.model.zero_gamma);
         assert_eq!(c.seed, 7);
         assert!(Config::from_toml_str("", &["nonsense".into()]).is_err());
-    }
-
-    #[test]
-    fn linear_scaling_scales_the_peak_lr() {
-        let c = Config::from_toml_str(
-            "[optim]\nlinear_scaling = true\n[train]\nbatch_size = 1024\n",
-            &[],
-        )
-        .unwrap();
-        assert!((c.peak_lr(1) - 0.4).abs() < 1e-12);
-        // Data-parallel: batch_size is per process, the scaling uses the global batch.
-        assert!((c.peak_lr(4) - 1.6).abs() < 1e-12);
     }
 
     #[test]

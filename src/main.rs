@@ -388,7 +388,7 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
         "config: ok ({} variant {}, peak lr {})",
         cfg.model.name,
         cfg.model.variant,
-        cfg.peak_lr(1)
+        train::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, 1)
     );
     if !cfg.distill.teacher.is_empty() {
         let (_, _, tcfg, _) =

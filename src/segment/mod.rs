@@ -131,7 +131,7 @@ pub fn check(cfg: &Config) -> Result<Vec<String>> {
         cfg.model.variant,
         cfg.segment.output_stride,
         cfg.segment.num_classes,
-        cfg.peak_lr(1)
+        crate::train::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, 1)
     )];
     if !cfg.segment.backbone.is_empty() {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);

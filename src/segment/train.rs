@@ -268,7 +268,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
         );
     }
     let epochs = cfg.train.epochs;
-    let schedule = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), iters_per_epoch, epochs);
+    let schedule = LrSchedule::new(
+        &cfg.optim,
+        crate::train::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, 1),
+        iters_per_epoch,
+        epochs,
+    );
     let precision = cfg.train.precision;
     let read_every = EpochSums::read_every(device, false);
     let mut stopped_early = false;

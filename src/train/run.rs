@@ -593,7 +593,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 
     let schedule = LrSchedule::new(
         &cfg.optim,
-        cfg.peak_lr(shard.world),
+        super::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, shard.world),
         iters_per_epoch,
         epochs,
     );

@@ -300,7 +300,7 @@ fn load_config(a: &TrainArgs) -> Result<Config> {
         overrides.push("data.skip_bad_images=true".to_string());
     }
     overrides.extend(a.overrides.iter().cloned());
-    Config::load(&a.config, &overrides)
+    tricks::recipe::load(&a.config, &overrides)
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {

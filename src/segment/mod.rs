@@ -37,7 +37,7 @@ use crate::config::{Config, Task};
 use anyhow::{bail, Result};
 
 /// Checks the `[segment]` keys (and the keys segmentation cannot use) of a config whose
-/// `task = "segmentation"`; every error names its key. Called by [`Config::validate`].
+/// `task = "segmentation"`; every error names its key. Called by [`crate::recipe::check`].
 pub fn validate_config(cfg: &Config) -> Result<()> {
     debug_assert_eq!(cfg.task, Task::Segmentation);
     let s = &cfg.segment;

@@ -553,24 +553,55 @@ impl Default for FinetuneConfig {
 }
 
 impl Config {
-    /// Reads a TOML file, applies `key=value` overrides, and validates the result.
-    /// A file may start from another with `extends = "other.toml"` (a path relative to it):
-    /// its keys are merged over the other file's, table by table.
+    /// Reads a TOML file, applies `key=value` overrides, and validates the result with
+    /// [`Config::validate`] (syntax and ranges; `crate::recipe::load` adds the checks that need
+    /// the model family or the task). A file may start from another with
+    /// `extends = "other.toml"` (a path relative to it): its keys are merged over the other
+    /// file's, table by table.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config> {
+        Self::load_with(path, overrides, Config::validate)
+    }
+
+    /// [`Config::load`] with another validation than [`Config::validate`]; its errors are
+    /// reported like the config's own (`invalid config <path>: ...`).
+    pub fn load_with(
+        path: &Path,
+        overrides: &[String],
+        validate: impl Fn(&Config) -> Result<()>,
+    ) -> Result<Config> {
         let doc = load_table(path, 0)?;
-        Self::from_table(doc, overrides)
+        Self::from_table_with(doc, overrides, validate)
             .with_context(|| format!("invalid config {}", path.display()))
     }
 
-    /// Parses TOML text, applies `key=value` overrides and validates.
+    /// Parses TOML text, applies `key=value` overrides and validates (syntax and ranges).
     pub fn from_toml_str(text: &str, overrides: &[String]) -> Result<Config> {
-        let doc: toml::Table =
-            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
-        Self::from_table(doc, overrides)
+        Self::from_toml_str_with(text, overrides, Config::validate)
     }
 
-    /// Applies `key=value` overrides to a parsed document, then deserializes and validates it.
-    pub fn from_table(mut doc: toml::Table, overrides: &[String]) -> Result<Config> {
+    /// [`Config::from_toml_str`] with another validation than [`Config::validate`].
+    pub fn from_toml_str_with(
+        text: &str,
+        overrides: &[String],
+        validate: impl Fn(&Config) -> Result<()>,
+    ) -> Result<Config> {
+        let doc: toml::Table =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
+        Self::from_table_with(doc, overrides, validate)
+    }
+
+    /// Applies `key=value` overrides to a parsed document, then deserializes and validates it
+    /// (syntax and ranges).
+    pub fn from_table(doc: toml::Table, overrides: &[String]) -> Result<Config> {
+        Self::from_table_with(doc, overrides, Config::validate)
+    }
+
+    /// [`Config::from_table`] with another validation than [`Config::validate`].
+    pub fn from_table_with(
+        mut doc: toml::Table,
+        overrides: &[String],
+        validate: impl Fn(&Config) -> Result<()>,
+    ) -> Result<Config> {
         for ov in overrides {
             apply_override(&mut doc, ov)?;
         }
@@ -579,7 +610,7 @@ impl Config {
                 let path = e.path().to_string();
                 anyhow::anyhow!("key `{path}`: {}", e.into_inner())
             })?;
-        cfg.validate()?;
+        validate(&cfg)?;
         Ok(cfg)
     }
 
@@ -588,24 +619,10 @@ impl Config {
         toml::to_string_pretty(self).expect("config serialises")
     }
 
-    /// Effective peak learning rate after linear scaling, for a run on `world_size` processes
-    /// (`train.batch_size` is per process; the scaling uses the global batch).
-    pub fn peak_lr(&self, world_size: usize) -> f64 {
-        if self.optim.linear_scaling {
-            self.optim.lr * (self.train.batch_size * world_size.max(1)) as f64
-                / self.optim.lr_reference_batch as f64
-        } else {
-            self.optim.lr
-        }
-    }
-
-    /// Checks values that parse but make no sense; each error names its key.
+    /// Checks values that parse but make no sense, as far as the config alone can tell (ranges,
+    /// types, key combinations); each error names its key. The checks that need the model
+    /// family or the task's module are in `crate::recipe::check`, which runs this one too.
     pub fn validate(&self) -> Result<()> {
-        if self.task == Task::Segmentation {
-            crate::model::ModelSpec::from_config(&self.model)?;
-        } else {
-            crate::model::Classifier::check_config(&self.model)?;
-        }
         let positive = |key: &str, v: f64| -> Result<()> {
             if !(v > 0.0 && v.is_finite()) {
                 bail!("key `{key}` must be a positive number, got {v}");
@@ -728,9 +745,6 @@ impl Config {
                 "key `model.num_classes` must be >= 0 (0 = from the dataset), got {}",
                 self.model.num_classes
             );
-        }
-        if self.task == Task::Segmentation {
-            crate::segment::validate_config(self)?;
         }
         Ok(())
     }
@@ -873,10 +887,6 @@ mod tests {
         assert!(e.contains("train.epochs"), "{e}");
         let e = err("", &["optim.lrr=0.2"]);
         assert!(e.contains("lrr"), "{e}");
-        let e = err("[model]\nvariant = \"e\"\n", &[]);
-        assert!(e.contains("model.variant"), "{e}");
-        let e = err("[model]\nname = \"cifar_resnet21\"\n", &[]);
-        assert!(e.contains("model.name") && e.contains("6n+2"), "{e}");
         let e = err("bogus = 1\n", &[]);
         assert!(e.contains("bogus"), "{e}");
     }
@@ -897,14 +907,6 @@ mod tests {
                 "optim.bn_bias_lr_scale",
             ),
             ("[optim]\nlookahead_every = 0\n", "optim.lookahead_every"),
-            (
-                "[model]\nwhiten_bias_epochs = 3\n",
-                "model.whiten_bias_epochs",
-            ),
-            (
-                "[model]\nname = \"airbench94\"\nzero_gamma = true\n",
-                "model.zero_gamma",
-            ),
             ("[data]\npad_mode = \"wrap\"\n", "data.pad_mode"),
         ] {
             let e = err(text, &[]);
@@ -936,25 +938,13 @@ mod tests {
     }
 
     #[test]
-    fn linear_scaling_scales_the_peak_lr() {
-        let c = Config::from_toml_str(
-            "[optim]\nlinear_scaling = true\n[train]\nbatch_size = 1024\n",
-            &[],
-        )
-        .unwrap();
-        assert!((c.peak_lr(1) - 0.4).abs() < 1e-12);
-        // Data-parallel: batch_size is per process, the scaling uses the global batch.
-        assert!((c.peak_lr(4) - 1.6).abs() < 1e-12);
-    }
-
-    #[test]
     fn resolved_config_round_trips_through_toml() {
         let c = Config::from_toml_str("[mixup]\nalpha = 0.2\n", &[]).unwrap();
         assert_eq!(Config::from_toml_str(&c.to_toml(), &[]).unwrap(), c);
     }
 
     #[test]
-    fn extends_merges_tables_and_every_shipped_config_is_valid() {
+    fn extends_merges_tables() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("base.toml"),
@@ -968,16 +958,5 @@ mod tests {
         .unwrap();
         let c = Config::load(&dir.path().join("child.toml"), &[]).unwrap();
         assert_eq!((c.optim.lr, c.optim.momentum), (0.5, 0.8));
-
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
-        let mut n = 0;
-        for sub in ["cifar10", "imagenet", "paper"] {
-            for e in std::fs::read_dir(root.join(sub)).unwrap() {
-                let p = e.unwrap().path();
-                Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
-                n += 1;
-            }
-        }
-        assert!(n >= 15, "{n}");
     }
 }

@@ -112,11 +112,19 @@ pub fn describe() -> Vec<(String, String)> {
                 "no".into()
             },
         ),
-        (
-            "cpu bf16 autocast".into(),
-            crate::train::precision::cpu_bf16_supported().to_string(),
-        ),
+        ("cpu bf16 autocast".into(), cpu_bf16_supported().to_string()),
     ]
+}
+
+/// Whether this CPU has native bf16 units (AVX-512-BF16 or AMX), which make CPU autocast pay off.
+pub fn cpu_bf16_supported() -> bool {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.starts_with("flags"))
+                .any(|l| l.contains("avx512_bf16") || l.contains("amx_bf16"))
+        })
+        .unwrap_or(false)
 }
 
 /// The libtorch version of the headers the binary was built against.

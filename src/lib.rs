@@ -1,8 +1,9 @@
 //! `tricks`: ResNet image classifiers trained with the Bag of Tricks (He et al. 2019) on libtorch.
 //!
 //! config (TOML) → data (datasets, transforms, loader) → model (ResNet family) →
-//! train (loop, optimizer, schedule, losses, tricks) → checkpoint/metrics → experiments (ablate,
-//! report, plots). The CLI in `main.rs` is a thin layer over this library.
+//! train (loop, optimizer, schedule, losses, tricks) → checkpoint/metrics → recipe (a config
+//! checked against the model family and the task) → experiments (ablate, report, plots). The
+//! CLI in `main.rs` is a thin layer over this library.
 
 pub mod bench;
 pub mod checkpoint;
@@ -16,5 +17,6 @@ pub mod experiments;
 pub mod ffi;
 pub mod metrics;
 pub mod model;
+pub mod recipe;
 pub mod segment;
 pub mod train;

@@ -300,7 +300,7 @@ fn load_config(a: &TrainArgs) -> Result<Config> {
         overrides.push("data.skip_bad_images=true".to_string());
     }
     overrides.extend(a.overrides.iter().cloned());
-    Config::load(&a.config, &overrides)
+    tricks::recipe::load(&a.config, &overrides)
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
@@ -390,7 +390,7 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
         "config: ok ({} variant {}, peak lr {})",
         cfg.model.name,
         cfg.model.variant,
-        cfg.peak_lr(1)
+        train::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, 1)
     );
     if !cfg.distill.teacher.is_empty() {
         let (_, _, tcfg, _) =

@@ -549,7 +549,10 @@ fn segmentation_config_keys_are_validated_by_name() {
         ),
         ("task = \"detection\"\n", "task"),
     ] {
-        let e = format!("{:#}", Config::from_toml_str(text, &[]).unwrap_err());
+        let e = format!(
+            "{:#}",
+            tricks::recipe::from_toml_str(text, &[]).unwrap_err()
+        );
         assert!(e.contains(key), "{text} → {e}");
     }
     // A classification config neither needs nor writes a [segment] section or a task.
@@ -565,7 +568,7 @@ fn shipped_camvid_configs_and_the_transfer_study_are_valid() {
     let mut n = 0;
     for e in std::fs::read_dir(root.join("configs/camvid")).unwrap() {
         let p = e.unwrap().path();
-        let c = Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+        let c = tricks::recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
         assert_eq!(c.task, tricks::config::Task::Segmentation);
         assert_eq!((c.segment.num_classes, c.segment.ignore_index), (11, 11));
         n += 1;

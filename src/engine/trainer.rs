@@ -13,7 +13,7 @@ use crate::train::data_parallel::{dump_rank_weights, sync_from_rank0};
 use crate::train::lookahead::Lookahead;
 use crate::train::optim::Sgd;
 use crate::train::precision::LossScaler;
-use crate::train::schedule::LrSchedule;
+use crate::train::schedule::{peak_lr, LrSchedule};
 use crate::train::{DataParallel, MODEL_INIT_LOCK};
 use anyhow::{bail, Result};
 use std::time::Instant;
@@ -112,7 +112,7 @@ impl<'r, T: Task> Trainer<'r, T> {
             ));
         }
         task.before_training(run)?;
-        let peak_lr = cfg.peak_lr(run.shard.world);
+        let peak_lr = peak_lr(&cfg.optim, cfg.train.batch_size, run.shard.world);
         Ok(Trainer {
             run,
             vs,

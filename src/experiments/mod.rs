@@ -338,7 +338,7 @@ fn write_outputs(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<VariantRow
             std::iter::once(resolved)
                 .chain(first_run)
                 .filter(|p| p.exists())
-                .find_map(|p| Config::load(&p, &[]).ok())
+                .find_map(|p| crate::recipe::load(&p, &[]).ok())
         })
         .collect();
     plots::write_plots(dir, &manifest, &runs, &rows, &configs)?;
@@ -417,7 +417,7 @@ fn previous_config(dir: &Path) -> Result<Option<Config>> {
     if !path.exists() {
         return Ok(None);
     }
-    Config::load(&path, &[]).map(Some).with_context(|| {
+    crate::recipe::load(&path, &[]).map(Some).with_context(|| {
         format!(
             "{} cannot be read as a config (delete the run folder to start it again)",
             path.display()

@@ -11,7 +11,7 @@ use super::results::EpochPoint;
 use super::results::{metric_names, RunRecord, RunStatus, VariantRow};
 use super::study::Manifest;
 use crate::config::Config;
-use crate::train::schedule::LrSchedule;
+use crate::train::schedule::{peak_lr, LrSchedule};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -444,7 +444,12 @@ fn epoch_band(
 pub fn lr_curve(cfg: &Config, iters_per_epoch: usize) -> Vec<(f64, f64)> {
     let epochs = cfg.train.epochs;
     let ipe = iters_per_epoch.max(1);
-    let sched = LrSchedule::new(&cfg.optim, cfg.peak_lr(1), ipe, epochs);
+    let sched = LrSchedule::new(
+        &cfg.optim,
+        peak_lr(&cfg.optim, cfg.train.batch_size, 1),
+        ipe,
+        epochs,
+    );
     let stride = (ipe * epochs / 2000).max(1);
     let mut iters = Vec::new();
     for e in 0..epochs {

@@ -352,7 +352,7 @@ pub fn study_device(path: &Path) -> Result<Option<String>> {
 }
 
 fn to_config(table: &toml::Table) -> Result<Config> {
-    Config::from_toml_str(&toml::to_string(table)?, &[])
+    crate::recipe::from_toml_str(&toml::to_string(table)?, &[])
 }
 
 /// Override tables as `(dotted key, value)`: `{"optim.lr" = 0.2}` and `{optim = {lr = 0.2}}`

@@ -37,7 +37,7 @@ use crate::config::{Config, Task};
 use anyhow::{bail, Result};
 
 /// Checks the `[segment]` keys (and the keys segmentation cannot use) of a config whose
-/// `task = "segmentation"`; every error names its key. Called by [`Config::validate`].
+/// `task = "segmentation"`; every error names its key. Called by [`crate::recipe::check`].
 pub fn validate_config(cfg: &Config) -> Result<()> {
     debug_assert_eq!(cfg.task, Task::Segmentation);
     let s = &cfg.segment;
@@ -131,7 +131,7 @@ pub fn check(cfg: &Config) -> Result<Vec<String>> {
         cfg.model.variant,
         cfg.segment.output_stride,
         cfg.segment.num_classes,
-        cfg.peak_lr(1)
+        crate::train::schedule::peak_lr(&cfg.optim, cfg.train.batch_size, 1)
     )];
     if !cfg.segment.backbone.is_empty() {
         let vs = tch::nn::VarStore::new(tch::Device::Cpu);

@@ -2,19 +2,9 @@
 //! master weights, and a dynamic loss scaler for f16 (tch has no GradScaler).
 
 use crate::config::Precision;
+use crate::device::cpu_bf16_supported;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
-
-/// Whether this CPU has native bf16 units (AVX-512-BF16 or AMX), which make CPU autocast pay off.
-pub fn cpu_bf16_supported() -> bool {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .map(|s| {
-            s.lines()
-                .filter(|l| l.starts_with("flags"))
-                .any(|l| l.contains("avx512_bf16") || l.contains("amx_bf16"))
-        })
-        .unwrap_or(false)
-}
 
 /// Checks that a precision can run on a device; an error says why not.
 pub fn check_supported(precision: Precision, device: Device) -> Result<()> {

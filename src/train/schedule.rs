@@ -1,7 +1,18 @@
-//! Learning-rate schedules: linear warmup (paper §3.1) followed by step decay or per-iteration
-//! cosine decay (paper §5.1).
+//! Learning-rate schedules: linear scaling of the peak lr and linear warmup (paper §3.1),
+//! followed by step decay or per-iteration cosine decay (paper §5.1).
 
 use crate::config::{OptimConfig, Schedule};
+
+/// Effective peak learning rate after linear scaling (paper §3.1), for a run on `world_size`
+/// processes: `batch_size` (`train.batch_size`) is per process, the scaling uses the global
+/// batch.
+pub fn peak_lr(optim: &OptimConfig, batch_size: usize, world_size: usize) -> f64 {
+    if optim.linear_scaling {
+        optim.lr * (batch_size * world_size.max(1)) as f64 / optim.lr_reference_batch as f64
+    } else {
+        optim.lr
+    }
+}
 
 /// The lr as a pure function of the global iteration, so a resumed run gets the same lr.
 #[derive(Debug, Clone)]
@@ -19,7 +30,7 @@ pub struct LrSchedule {
 
 impl LrSchedule {
     /// Builds the schedule of a run of `epochs` epochs of `iters_per_epoch` iterations.
-    /// `peak_lr` is already linearly scaled by the caller (`Config::peak_lr`, paper §3.1).
+    /// `peak_lr` is already linearly scaled by the caller ([`peak_lr`], paper §3.1).
     /// Warmup spans `round(warmup_epochs * iters_per_epoch)` iterations.
     pub fn new(optim: &OptimConfig, peak_lr: f64, iters_per_epoch: usize, epochs: usize) -> Self {
         let iters_per_epoch = iters_per_epoch.max(1);
@@ -121,7 +132,11 @@ mod tests {
         c.optim.linear_scaling = true;
         c.optim.lr_reference_batch = 256;
         c.train.batch_size = 1024;
-        close(c.peak_lr(1), 0.4);
+        close(peak_lr(&c.optim, c.train.batch_size, 1), 0.4);
+        // Data-parallel: batch_size is per process, the scaling uses the global batch.
+        close(peak_lr(&c.optim, c.train.batch_size, 4), 1.6);
+        c.optim.linear_scaling = false;
+        close(peak_lr(&c.optim, c.train.batch_size, 4), 0.1);
     }
 
     #[test]
@@ -171,7 +186,7 @@ mod tests {
         };
         c.optim.linear_scaling = true;
         c.train.batch_size = 1024;
-        let s = LrSchedule::new(&c.optim, c.peak_lr(1), 100, 120);
+        let s = LrSchedule::new(&c.optim, peak_lr(&c.optim, c.train.batch_size, 1), 100, 120);
         close(s.lr_at(0), 0.0);
         close(s.lr_at(250), 0.2);
         close(s.lr_at(500), 0.4);

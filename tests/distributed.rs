@@ -160,6 +160,67 @@ fn two_ranks_train_like_one_process_on_the_global_batch() {
     assert_eq!(d["val_top1"], s["val_top1"], "{d} vs {s}");
 }
 
+/// Segmentation over 2 ranks (the same engine as classification): each rank trains its slice of
+/// every global batch with the pixel loss normalised over the global batch's labelled pixels,
+/// synchronised BN, and ends like one process on the global batch; the evaluation's confusion
+/// counts are summed over the ranks. (The head's dropout is off: its masks are drawn per rank.)
+#[test]
+fn segmentation_over_two_ranks_trains_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    segmentation_folder(&data, 32, 6, 16, 16);
+    let cfg = tmp.path().join("seg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "seed = 2\ntask = \"segmentation\"\n[model]\nname = \"cifar_resnet8\"\n[data]\ndir = {:?}\nworkers = 2\n\
+             [train]\nepochs = 2\nbatch_size = 8\nthreads = 1\n[optim]\nlr = 0.02\n\
+             [segment]\nnum_classes = 3\ncrop_size = 16\nscale = [0.75, 1.25]\ndropout = 0.0\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let t = two_ranks_and_one(
+        tmp.path(),
+        cfg.to_str().unwrap(),
+        2,
+        &[],
+        &["distributed.sync_bn=true"],
+    );
+    assert!(
+        t.log
+            .contains("2 ranks over Gloo, batch 8 per rank = 16 global, batch norm synchronised"),
+        "{}",
+        t.log
+    );
+    assert_eq!(t.log.matches("epoch 2/2:").count(), 1, "{}", t.log);
+    assert_eq!(relative_l2(&t.dist_ckpt, &t.r0, is_weight), 0.0);
+    let err = relative_l2(&t.r0, &t.single_ckpt, is_weight);
+    assert!(err < 1e-4, "2 ranks vs 1 process: relative L2 {err}");
+    let err = relative_l2(&t.dist_ckpt, &t.single_ckpt, |k| k.starts_with("optim."));
+    assert!(err < 1e-4, "momentum: relative L2 {err}");
+    let lines = |dir: &Path| -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (d, s) = (lines(&t.dist_out), lines(&t.single_out));
+    assert_eq!(d.len(), 2);
+    for (d, s) in d.iter().zip(&s) {
+        let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+        for k in ["train_loss", "train_pixel_acc", "val_loss"] {
+            assert!(
+                (f(d, k) - f(s, k)).abs() < 1e-3 * f(s, k).abs().max(1.0),
+                "{k}: {d} vs {s}"
+            );
+        }
+        for k in ["val_miou", "val_pixel_acc"] {
+            assert!((f(d, k) - f(s, k)).abs() < 0.1, "{k}: {d} vs {s}");
+        }
+    }
+}
+
 /// airbench94's recipe (whitening init, lookahead, BN-bias lr, alternating flip, reflect
 /// padding, label smoothing) over 2 ranks: rank 0 sets the whitening conv and the other rank
 /// gets it, and lookahead's slow weights, by broadcast (without that broadcast the replicas

@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{image_folder, run, stderr, tiny_config};
+use common::{image_folder, run, segmentation_folder, stderr, tiny_config};
 use sha2::{Digest, Sha256};
 use std::path::Path;
 
@@ -156,33 +156,7 @@ fn a_short_classification_run_with_tricks_ends_on_the_recorded_bits() {
 fn a_short_segmentation_run_ends_on_the_recorded_bits() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
-    for (split, n) in [("train", 6), ("val", 2)] {
-        std::fs::create_dir_all(data.join(split).join("images")).unwrap();
-        std::fs::create_dir_all(data.join(split).join("masks")).unwrap();
-        for i in 0..n {
-            // Class of a 4-px block from its position and the image index; class 3 is void.
-            let class = |x: u32, y: u32| ((x / 4 + 2 * (y / 4) + i) % 4) as u8;
-            let img = image::RgbImage::from_fn(20, 16, |x, y| {
-                let c = class(x, y) as u32;
-                image::Rgb([
-                    (c * 70) as u8,
-                    (200 - c * 50) as u8,
-                    ((x * 9 + y) % 256) as u8,
-                ])
-            });
-            let mask = image::GrayImage::from_fn(20, 16, |x, y| {
-                image::Luma([match class(x, y) {
-                    3 => 255,
-                    c => c,
-                }])
-            });
-            let stem = format!("{split}_{i:03}");
-            img.save(data.join(split).join("images").join(format!("{stem}.png")))
-                .unwrap();
-            mask.save(data.join(split).join("masks").join(format!("{stem}.png")))
-                .unwrap();
-        }
-    }
+    segmentation_folder(&data, 6, 2, 20, 16);
     let cfg = tmp.path().join("seg.toml");
     std::fs::write(
         &cfg,

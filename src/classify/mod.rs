@@ -11,8 +11,7 @@ use crate::checkpoint;
 use crate::config::{Config, Precision};
 use crate::data::Batch;
 use crate::device::{to_channels_last, to_device_input, upload, weights_to_channels_last};
-use crate::engine::{self, Evaluation, RunOptions};
-use crate::metrics;
+use crate::engine::{self, Evaluation, MetricsLine, RunOptions, Summary};
 use crate::model::{self, Classifier};
 use crate::train::loss::topk_hits;
 use crate::train::precision::Autocast;
@@ -28,46 +27,28 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     engine::train::<Classification>(cfg, opts)
 }
 
-/// One line of `metrics.jsonl`.
+/// The classification figures of a `metrics.jsonl` line (%).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct EpochMetrics {
-    pub epoch: usize,
-    /// Learning rate at the last step of the epoch.
-    pub lr: f64,
-    pub train_loss: f64,
+pub struct ClassificationEpoch {
+    /// Top-1 accuracy on the training batches (against the hard labels, augmented and mixed).
     pub train_top1: f64,
-    pub val_loss: Option<f64>,
     pub val_top1: Option<f64>,
     pub val_top5: Option<f64>,
-    /// Training throughput of this epoch (loading + augmentation + training, no evaluation).
-    pub images_per_second: f64,
-    /// Wall time of the epoch, evaluation included.
-    pub seconds: f64,
-    #[serde(default)]
-    pub skipped_images: usize,
-    /// Time the training loop waited for its next batch (timm's `data_time`, summed over the
-    /// epoch): the loader's cost to training. Near 0 when prefetching keeps up.
-    #[serde(default)]
-    pub data_wait_seconds: f64,
-    /// Wall time of the epoch's evaluation pass (0 without one); part of `seconds`.
-    #[serde(default)]
-    pub eval_seconds: f64,
 }
 
-/// What a finished run reports (also written to `summary.json`).
+/// One line of a classification run's `metrics.jsonl`.
+pub type EpochMetrics = MetricsLine<ClassificationEpoch>;
+
+/// The classification figures of `summary.json` (%).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunSummary {
-    pub epochs: usize,
+pub struct ClassificationSummary {
     pub best_top1: f64,
-    pub best_epoch: usize,
     pub final_top1: f64,
     pub final_top5: f64,
-    pub final_val_loss: f64,
-    pub train_seconds: f64,
-    pub images_per_second: f64,
-    /// True when the run stopped early on a signal or `train.max_steps`.
-    pub stopped_early: bool,
 }
+
+/// What a finished classification run reports (also written to `summary.json`).
+pub type RunSummary = Summary<ClassificationSummary>;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct EvalResult {
@@ -286,11 +267,8 @@ impl Evaluation for EvalResult {
     fn headline(&self) -> f64 {
         self.top1
     }
-}
-
-impl metrics::EpochRecord for EpochMetrics {
-    fn epoch(&self) -> usize {
-        self.epoch
+    fn loss(&self) -> f64 {
+        self.loss
     }
 }
 

@@ -1,13 +1,13 @@
 //! [`Classification`]: the classification task as the engine drives it.
 
 use super::{
-    eval_logits, first_images, format_epoch, init_from_finetune, load_teacher, EpochMetrics,
-    EvalResult, EvalSettings, EvalSums, RunSummary, Teacher,
+    eval_logits, first_images, format_epoch, init_from_finetune, load_teacher, ClassificationEpoch,
+    ClassificationSummary, EpochMetrics, EvalResult, EvalSettings, EvalSums, Teacher,
 };
 use crate::config::Config;
 use crate::data::{self, Batch, Batches, Dataset, Loader, Resident, Shard};
 use crate::device::{to_device_input, upload};
-use crate::engine::{EpochLine, Run, RunTotals, StepContext, StepOutput, Task, TaskBatch};
+use crate::engine::{Run, RunTotals, StepContext, StepOutput, Task, TaskBatch};
 use crate::model::{self, Classifier};
 use crate::train::loss::{top1_hits, Criterion};
 use crate::train::mixup::Mixup;
@@ -78,8 +78,8 @@ impl Task for Classification {
     type Batch = Batch;
     type Batches = Batches;
     type Eval = EvalResult;
-    type Metrics = EpochMetrics;
-    type Summary = RunSummary;
+    type EpochFields = ClassificationEpoch;
+    type SummaryFields = ClassificationSummary;
 
     fn open(run: &Run) -> Result<Self> {
         let (cfg, device) = (run.cfg, run.device);
@@ -308,20 +308,11 @@ impl Task for Classification {
         Ok(())
     }
 
-    fn epoch_metrics(&self, l: &EpochLine, eval: Option<&EvalResult>) -> EpochMetrics {
-        EpochMetrics {
-            epoch: l.epoch,
-            lr: l.lr,
-            train_loss: l.train_loss,
-            train_top1: l.train_accuracy,
-            val_loss: eval.map(|e| e.loss),
+    fn epoch_fields(&self, train_top1: f64, eval: Option<&EvalResult>) -> ClassificationEpoch {
+        ClassificationEpoch {
+            train_top1,
             val_top1: eval.map(|e| e.top1),
             val_top5: eval.map(|e| e.top5),
-            images_per_second: l.images_per_second,
-            seconds: l.seconds,
-            skipped_images: l.skipped,
-            data_wait_seconds: l.data_wait_seconds,
-            eval_seconds: l.eval_seconds,
         }
     }
 
@@ -329,17 +320,16 @@ impl Task for Classification {
         format_epoch(m, epochs)
     }
 
-    fn summary(&self, _run: &Run, t: &RunTotals, last: &EvalResult) -> RunSummary {
-        RunSummary {
-            epochs: t.epochs,
+    fn summary_fields(
+        &self,
+        _run: &Run,
+        t: &RunTotals,
+        last: &EvalResult,
+    ) -> ClassificationSummary {
+        ClassificationSummary {
             best_top1: t.best,
-            best_epoch: t.best_epoch,
             final_top1: last.top1,
             final_top5: last.top5,
-            final_val_loss: last.loss,
-            train_seconds: t.train_seconds,
-            images_per_second: t.images_per_second,
-            stopped_early: t.stopped_early,
         }
     }
 }

@@ -13,18 +13,20 @@
 //! tricks themselves were built into objects (criterion, mixup, teacher) by the task before the
 //! loop.
 
+mod record;
 mod run;
 mod step;
 mod trainer;
 
+pub use record::{MetricsLine, Summary};
 pub use run::{save_weights, Run, RunOptions};
 pub use step::StepPosition;
 pub use trainer::Trainer;
 
-use crate::metrics::EpochRecord;
 use crate::train::optim::Sgd;
 use crate::train::DataParallel;
 use anyhow::Result;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tch::{nn, Tensor};
 
@@ -36,10 +38,10 @@ pub trait Task: Sized {
     type Batches: Iterator<Item = Result<Self::Batch>>;
     /// What an evaluation pass measures.
     type Eval: Evaluation;
-    /// One line of `metrics.jsonl`.
-    type Metrics: EpochRecord;
-    /// `summary.json`.
-    type Summary: Serialize;
+    /// The task's fields of a `metrics.jsonl` line ([`MetricsLine`]).
+    type EpochFields: Serialize + DeserializeOwned + Clone;
+    /// The task's fields of `summary.json` ([`Summary`]).
+    type SummaryFields: Serialize;
 
     /// Opens the task's data (both splits) and checks it against the config, before the model
     /// exists.
@@ -94,12 +96,18 @@ pub trait Task: Sized {
     fn warm_up_evaluation(&self, _run: &Run) -> Result<()> {
         Ok(())
     }
-    /// The metrics line of an epoch from its training figures and its evaluation, if any.
-    fn epoch_metrics(&self, line: &EpochLine, eval: Option<&Self::Eval>) -> Self::Metrics;
+    /// The task's fields of an epoch's metrics line: its training accuracy (correct among
+    /// counted, %) and its evaluation, if the epoch had one.
+    fn epoch_fields(&self, train_accuracy: f64, eval: Option<&Self::Eval>) -> Self::EpochFields;
     /// The epoch's log line.
-    fn describe_epoch(&self, m: &Self::Metrics, epochs: usize) -> String;
-    /// `summary.json` of a run from its totals and its last evaluation.
-    fn summary(&self, run: &Run, totals: &RunTotals, last: &Self::Eval) -> Self::Summary;
+    fn describe_epoch(&self, m: &MetricsLine<Self::EpochFields>, epochs: usize) -> String;
+    /// The task's fields of `summary.json` from the run's totals and its last evaluation.
+    fn summary_fields(
+        &self,
+        run: &Run,
+        totals: &RunTotals,
+        last: &Self::Eval,
+    ) -> Self::SummaryFields;
     /// The unit of the training accuracy in progress messages ("acc", "pixel acc").
     fn train_accuracy_name(&self) -> &'static str {
         "acc"
@@ -119,9 +127,12 @@ pub trait TaskBatch {
     }
 }
 
-/// The headline of an evaluation: the figure that picks the best checkpoint (top-1, mIoU).
+/// What the engine reads of an evaluation.
 pub trait Evaluation {
+    /// The headline metric, which picks the best checkpoint (top-1, mIoU).
     fn headline(&self) -> f64;
+    /// The mean validation loss.
+    fn loss(&self) -> f64;
 }
 
 /// Where a training step runs.
@@ -143,22 +154,6 @@ pub struct StepOutput {
     pub counted: usize,
 }
 
-/// The training figures of a finished epoch, for the task's metrics line.
-#[derive(Debug, Clone, Copy)]
-pub struct EpochLine {
-    pub epoch: usize,
-    /// Learning rate at the last step of the epoch.
-    pub lr: f64,
-    pub train_loss: f64,
-    /// Training accuracy (%): correct among counted.
-    pub train_accuracy: f64,
-    pub images_per_second: f64,
-    pub seconds: f64,
-    pub skipped: usize,
-    pub data_wait_seconds: f64,
-    pub eval_seconds: f64,
-}
-
 /// What a run adds up to, for the task's summary.
 #[derive(Debug, Clone, Copy)]
 pub struct RunTotals {
@@ -172,7 +167,10 @@ pub struct RunTotals {
 }
 
 /// Trains `T` as the config says, writing everything into `opts.out_dir`.
-pub fn train<T: Task>(cfg: &crate::config::Config, opts: &RunOptions) -> Result<T::Summary> {
+pub fn train<T: Task>(
+    cfg: &crate::config::Config,
+    opts: &RunOptions,
+) -> Result<Summary<T::SummaryFields>> {
     let run = Run::open(cfg, opts)?;
     let mut task = T::open(&run)?;
     let mut trainer = Trainer::new(&run, &mut task)?;

@@ -2,9 +2,10 @@
 //! epoch of training, its end (best, metrics line, checkpoint), the untimed warm-up and the
 //! summary.
 
+use super::record::{MetricsLine, Summary};
 use super::run::{progress_bar, save_weights, training_checkpoint, Run};
 use super::step::{optimizer_step, EpochSums, StepPosition};
-use super::{EpochLine, Evaluation, RunTotals, StepContext, Task, TaskBatch};
+use super::{Evaluation, RunTotals, StepContext, Task, TaskBatch};
 use crate::checkpoint::{self, EpochProgress, TrainState};
 use crate::config::Precision;
 use crate::device::weights_to_channels_last;
@@ -81,7 +82,12 @@ impl<'r, T: Task> Trainer<'r, T> {
         };
         let mut scaler = LossScaler::new(cfg.train.precision == Precision::Fp16, device);
         let resumed = run.rank0
-            && run.resume_or_start::<T::Metrics>(&vs, &mut opt, &mut scaler, &mut state)?;
+            && run.resume_or_start::<MetricsLine<T::EpochFields>>(
+                &vs,
+                &mut opt,
+                &mut scaler,
+                &mut state,
+            )?;
         if run.rank0 && !resumed {
             task.on_fresh_start(&vs, &mut opt, run)?;
         }
@@ -407,18 +413,19 @@ impl<'r, T: Task> Trainer<'r, T> {
             }
         }
         let p = &trained.sums;
-        let line = EpochLine {
+        let train_accuracy = 100.0 * p.correct as f64 / p.counted.max(1) as f64;
+        let m = MetricsLine {
             epoch,
             lr: trained.lr,
             train_loss: p.loss_sum / p.seen as f64,
-            train_accuracy: 100.0 * p.correct as f64 / p.counted.max(1) as f64,
+            task: task.epoch_fields(train_accuracy, eval.as_ref().map(|e| &e.0)),
+            val_loss: eval.as_ref().map(|e| e.0.loss()),
             images_per_second: self.throughput.2,
             seconds: trained.started.elapsed().as_secs_f64(),
-            skipped: p.skipped,
+            skipped_images: p.skipped,
             data_wait_seconds: trained.data_wait,
             eval_seconds: eval.as_ref().map_or(0.0, |e| e.1),
         };
-        let m = task.epoch_metrics(&line, eval.as_ref().map(|e| &e.0));
         self.state.epochs_done = epoch;
         self.scaler.record(&mut self.state);
         if run.rank0 {
@@ -456,7 +463,7 @@ impl<'r, T: Task> Trainer<'r, T> {
 
     /// The run's summary (`summary.json` when it finished), after the last checkpoints are on
     /// disk; evaluates once more if the last epoch had no evaluation.
-    pub fn finish(mut self, task: &T) -> Result<T::Summary> {
+    pub fn finish(mut self, task: &T) -> Result<Summary<T::SummaryFields>> {
         let run = self.run;
         let last = match self.last_eval.take() {
             Some(e) => e,
@@ -478,7 +485,15 @@ impl<'r, T: Task> Trainer<'r, T> {
             },
             stopped_early: self.stopped_early,
         };
-        let summary = task.summary(run, &totals, &last);
+        let summary = Summary {
+            epochs: totals.epochs,
+            task: task.summary_fields(run, &totals, &last),
+            best_epoch: totals.best_epoch,
+            final_val_loss: last.loss(),
+            train_seconds: totals.train_seconds,
+            images_per_second: totals.images_per_second,
+            stopped_early: totals.stopped_early,
+        };
         self.writer.finish()?;
         if !self.stopped_early && run.rank0 {
             checkpoint::write_atomic(

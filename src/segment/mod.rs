@@ -31,7 +31,10 @@ pub use model::{load_backbone, FcnHead, SegModel};
 pub use predict::{
     checkpoint_task, evaluate_checkpoint, load_model, palette, predict_image, Prediction,
 };
-pub use task::{evaluate, read_metrics, train, SegEpochMetrics, SegEval, SegSummary, Segmentation};
+pub use task::{
+    evaluate, read_metrics, train, SegEpochMetrics, SegEval, SegSummary, Segmentation,
+    SegmentationEpoch, SegmentationSummary,
+};
 
 use crate::config::{Config, Task};
 use anyhow::{bail, Result};

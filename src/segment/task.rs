@@ -15,8 +15,8 @@ use crate::config::{Config, Precision, Task as TaskKind};
 use crate::data::Shard;
 use crate::device::{to_device_input, upload};
 use crate::engine::{
-    self, EpochLine, Evaluation, Run, RunOptions, RunTotals, StepContext, StepOutput, Task,
-    TaskBatch,
+    self, Evaluation, MetricsLine, Run, RunOptions, RunTotals, StepContext, StepOutput, Summary,
+    Task, TaskBatch,
 };
 use crate::metrics;
 use crate::train::derive_seed;
@@ -30,52 +30,35 @@ use std::sync::Arc;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Reduction, Tensor};
 
-/// One line of a segmentation run's `metrics.jsonl` (older files, which named the validation
-/// figures `miou` and `pixel_acc`, still read).
+/// The segmentation figures of a `metrics.jsonl` line (%). Older files, which named the
+/// validation figures `miou` and `pixel_acc` (and repeated them as `val_top1` and `val_top5`),
+/// still read.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SegEpochMetrics {
-    pub epoch: usize,
-    /// Learning rate (of the head) at the last step of the epoch.
-    pub lr: f64,
-    /// Mean pixel cross entropy of the epoch's training batches.
-    pub train_loss: f64,
-    /// Training pixel accuracy (%) on the augmented crops.
+pub struct SegmentationEpoch {
+    /// Pixel accuracy on the training crops.
     #[serde(alias = "train_top1")]
     pub train_pixel_acc: f64,
-    pub val_loss: Option<f64>,
-    /// Validation pixel accuracy (%).
     #[serde(alias = "pixel_acc")]
     pub val_pixel_acc: Option<f64>,
-    /// Validation mean IoU (%).
     #[serde(alias = "miou")]
     pub val_miou: Option<f64>,
-    /// Training throughput (loading + augmentation + training, no evaluation).
-    pub images_per_second: f64,
-    /// Wall time of the epoch, evaluation included.
-    pub seconds: f64,
-    /// Time the training loop waited for its next batch.
-    #[serde(default)]
-    pub data_wait_seconds: f64,
-    /// Wall time of the epoch's evaluation pass (0 without one); part of `seconds`.
-    #[serde(default)]
-    pub eval_seconds: f64,
 }
 
-/// What a finished segmentation run reports (also `summary.json`).
+/// One line of a segmentation run's `metrics.jsonl`.
+pub type SegEpochMetrics = MetricsLine<SegmentationEpoch>;
+
+/// The segmentation figures of `summary.json` (%).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct SegSummary {
-    pub epochs: usize,
-    /// Highest validation mIoU (%) and its epoch, with that epoch's pixel accuracy.
+pub struct SegmentationSummary {
+    /// Highest validation mIoU and that epoch's pixel accuracy.
     pub best_miou: f64,
-    pub best_epoch: usize,
     pub best_pixel_acc: f64,
     pub final_miou: f64,
     pub final_pixel_acc: f64,
-    pub final_val_loss: f64,
-    pub train_seconds: f64,
-    pub images_per_second: f64,
-    pub stopped_early: bool,
 }
+
+/// What a finished segmentation run reports (also `summary.json`).
+pub type SegSummary = Summary<SegmentationSummary>;
 
 /// The evaluation of a segmentation model over a whole split.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +77,9 @@ pub struct SegEval {
 impl Evaluation for SegEval {
     fn headline(&self) -> f64 {
         self.miou
+    }
+    fn loss(&self) -> f64 {
+        self.loss
     }
 }
 
@@ -206,12 +192,6 @@ impl EvalSums {
     }
 }
 
-impl metrics::EpochRecord for SegEpochMetrics {
-    fn epoch(&self) -> usize {
-        self.epoch
-    }
-}
-
 /// Reads a segmentation run's `metrics.jsonl`.
 pub fn read_metrics(path: &Path) -> Result<Vec<SegEpochMetrics>> {
     metrics::read(path)
@@ -268,8 +248,8 @@ impl Task for Segmentation {
     type Batch = SegBatch;
     type Batches = SegLoader;
     type Eval = SegEval;
-    type Metrics = SegEpochMetrics;
-    type Summary = SegSummary;
+    type EpochFields = SegmentationEpoch;
+    type SummaryFields = SegmentationSummary;
 
     fn open(run: &Run) -> Result<Self> {
         let (train_ds, val_ds) = dataset::open_train_val(run.cfg)?;
@@ -375,19 +355,11 @@ impl Task for Segmentation {
             .result(self.net().num_classes as usize)
     }
 
-    fn epoch_metrics(&self, l: &EpochLine, eval: Option<&SegEval>) -> SegEpochMetrics {
-        SegEpochMetrics {
-            epoch: l.epoch,
-            lr: l.lr,
-            train_loss: l.train_loss,
-            train_pixel_acc: l.train_accuracy,
-            val_loss: eval.map(|e| e.loss),
+    fn epoch_fields(&self, train_pixel_acc: f64, eval: Option<&SegEval>) -> SegmentationEpoch {
+        SegmentationEpoch {
+            train_pixel_acc,
             val_pixel_acc: eval.map(|e| e.pixel_acc),
             val_miou: eval.map(|e| e.miou),
-            images_per_second: l.images_per_second,
-            seconds: l.seconds,
-            data_wait_seconds: l.data_wait_seconds,
-            eval_seconds: l.eval_seconds,
         }
     }
 
@@ -395,23 +367,17 @@ impl Task for Segmentation {
         format_epoch(m, epochs)
     }
 
-    fn summary(&self, run: &Run, t: &RunTotals, last: &SegEval) -> SegSummary {
+    fn summary_fields(&self, run: &Run, t: &RunTotals, last: &SegEval) -> SegmentationSummary {
         let best_pixel_acc = read_metrics(&run.metrics_path)
             .ok()
             .and_then(|ms| ms.into_iter().find(|m| m.epoch == t.best_epoch))
             .and_then(|m| m.val_pixel_acc)
             .unwrap_or(last.pixel_acc);
-        SegSummary {
-            epochs: t.epochs,
+        SegmentationSummary {
             best_miou: t.best,
-            best_epoch: t.best_epoch,
             best_pixel_acc,
             final_miou: last.miou,
             final_pixel_acc: last.pixel_acc,
-            final_val_loss: last.loss,
-            train_seconds: t.train_seconds,
-            images_per_second: t.images_per_second,
-            stopped_early: t.stopped_early,
         }
     }
 

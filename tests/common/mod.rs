@@ -39,6 +39,39 @@ pub fn image_folder(
     }
 }
 
+/// Writes a segmentation dataset (`split/images/*.png`, `split/masks/*.png`) of `w`×`h` images
+/// whose 4-px blocks belong to one of 3 classes or to void (255), the class a function of the
+/// block's position and the image's index, the colour a function of the class.
+pub fn segmentation_folder(root: &Path, train: usize, val: usize, w: u32, h: u32) {
+    for (split, n) in [("train", train), ("val", val)] {
+        std::fs::create_dir_all(root.join(split).join("images")).unwrap();
+        std::fs::create_dir_all(root.join(split).join("masks")).unwrap();
+        for i in 0..n as u32 {
+            // Class of a 4-px block from its position and the image index; class 3 is void.
+            let class = |x: u32, y: u32| ((x / 4 + 2 * (y / 4) + i) % 4) as u8;
+            let img = image::RgbImage::from_fn(w, h, |x, y| {
+                let c = class(x, y) as u32;
+                image::Rgb([
+                    (c * 70) as u8,
+                    (200 - c * 50) as u8,
+                    ((x * 9 + y) % 256) as u8,
+                ])
+            });
+            let mask = image::GrayImage::from_fn(w, h, |x, y| {
+                image::Luma([match class(x, y) {
+                    3 => 255,
+                    c => c,
+                }])
+            });
+            let stem = format!("{split}_{i:03}");
+            img.save(root.join(split).join("images").join(format!("{stem}.png")))
+                .unwrap();
+            mask.save(root.join(split).join("masks").join(format!("{stem}.png")))
+                .unwrap();
+        }
+    }
+}
+
 /// A tiny config: CIFAR ResNet-8 on `size`-px images, CIFAR pipeline, deterministic threads.
 pub fn tiny_config(dir: &Path, data: &Path, epochs: usize, extra: &str) -> PathBuf {
     let text = format!(

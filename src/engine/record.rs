@@ -1,0 +1,75 @@
+//! The records every task writes: a line of `metrics.jsonl` per epoch and `summary.json`, each
+//! the engine's figures and the task's own under their real names (top-1, mIoU, …), flattened
+//! into one JSON object. `Deref` reaches the task's fields, so `line.val_top1` reads as written.
+
+use crate::metrics::EpochRecord;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::ops::Deref;
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MetricsLine<T> {
+    pub epoch: usize,
+    /// Learning rate at the last step of the epoch.
+    pub lr: f64,
+    /// Mean training loss of the epoch's batches.
+    pub train_loss: f64,
+    /// The task's figures: its training accuracy and, on evaluated epochs, its evaluation.
+    #[serde(flatten)]
+    pub task: T,
+    /// Mean validation loss, on evaluated epochs.
+    pub val_loss: Option<f64>,
+    /// Training throughput of this epoch (loading + augmentation + training, no evaluation).
+    pub images_per_second: f64,
+    /// Wall time of the epoch, evaluation included.
+    pub seconds: f64,
+    /// Unreadable images skipped (`data.skip_bad_images`).
+    #[serde(default)]
+    pub skipped_images: usize,
+    /// Time the training loop waited for its next batch (timm's `data_time`, summed over the
+    /// epoch): the loader's cost to training. Near 0 when prefetching keeps up.
+    #[serde(default)]
+    pub data_wait_seconds: f64,
+    /// Wall time of the epoch's evaluation pass (0 without one); part of `seconds`.
+    #[serde(default)]
+    pub eval_seconds: f64,
+}
+
+impl<T> Deref for MetricsLine<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.task
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> EpochRecord for MetricsLine<T> {
+    fn epoch(&self) -> usize {
+        self.epoch
+    }
+}
+
+/// What a finished run reports, written to `summary.json` when it ends.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Summary<T> {
+    /// Epochs completed.
+    pub epochs: usize,
+    /// The task's figures: the best and final headline metric, and the others.
+    #[serde(flatten)]
+    pub task: T,
+    /// The epoch of the best evaluation by the task's headline metric.
+    pub best_epoch: usize,
+    pub final_val_loss: f64,
+    /// Training time summed over resumes (evaluation excluded).
+    pub train_seconds: f64,
+    pub images_per_second: f64,
+    /// True when the run stopped early on a signal or `train.max_steps`.
+    pub stopped_early: bool,
+}
+
+impl<T> Deref for Summary<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.task
+    }
+}

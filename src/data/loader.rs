@@ -120,17 +120,38 @@ pub struct Shard {
 
 impl Shard {
     pub const SINGLE: Shard = Shard { rank: 0, world: 1 };
+
+    /// This rank's share of an epoch's global order (a distributed sampler): the order cut into
+    /// global batches of `batch_size · world` samples, drop_last, and rank r's batch s the r-th
+    /// slice of global batch s. Returns the samples and the number of batches.
+    pub fn train_share(self, order: &[usize], batch_size: usize) -> (Vec<usize>, usize) {
+        let global = batch_size * self.world;
+        let num_batches = order.len() / global;
+        let mine = (0..num_batches)
+            .flat_map(|s| {
+                let from = s * global + self.rank * batch_size;
+                order[from..from + batch_size].iter().copied()
+            })
+            .collect();
+        (mine, num_batches)
+    }
+
+    /// This rank's share of an evaluation split of `len` samples: every `world`-th from `rank`
+    /// on, so that the ranks together evaluate each sample once.
+    pub fn eval_share(self, len: usize) -> Vec<usize> {
+        (self.rank..len).step_by(self.world).collect()
+    }
+
+    /// The position in the epoch's global order of this rank's `i`-th training sample (see
+    /// [`Shard::train_share`]): its augmentation is drawn from that position, so a sample is
+    /// augmented the same way whatever the number of processes.
+    pub fn epoch_position(self, i: usize, batch_size: usize) -> usize {
+        let b = batch_size;
+        (i / b) * b * self.world + self.rank * b + i % b
+    }
 }
 
 impl Job {
-    /// The position in the epoch's global order of this shard's `i`-th sample: its augmentation
-    /// is drawn from that position, so a sample is augmented the same way whatever the number of
-    /// processes.
-    fn epoch_position(&self, i: usize) -> usize {
-        let b = self.batch_size;
-        (i / b) * b * self.shard.world + self.shard.rank * b + i % b
-    }
-
     fn side(&self) -> u32 {
         match self.mode {
             Mode::Train { .. } => self.transform.cfg.train_size,
@@ -178,7 +199,7 @@ impl Job {
                     };
                     match mode {
                         Mode::Train { seed, epoch } => {
-                            let pos = self.epoch_position(start + r);
+                            let pos = self.shard.epoch_position(start + r, self.batch_size);
                             let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
                             let flip = Flip::for_sample(
                                 transform.cfg.flip,
@@ -303,14 +324,7 @@ impl Loader {
         );
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
-        let global = batch_size * shard.world;
-        let num_batches = order.len() / global;
-        let mine: Vec<usize> = (0..num_batches)
-            .flat_map(|s| {
-                let from = s * global + shard.rank * batch_size;
-                order[from..from + batch_size].iter().copied()
-            })
-            .collect();
+        let (mine, num_batches) = shard.train_share(&order, batch_size);
         Self::start(
             ds,
             cfg,
@@ -340,7 +354,7 @@ impl Loader {
         shard: Shard,
     ) -> Loader {
         assert!(batch_size > 0, "batch size must be positive");
-        let order: Vec<usize> = (shard.rank..ds.len()).step_by(shard.world).collect();
+        let order = shard.eval_share(ds.len());
         let num_batches = order.len().div_ceil(batch_size);
         Self::start(
             ds,

@@ -382,7 +382,9 @@ impl<'r, T: Task> Trainer<'r, T> {
     /// Whether `epoch` ends with an evaluation: every `train.eval_every` epochs and at the end.
     pub fn evaluation_due(&self, epoch: usize) -> bool {
         let cfg = self.run.cfg;
-        epoch % cfg.train.eval_every == 0 || epoch == cfg.train.epochs || self.stopped_early
+        epoch.is_multiple_of(cfg.train.eval_every)
+            || epoch == cfg.train.epochs
+            || self.stopped_early
     }
 
     /// The task's evaluation and its seconds.

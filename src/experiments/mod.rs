@@ -134,8 +134,6 @@ enum Outcome {
 
 /// [`ablate`] with every option (stop flag, log sink).
 pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Result<StudyReport> {
-    let log = |m: &str| (opts.log)(m);
-    let jobs = opts.jobs.max(1);
     let study = Study::load(study_path)?;
     study
         .check_inputs()
@@ -144,8 +142,65 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
         crate::train::precision::check_supported(v.config.train.precision, opts.device)
             .with_context(|| format!("variant {} (`{}`): key `train.precision`", i + 1, v.name))?;
     }
+    let plan = plan_runs(&study, out, opts.jobs.max(1))?;
+    write_study_files(&study, out, plan.threads)?;
+    (opts.log)(&format!(
+        "study {} ({} mode): {} variants x {} seeds; {} finished before, {} to train, {} at a time{}, on {:?} → {}",
+        study.name,
+        study.mode.as_str(),
+        study.variants.len(),
+        study.seeds.len(),
+        plan.skipped,
+        plan.pending.len(),
+        plan.workers,
+        if plan.workers > 1 { format!(" ({} libtorch threads each unless the study sets train.threads)", plan.threads) } else { String::new() },
+        opts.device,
+        out.display()
+    ));
+    let outcomes = run_jobs(&study, &plan, opts);
+    let mut trained = 0;
+    let mut failed = Vec::new();
+    let mut interrupted = opts.stop.load(Ordering::SeqCst);
+    for (job, outcome) in plan.pending.iter().zip(&outcomes) {
+        match outcome {
+            Some(Outcome::Trained(_)) => trained += 1,
+            Some(Outcome::Failed(e)) => failed.push((
+                study.variants[job.variant].name.clone(),
+                job.seed,
+                e.clone(),
+            )),
+            Some(Outcome::Interrupted) | None => interrupted = true,
+        }
+    }
 
-    // Every run, seed by seed, so that an interrupted study has complete rows of seed 1 first.
+    let (_, runs, rows) = write_outputs(out)?;
+    Ok(StudyReport {
+        name: study.name.clone(),
+        mode: study.mode,
+        seeds: study.seeds.clone(),
+        out_dir: out.to_path_buf(),
+        runs,
+        rows,
+        trained,
+        skipped: plan.skipped,
+        failed,
+        interrupted,
+    })
+}
+
+/// The runs a study still has to train, and how many at a time.
+struct Plan {
+    pending: Vec<Job>,
+    /// Runs that finished before (their `summary.json` exists).
+    skipped: usize,
+    /// Trainings at once, and libtorch threads each.
+    workers: usize,
+    threads: usize,
+}
+
+/// Every run, seed by seed, so that an interrupted study has complete rows of seed 1 first; a run
+/// begun before with another config is refused.
+fn plan_runs(study: &Study, out: &Path, jobs: usize) -> Result<Plan> {
     let mut pending = Vec::new();
     let mut skipped = 0;
     let mut all = Vec::new();
@@ -191,7 +246,16 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
             });
         }
     }
+    Ok(Plan {
+        pending,
+        skipped,
+        workers,
+        threads,
+    })
+}
 
+/// `study.toml`, `study.json` and each variant's resolved config under `configs/`.
+fn write_study_files(study: &Study, out: &Path, threads: usize) -> Result<()> {
     std::fs::create_dir_all(out.join("configs"))
         .with_context(|| format!("cannot create output folder {}", out.display()))?;
     write(&out.join("study.toml"), &study.text)?;
@@ -214,20 +278,14 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
         );
         write(&out.join("configs").join(format!("{}.toml", v.dir)), &text)?;
     }
+    Ok(())
+}
 
-    log(&format!(
-        "study {} ({} mode): {} variants x {} seeds; {skipped} finished before, {} to train, {} at a time{}, on {:?} → {}",
-        study.name,
-        study.mode.as_str(),
-        study.variants.len(),
-        study.seeds.len(),
-        pending.len(),
-        workers,
-        if workers > 1 { format!(" ({threads} libtorch threads each unless the study sets train.threads)") } else { String::new() },
-        opts.device,
-        out.display()
-    ));
-
+/// Trains the pending runs, `plan.workers` at a time, until done or stopped; the outcome of each
+/// (`None`: never started).
+fn run_jobs(study: &Study, plan: &Plan, opts: &AblateOptions) -> Vec<Option<Outcome>> {
+    let log = |m: &str| (opts.log)(m);
+    let (pending, workers) = (&plan.pending, plan.workers);
     let next = AtomicUsize::new(0);
     let outcomes: Mutex<Vec<Option<Outcome>>> =
         Mutex::new((0..pending.len()).map(|_| None).collect());
@@ -262,37 +320,7 @@ pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Resul
             });
         }
     });
-
-    let outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
-    let mut trained = 0;
-    let mut failed = Vec::new();
-    let mut interrupted = opts.stop.load(Ordering::SeqCst);
-    for (job, outcome) in pending.iter().zip(&outcomes) {
-        match outcome {
-            Some(Outcome::Trained(_)) => trained += 1,
-            Some(Outcome::Failed(e)) => failed.push((
-                study.variants[job.variant].name.clone(),
-                job.seed,
-                e.clone(),
-            )),
-            Some(Outcome::Interrupted) | None => interrupted = true,
-        }
-    }
-
-    let (_, runs, rows) = write_outputs(out)?;
-    let report = StudyReport {
-        name: study.name.clone(),
-        mode: study.mode,
-        seeds: study.seeds.clone(),
-        out_dir: out.to_path_buf(),
-        runs,
-        rows,
-        trained,
-        skipped,
-        failed,
-        interrupted,
-    };
-    Ok(report)
+    outcomes.into_inner().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Rewrites `results.csv`, `table.md` and the plots of a study folder from the runs on disk.

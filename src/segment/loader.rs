@@ -79,14 +79,6 @@ fn check_mask(mask: &Mask, num_classes: i64, ignore: u8) -> std::result::Result<
 }
 
 impl Job {
-    /// The position in the epoch's global order of this shard's `i`-th sample: its augmentation
-    /// is drawn from that position, so a sample is augmented the same way whatever the number of
-    /// processes.
-    fn epoch_position(&self, i: usize) -> usize {
-        let b = self.batch_size;
-        (i / b) * b * self.shard.world + self.shard.rank * b + i % b
-    }
-
     fn load(&self, pos: usize) -> Result<(Image, Mask)> {
         let i = self.order[pos];
         let (img, mask) = self.ds.sample(i)?;
@@ -98,7 +90,7 @@ impl Job {
                     seed,
                     "segment-sample",
                     epoch,
-                    self.epoch_position(pos) as u64,
+                    self.shard.epoch_position(pos, self.batch_size) as u64,
                 ));
                 self.transform.train_pair(&img, &mask, &mut rng)
             }
@@ -208,14 +200,7 @@ impl SegLoader {
             epoch as u64,
             0,
         )));
-        let global = batch_size * shard.world;
-        let num_batches = order.len() / global;
-        let mine: Vec<usize> = (0..num_batches)
-            .flat_map(|s| {
-                let from = s * global + shard.rank * batch_size;
-                order[from..from + batch_size].iter().copied()
-            })
-            .collect();
+        let (mine, num_batches) = shard.train_share(&order, batch_size);
         let mode = Mode::Train {
             seed,
             epoch: epoch as u64,
@@ -246,7 +231,7 @@ impl SegLoader {
         shard: Shard,
     ) -> SegLoader {
         assert!(batch_size > 0, "batch size must be positive");
-        let order: Vec<usize> = (shard.rank..ds.len()).step_by(shard.world).collect();
+        let order = shard.eval_share(ds.len());
         let num_batches = order.len().div_ceil(batch_size);
         Self::start(
             ds,

@@ -841,3 +841,55 @@ fn an_interrupted_and_resumed_run_ends_exactly_as_an_uninterrupted_one() {
             .collect::<Vec<_>>()
     );
 }
+
+/// kill -9 after the first epoch's checkpoint, then `--resume`: the run ends bit-identical to a
+/// straight one (the engine's resume, as for classification in tests/train_cli.rs).
+#[test]
+fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::segmentation_folder(&data, 64, 4, 16, 16);
+    let cfg = tmp.path().join("seg.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "seed = 4\ntask = \"segmentation\"\n[model]\nname = \"cifar_resnet8\"\n[data]\ndir = {:?}\nworkers = 2\n\
+             [train]\nepochs = 3\nbatch_size = 2\nthreads = 1\n[optim]\nlr = 0.02\nschedule = \"cosine\"\n\
+             [segment]\nnum_classes = 3\ncrop_size = 16\nscale = [0.75, 1.25]\n",
+            data.display().to_string()
+        ),
+    )
+    .unwrap();
+    let c = cfg.to_str().unwrap();
+    let straight = tmp.path().join("straight");
+    let o = run(&["train", "--config", c, "--out", straight.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let killed = tmp.path().join("killed");
+    common::kill_after_first_epoch(c, &killed, std::time::Duration::from_millis(100));
+    common::resume(c, &killed);
+    let last = |out: &Path| {
+        tricks::checkpoint::load(&out.join("checkpoints/epoch-0003.safetensors"))
+            .unwrap()
+            .tensors
+    };
+    let (a, b) = (last(&straight), last(&killed));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "tensor {k} differs after resume");
+    }
+    let ma = segment::read_metrics(&straight.join("metrics.jsonl")).unwrap();
+    let mb = segment::read_metrics(&killed.join("metrics.jsonl")).unwrap();
+    assert_eq!(ma.len(), 3);
+    assert_eq!(
+        ma.iter().map(|m| m.task.clone()).collect::<Vec<_>>(),
+        mb.iter().map(|m| m.task.clone()).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        ma.iter()
+            .map(|m| (m.train_loss, m.val_loss))
+            .collect::<Vec<_>>(),
+        mb.iter()
+            .map(|m| (m.train_loss, m.val_loss))
+            .collect::<Vec<_>>()
+    );
+}

@@ -205,47 +205,6 @@ fn tensors_of(path: &Path) -> BTreeMap<String, tch::Tensor> {
     checkpoint::load(path).unwrap().tensors
 }
 
-/// Trains `config` into `out` and kills it (SIGKILL) `settle` after its epoch-1 checkpoint
-/// appears; the run must not have finished by then.
-fn kill_after_first_epoch(config: &str, out: &Path, settle: Duration) {
-    let mut child = tricks()
-        .args(["train", "--config", config, "--out", out.to_str().unwrap()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let first = checkpoint::epoch_checkpoint_path(&out.join("checkpoints"), 1);
-    let start = Instant::now();
-    while !first.exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(300),
-            "no checkpoint appeared"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(settle);
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(
-        !out.join("summary.json").exists(),
-        "the run finished before the kill; test is void"
-    );
-}
-
-/// Continues the run in `out` with `--resume`; it must resume from a checkpoint and finish.
-fn resume(config: &str, out: &Path) {
-    let o = run(&[
-        "train",
-        "--config",
-        config,
-        "--out",
-        out.to_str().unwrap(),
-        "--resume",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
-}
-
 #[test]
 fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
     let tmp = tempfile::tempdir().unwrap();

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 /// Writes an ImageFolder dataset: `classes` classes whose images differ in colour and stripe
 /// direction (learnable in a few steps), `per_class` training and `val_per_class` evaluation images.
@@ -168,4 +169,45 @@ pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Trains `config` into `out` and kills it (SIGKILL) `settle` after its epoch-1 checkpoint
+/// appears; the run must not have finished by then.
+pub fn kill_after_first_epoch(config: &str, out: &Path, settle: Duration) {
+    let mut child = tricks()
+        .args(["train", "--config", config, "--out", out.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let first = tricks::checkpoint::epoch_checkpoint_path(&out.join("checkpoints"), 1);
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(300),
+            "no checkpoint appeared"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(settle);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        !out.join("summary.json").exists(),
+        "the run finished before the kill; test is void"
+    );
+}
+
+/// Continues the run in `out` with `--resume`; it must resume from a checkpoint and finish.
+pub fn resume(config: &str, out: &Path) {
+    let o = run(&[
+        "train",
+        "--config",
+        config,
+        "--out",
+        out.to_str().unwrap(),
+        "--resume",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
 }

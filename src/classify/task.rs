@@ -7,7 +7,7 @@ use super::{
 use crate::config::Config;
 use crate::data::{self, Batch, Batches, Dataset, Loader, Resident, Shard};
 use crate::device::{to_device_input, upload};
-use crate::engine::{Run, RunTotals, StepContext, StepOutput, Task, TaskBatch};
+use crate::engine::{Opened, Run, RunTotals, StepContext, StepOutput, Task, TaskBatch};
 use crate::model::{self, Classifier};
 use crate::train::loss::{top1_hits, Criterion};
 use crate::train::mixup::Mixup;
@@ -37,7 +37,6 @@ pub struct Classification {
     val_ds: Arc<dyn Dataset>,
     /// `data.on_device`: both splits decoded once into device memory.
     resident: Option<(Rc<Resident>, Rc<Resident>)>,
-    classes: Vec<String>,
     num_classes: i64,
     net: Option<Classifier>,
     /// A linear probe: the frozen backbone runs in eval mode, only the classifier trains.
@@ -81,7 +80,7 @@ impl Task for Classification {
     type EpochFields = ClassificationEpoch;
     type SummaryFields = ClassificationSummary;
 
-    fn open(run: &Run) -> Result<Self> {
+    fn open(run: &Run) -> Result<Opened<Self>> {
         let (cfg, device) = (run.cfg, run.device);
         let (train_ds, val_ds) = data::open_train_val(&cfg.data, cfg.seed)?;
         let classes: Vec<String> = train_ds.classes().to_vec();
@@ -111,12 +110,12 @@ impl Task for Classification {
         } else {
             None
         };
-        Ok(Classification {
+        let train_len = train_ds.len();
+        let task = Classification {
             cfg: cfg.clone(),
             train_ds,
             val_ds,
             resident,
-            classes,
             num_classes,
             net: None,
             probe: false,
@@ -131,15 +130,12 @@ impl Task for Classification {
                 translate: cfg.train.eval_translate,
             },
             shard: run.shard,
+        };
+        Ok(Opened {
+            task,
+            classes,
+            train_len,
         })
-    }
-
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-
-    fn train_len(&self) -> usize {
-        self.train_ds.len()
     }
 
     fn build_model(&mut self, root: &nn::Path) -> Result<()> {

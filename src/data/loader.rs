@@ -75,10 +75,128 @@ pub fn thread_pool(workers: usize) -> Arc<ThreadPool> {
         .clone()
 }
 
+/// What a pass is for: training (random choices drawn from (seed, epoch, position)) or evaluation.
 #[derive(Clone, Copy, Debug)]
-enum Mode {
+pub enum Mode {
     Train { seed: u64, epoch: u64 },
     Eval,
+}
+
+/// Which samples one pass over a dataset takes, and in which batches; shared by every task's
+/// loader. A training epoch takes this rank's share of a permutation (drop_last); an evaluation
+/// pass takes every `world`-th sample in order (the last batch kept).
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// This process's samples (dataset indices), batch after batch.
+    pub order: Vec<usize>,
+    pub batch_size: usize,
+    pub num_batches: usize,
+    /// Batches before this one are not produced (resuming in the middle of an epoch).
+    pub first_batch: usize,
+    pub mode: Mode,
+    pub shard: Shard,
+}
+
+impl Plan {
+    /// A training epoch over `permutation`, the epoch's global order: rank r's batch s is the
+    /// r-th slice of the single-process global batch s (see [`Shard::train_share`]), from batch
+    /// `first_batch` on.
+    pub fn train(
+        permutation: &[usize],
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+        shard: Shard,
+    ) -> Plan {
+        assert!(batch_size > 0, "batch size must be positive");
+        assert!(
+            shard.rank < shard.world,
+            "rank must be below the world size"
+        );
+        let (order, num_batches) = shard.train_share(permutation, batch_size);
+        Plan {
+            order,
+            batch_size,
+            num_batches,
+            first_batch: first_batch.min(num_batches),
+            mode: Mode::Train {
+                seed,
+                epoch: epoch as u64,
+            },
+            shard,
+        }
+    }
+
+    /// An evaluation pass over `len` samples: this rank's share in order, the last batch kept.
+    pub fn eval(len: usize, batch_size: usize, shard: Shard) -> Plan {
+        assert!(batch_size > 0, "batch size must be positive");
+        let order = shard.eval_share(len);
+        let num_batches = order.len().div_ceil(batch_size);
+        Plan {
+            order,
+            batch_size,
+            num_batches,
+            first_batch: 0,
+            mode: Mode::Eval,
+            shard,
+        }
+    }
+
+    /// Positions in `order` of batch `b`'s samples.
+    pub fn batch(&self, b: usize) -> std::ops::Range<usize> {
+        let start = b * self.batch_size;
+        start..(start + self.batch_size).min(self.order.len())
+    }
+
+    /// The position in the epoch's global order of the sample at position `i` of this plan (its
+    /// augmentation is drawn from it).
+    pub fn epoch_position(&self, i: usize) -> usize {
+        self.shard.epoch_position(i, self.batch_size)
+    }
+}
+
+/// An iterator over the batches of one pass, made on a background thread and prefetched into a
+/// bounded channel: every task's loader ([`Loader`], the segmentation loader).
+pub struct Pass<B> {
+    batches: Prefetch<B>,
+    num_batches: usize,
+    num_samples: usize,
+}
+
+impl<B: Send + 'static> Pass<B> {
+    /// Runs `produce` on a thread named `name`, which sends the batches of `plan` into a channel
+    /// of `capacity` batches and returns when the pass is over or `stop` is set.
+    pub fn spawn<F>(name: &str, capacity: usize, plan: &Plan, produce: F) -> Pass<B>
+    where
+        F: FnOnce(Sender<Result<B>>, &AtomicBool) + Send + 'static,
+    {
+        Pass {
+            batches: Prefetch::spawn(name, capacity, produce),
+            num_batches: plan.num_batches,
+            num_samples: plan.order.len(),
+        }
+    }
+}
+
+impl<B> Pass<B> {
+    /// Batches of this pass (fewer may be yielded if images are skipped or an error ends it).
+    pub fn num_batches(&self) -> usize {
+        self.num_batches
+    }
+
+    /// Samples of this pass before any skipping (train: num_batches · batch_size).
+    pub fn num_samples(&self) -> usize {
+        self.num_samples
+    }
+}
+
+impl<B> Iterator for Pass<B> {
+    type Item = Result<B>;
+
+    fn next(&mut self) -> Option<Result<B>> {
+        self.batches.next()
+    }
 }
 
 /// The batch buffer's base pointer, shared by the workers that fill disjoint rows.
@@ -96,19 +214,12 @@ impl SendPtr {
 /// Everything the producer thread needs.
 struct Job {
     ds: Arc<dyn Dataset>,
-    order: Vec<usize>,
-    batch_size: usize,
-    num_batches: usize,
-    mode: Mode,
+    plan: Plan,
     transform: Transform,
     pool: Arc<ThreadPool>,
     skip_bad: bool,
     /// Batches in page-locked memory.
     pin: bool,
-    /// Batches before this one are not produced (resuming in the middle of an epoch).
-    first_batch: usize,
-    /// This process's share of a data-parallel run (see [`Loader::train_shard`]).
-    shard: Shard,
 }
 
 /// Rank `rank` of `world` data-parallel processes.
@@ -153,16 +264,15 @@ impl Shard {
 
 impl Job {
     fn side(&self) -> u32 {
-        match self.mode {
+        match self.plan.mode {
             Mode::Train { .. } => self.transform.cfg.train_size,
             Mode::Eval => self.transform.cfg.val_size,
         }
     }
 
     fn make_batch(&self, b: usize, stop: &AtomicBool) -> Result<Batch> {
-        let start = b * self.batch_size;
-        let end = (start + self.batch_size).min(self.order.len());
-        let rows = end - start;
+        let start = self.plan.batch(b).start;
+        let rows = self.plan.batch(b).len();
         let side = self.side() as i64;
         let per = 3 * (side * side) as usize;
         // `empty`, not `zeros`: no libtorch kernel (whose OpenMP threads would compete with the
@@ -175,8 +285,12 @@ impl Job {
             Tensor::empty(shape, (Kind::Float, Device::Cpu))
         };
         let base = SendPtr(images.data_ptr() as *mut f32);
-        let (ds, order, transform, mode) =
-            (self.ds.as_ref(), &self.order, &self.transform, self.mode);
+        let (ds, order, transform, mode) = (
+            self.ds.as_ref(),
+            &self.plan.order,
+            &self.transform,
+            self.plan.mode,
+        );
         let errors: Vec<Option<anyhow::Error>> = self.pool.install(|| {
             (0..rows)
                 .into_par_iter()
@@ -199,7 +313,7 @@ impl Job {
                     };
                     match mode {
                         Mode::Train { seed, epoch } => {
-                            let pos = self.shard.epoch_position(start + r, self.batch_size);
+                            let pos = self.plan.epoch_position(start + r);
                             let mut rng = stream_rng(seed, epoch, pos as u64, TAG_SAMPLE);
                             let flip = Flip::for_sample(
                                 transform.cfg.flip,
@@ -245,14 +359,15 @@ impl Job {
 
     fn run(self, tx: Sender<Result<Batch>>, stop: &AtomicBool) {
         let mut pending = 0;
-        for b in self.first_batch..self.num_batches {
+        let num_batches = self.plan.num_batches;
+        for b in self.plan.first_batch..num_batches {
             if stop.load(Ordering::Relaxed) {
                 return;
             }
             match self.make_batch(b, stop) {
                 Ok(mut batch) => {
                     batch.skipped += pending;
-                    if batch.is_empty() && b + 1 < self.num_batches {
+                    if batch.is_empty() && b + 1 < num_batches {
                         pending = batch.skipped;
                         continue;
                     }
@@ -270,12 +385,8 @@ impl Job {
     }
 }
 
-/// An iterator over the batches of one pass over a dataset.
-pub struct Loader {
-    batches: Prefetch<Batch>,
-    num_batches: usize,
-    num_samples: usize,
-}
+/// The batches of one pass over a classification dataset.
+pub type Loader = Pass<Batch>;
 
 impl Loader {
     /// Shuffled (a permutation drawn from (seed, epoch)), drop_last, the training transform of cfg.pipeline.
@@ -317,27 +428,10 @@ impl Loader {
         first_batch: usize,
         shard: Shard,
     ) -> Loader {
-        assert!(batch_size > 0, "batch size must be positive");
-        assert!(
-            shard.rank < shard.world,
-            "rank must be below the world size"
-        );
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
-        let (mine, num_batches) = shard.train_share(&order, batch_size);
-        Self::start(
-            ds,
-            cfg,
-            mine,
-            batch_size,
-            num_batches,
-            Mode::Train {
-                seed,
-                epoch: epoch as u64,
-            },
-            first_batch,
-            shard,
-        )
+        let plan = Plan::train(&order, batch_size, seed, epoch, first_batch, shard);
+        Self::start(ds, cfg, plan)
     }
 
     /// In order, last partial batch kept, the evaluation transform (resize shorter side to val_size/val_crop_ratio, centre crop val_size; for the CIFAR pipeline when the image already is val_size: identity).
@@ -353,71 +447,21 @@ impl Loader {
         batch_size: usize,
         shard: Shard,
     ) -> Loader {
-        assert!(batch_size > 0, "batch size must be positive");
-        let order = shard.eval_share(ds.len());
-        let num_batches = order.len().div_ceil(batch_size);
-        Self::start(
-            ds,
-            cfg,
-            order,
-            batch_size,
-            num_batches,
-            Mode::Eval,
-            0,
-            shard,
-        )
+        let plan = Plan::eval(ds.len(), batch_size, shard);
+        Self::start(ds, cfg, plan)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        ds: Arc<dyn Dataset>,
-        cfg: &DataConfig,
-        order: Vec<usize>,
-        batch_size: usize,
-        num_batches: usize,
-        mode: Mode,
-        first_batch: usize,
-        shard: Shard,
-    ) -> Loader {
-        let num_samples = order.len();
+    fn start(ds: Arc<dyn Dataset>, cfg: &DataConfig, plan: Plan) -> Loader {
+        let name = "tricks-data-prefetch";
         let job = Job {
             ds,
-            order,
-            batch_size,
-            num_batches,
-            mode,
+            plan: plan.clone(),
             transform: Transform::new(cfg),
             pool: thread_pool(cfg.workers),
             skip_bad: cfg.skip_bad_images,
             // Without a CUDA driver there is no page-locked memory to be had (and no GPU to feed).
             pin: cfg.pin_memory && tch::Cuda::is_available(),
-            first_batch: first_batch.min(num_batches),
-            shard,
         };
-        Loader {
-            batches: Prefetch::spawn("tricks-data-prefetch", cfg.prefetch, move |tx, stop| {
-                job.run(tx, stop)
-            }),
-            num_batches,
-            num_samples,
-        }
-    }
-
-    /// Batches of this pass (fewer may be yielded if images are skipped or an error ends it).
-    pub fn num_batches(&self) -> usize {
-        self.num_batches
-    }
-
-    /// Samples of this pass before any skipping (train: num_batches · batch_size).
-    pub fn num_samples(&self) -> usize {
-        self.num_samples
-    }
-}
-
-impl Iterator for Loader {
-    type Item = Result<Batch>;
-
-    fn next(&mut self) -> Option<Result<Batch>> {
-        self.batches.next()
+        Pass::spawn(name, cfg.prefetch, &plan, move |tx, stop| job.run(tx, stop))
     }
 }

@@ -17,7 +17,7 @@ pub mod prefetch;
 pub mod resident;
 pub mod transforms;
 
-pub use loader::{Batch, Loader, Shard};
+pub use loader::{Batch, Loader, Mode, Pass, Plan, Shard};
 pub use resident::{Resident, ResidentBatches};
 
 /// The batches of one pass, from the CPU loader or from a device-resident dataset.

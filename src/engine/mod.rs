@@ -45,11 +45,7 @@ pub trait Task: Sized {
 
     /// Opens the task's data (both splits) and checks it against the config, before the model
     /// exists.
-    fn open(run: &Run) -> Result<Self>;
-    /// The class names stored in checkpoints.
-    fn classes(&self) -> &[String];
-    /// Samples in the training split.
-    fn train_len(&self) -> usize;
+    fn open(run: &Run) -> Result<Opened<Self>>;
     /// Builds the model's variables under `root` (libtorch's generator is seeded with the run's
     /// seed, under [`crate::train::MODEL_INIT_LOCK`]).
     fn build_model(&mut self, root: &nn::Path) -> Result<()>;
@@ -114,6 +110,15 @@ pub trait Task: Sized {
     }
 }
 
+/// A task with its data open, and what the engine keeps of that data.
+pub struct Opened<T> {
+    pub task: T,
+    /// The class names, stored in every checkpoint.
+    pub classes: Vec<String>,
+    /// Samples in the training split.
+    pub train_len: usize,
+}
+
 /// What the engine needs to know of a batch.
 pub trait TaskBatch {
     /// Samples in the batch (0: every image of it failed to load and was skipped).
@@ -172,8 +177,12 @@ pub fn train<T: Task>(
     opts: &RunOptions,
 ) -> Result<Summary<T::SummaryFields>> {
     let run = Run::open(cfg, opts)?;
-    let mut task = T::open(&run)?;
-    let mut trainer = Trainer::new(&run, &mut task)?;
+    let Opened {
+        mut task,
+        classes,
+        train_len,
+    } = T::open(&run)?;
+    let mut trainer = Trainer::new(&run, &mut task, classes, train_len)?;
     trainer.warm_up(&task)?;
     for epoch in trainer.remaining_epochs() {
         let Some(trained) = trainer.train_epoch(&mut task, epoch)? else {

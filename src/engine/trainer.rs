@@ -32,6 +32,8 @@ pub struct Trainer<'r, T: Task> {
     dp: Option<DataParallel>,
     /// Checkpoints are written in the background; [`Trainer::finish`] waits for the last ones.
     writer: checkpoint::Writer,
+    /// The class names stored in every checkpoint.
+    classes: Vec<String>,
     iters_per_epoch: usize,
     /// Steps between reads of the running sums ([`EpochSums::read_every`]).
     read_every: usize,
@@ -55,7 +57,12 @@ impl<'r, T: Task> Trainer<'r, T> {
     /// Builds the model (seeded), the optimizer with lookahead and per-parameter rates, starts
     /// or resumes the run, makes the replicas of a data-parallel run identical, and puts the
     /// weights in the training layout.
-    pub fn new(run: &'r Run<'r>, task: &mut T) -> Result<Self> {
+    pub fn new(
+        run: &'r Run<'r>,
+        task: &mut T,
+        classes: Vec<String>,
+        train_len: usize,
+    ) -> Result<Self> {
         let (cfg, device) = (run.cfg, run.device);
         // libtorch's generator is process-wide: runs started together (ablate --jobs N) would
         // interleave their draws, so seeding and initialisation happen under one lock.
@@ -66,7 +73,7 @@ impl<'r, T: Task> Trainer<'r, T> {
             task.build_model(&vs.root())?;
             vs
         };
-        let iters_per_epoch = run.iters_per_epoch(task.train_len())?;
+        let iters_per_epoch = run.iters_per_epoch(train_len)?;
         task.init_weights(&vs, run)?;
         let mut opt = Sgd::new(&vs, &cfg.optim);
         let epochs = cfg.train.epochs;
@@ -129,6 +136,7 @@ impl<'r, T: Task> Trainer<'r, T> {
             read_every: EpochSums::read_every(device, dp.is_some()),
             dp,
             writer: checkpoint::Writer::new(),
+            classes,
             iters_per_epoch,
             stopped_early: false,
             last_eval: None,
@@ -335,7 +343,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         let train_seconds = train_start.elapsed().as_secs_f64();
         self.state.train_seconds += train_seconds;
         if self.stopped_early && steps_done < self.iters_per_epoch {
-            self.interrupt(task, epoch, steps_done, p)?;
+            self.interrupt(epoch, steps_done, p)?;
             return Ok(None);
         }
         let images = p.seen - seen_before;
@@ -356,7 +364,7 @@ impl<'r, T: Task> Trainer<'r, T> {
     }
 
     /// Mid-epoch stop: saves where the epoch stands; `--resume` continues at the next batch.
-    fn interrupt(&mut self, task: &T, epoch: usize, steps: usize, p: EpochProgress) -> Result<()> {
+    fn interrupt(&mut self, epoch: usize, steps: usize, p: EpochProgress) -> Result<()> {
         let run = self.run;
         self.state.epochs_done = epoch - 1;
         self.state.batch_in_epoch = steps;
@@ -368,7 +376,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         }
         if run.rank0 {
             let (vs, opt, state) = (&self.vs, &self.opt, &self.state);
-            let write = training_checkpoint(&path, vs, opt, run.cfg, task.classes(), state);
+            let write = training_checkpoint(&path, vs, opt, run.cfg, &self.classes, state);
             self.writer.submit(write)?;
         }
         run.log(&format!(
@@ -410,7 +418,7 @@ impl<'r, T: Task> Trainer<'r, T> {
                 self.state.best_epoch = epoch;
                 if run.rank0 {
                     let best = run.out_dir().join("best.safetensors");
-                    save_weights(&self.writer, &best, &self.vs, cfg, task.classes())?;
+                    save_weights(&self.writer, &best, &self.vs, cfg, &self.classes)?;
                 }
             }
         }
@@ -433,7 +441,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         if run.rank0 {
             metrics::append(&run.metrics_path, &m)?;
             run.log(&task.describe_epoch(&m, cfg.train.epochs));
-            self.save_epoch_checkpoint(task, epoch)?;
+            self.save_epoch_checkpoint(epoch)?;
         }
         if let Some((e, _)) = eval {
             self.last_eval = Some(e);
@@ -443,7 +451,7 @@ impl<'r, T: Task> Trainer<'r, T> {
 
     /// The checkpoint of a finished epoch; once it is written, older ones beyond
     /// `train.keep_checkpoints` and the epoch's interrupt checkpoint (now stale) are removed.
-    fn save_epoch_checkpoint(&self, task: &T, epoch: usize) -> Result<()> {
+    fn save_epoch_checkpoint(&self, epoch: usize) -> Result<()> {
         let (run, ckpt_dir) = (self.run, &self.run.ckpt_dir);
         let path = checkpoint::epoch_checkpoint_path(ckpt_dir, epoch);
         let write = training_checkpoint(
@@ -451,7 +459,7 @@ impl<'r, T: Task> Trainer<'r, T> {
             &self.vs,
             &self.opt,
             run.cfg,
-            task.classes(),
+            &self.classes,
             &self.state,
         );
         let (dir, keep) = (ckpt_dir.clone(), run.cfg.train.keep_checkpoints);

@@ -12,8 +12,7 @@ use super::dataset::{Mask, SegDataset};
 use super::transforms::{pad_crop_pair, JointTransform};
 use crate::config::Config;
 use crate::data::loader::thread_pool;
-use crate::data::prefetch::Prefetch;
-use crate::data::{Image, Shard};
+use crate::data::{Image, Mode, Pass, Plan, Shard};
 use crate::train::derive_seed;
 use anyhow::{anyhow, bail, Result};
 use rand::seq::SliceRandom;
@@ -43,25 +42,12 @@ impl SegBatch {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
-enum Mode {
-    Train { seed: u64, epoch: u64 },
-    Eval,
-}
-
 struct Job {
     ds: Arc<SegDataset>,
-    order: Vec<usize>,
-    batch_size: usize,
-    num_batches: usize,
-    mode: Mode,
+    plan: Plan,
     transform: JointTransform,
     num_classes: i64,
     pool: Arc<ThreadPool>,
-    /// Batches before this one are not produced (resuming in the middle of an epoch).
-    first_batch: usize,
-    /// This process's share of a data-parallel run (see [`SegLoader::train_shard`]).
-    shard: Shard,
 }
 
 /// Checks that every mask value is a class id or `ignore`; the error names the first bad pixel.
@@ -80,17 +66,17 @@ fn check_mask(mask: &Mask, num_classes: i64, ignore: u8) -> std::result::Result<
 
 impl Job {
     fn load(&self, pos: usize) -> Result<(Image, Mask)> {
-        let i = self.order[pos];
+        let i = self.plan.order[pos];
         let (img, mask) = self.ds.sample(i)?;
         check_mask(&mask, self.num_classes, self.transform.ignore)
             .map_err(|e| anyhow!("bad mask {}: {e}", self.ds.mask_path(i).display()))?;
-        Ok(match self.mode {
+        Ok(match self.plan.mode {
             Mode::Train { seed, epoch } => {
                 let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(
                     seed,
                     "segment-sample",
                     epoch,
-                    self.shard.epoch_position(pos, self.batch_size) as u64,
+                    self.plan.epoch_position(pos) as u64,
                 ));
                 self.transform.train_pair(&img, &mask, &mut rng)
             }
@@ -99,10 +85,10 @@ impl Job {
     }
 
     fn make_batch(&self, b: usize) -> Result<SegBatch> {
-        let start = b * self.batch_size;
-        let end = (start + self.batch_size).min(self.order.len());
+        let start = self.plan.batch(b).start;
         let samples: Vec<Result<(Image, Mask)>> = self.pool.install(|| {
-            (start..end)
+            self.plan
+                .batch(b)
                 .into_par_iter()
                 .map(|pos| self.load(pos))
                 .collect()
@@ -149,11 +135,8 @@ impl Job {
     }
 }
 
-/// An iterator over the batches of one pass over a segmentation dataset.
-pub struct SegLoader {
-    batches: Prefetch<SegBatch>,
-    num_batches: usize,
-}
+/// The batches of one pass over a segmentation dataset.
+pub type SegLoader = Pass<SegBatch>;
 
 impl SegLoader {
     /// Shuffled, drop_last, the training transform (random scale, crop, flip).
@@ -192,7 +175,6 @@ impl SegLoader {
         first_batch: usize,
         shard: Shard,
     ) -> SegLoader {
-        assert!(batch_size > 0, "batch size must be positive");
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut ChaCha8Rng::seed_from_u64(derive_seed(
             seed,
@@ -200,21 +182,8 @@ impl SegLoader {
             epoch as u64,
             0,
         )));
-        let (mine, num_batches) = shard.train_share(&order, batch_size);
-        let mode = Mode::Train {
-            seed,
-            epoch: epoch as u64,
-        };
-        Self::start(
-            ds,
-            cfg,
-            mine,
-            batch_size,
-            num_batches,
-            mode,
-            first_batch,
-            shard,
-        )
+        let plan = Plan::train(&order, batch_size, seed, epoch, first_batch, shard);
+        Self::start(ds, cfg, plan)
     }
 
     /// In file order, last partial batch kept, full images without augmentation.
@@ -230,76 +199,30 @@ impl SegLoader {
         batch_size: usize,
         shard: Shard,
     ) -> SegLoader {
-        assert!(batch_size > 0, "batch size must be positive");
-        let order = shard.eval_share(ds.len());
-        let num_batches = order.len().div_ceil(batch_size);
-        Self::start(
-            ds,
-            cfg,
-            order,
-            batch_size,
-            num_batches,
-            Mode::Eval,
-            0,
-            shard,
-        )
+        let plan = Plan::eval(ds.len(), batch_size, shard);
+        Self::start(ds, cfg, plan)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn start(
-        ds: Arc<SegDataset>,
-        cfg: &Config,
-        order: Vec<usize>,
-        batch_size: usize,
-        num_batches: usize,
-        mode: Mode,
-        first_batch: usize,
-        shard: Shard,
-    ) -> SegLoader {
+    fn start(ds: Arc<SegDataset>, cfg: &Config, plan: Plan) -> SegLoader {
         let job = Job {
             ds,
-            order,
-            batch_size,
-            num_batches,
-            mode,
+            plan: plan.clone(),
             transform: JointTransform::new(cfg),
             num_classes: cfg.segment.num_classes,
             pool: thread_pool(cfg.data.workers),
-            first_batch: first_batch.min(num_batches),
-            shard,
         };
-        let batches = Prefetch::spawn(
-            "tricks-segment-prefetch",
-            cfg.data.prefetch,
-            move |tx, stop| {
-                for b in job.first_batch..job.num_batches {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let batch = job.make_batch(b);
-                    let failed = batch.is_err();
-                    if tx.send(batch).is_err() || failed {
-                        return;
-                    }
+        let name = "tricks-segment-prefetch";
+        Pass::spawn(name, cfg.data.prefetch, &plan, move |tx, stop| {
+            for b in job.plan.first_batch..job.plan.num_batches {
+                if stop.load(Ordering::Relaxed) {
+                    return;
                 }
-            },
-        );
-        SegLoader {
-            batches,
-            num_batches,
-        }
-    }
-
-    /// Batches of this pass.
-    pub fn num_batches(&self) -> usize {
-        self.num_batches
-    }
-}
-
-impl Iterator for SegLoader {
-    type Item = Result<SegBatch>;
-
-    fn next(&mut self) -> Option<Result<SegBatch>> {
-        self.batches.next()
+                let batch = job.make_batch(b);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        })
     }
 }

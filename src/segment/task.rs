@@ -15,8 +15,8 @@ use crate::config::{Config, Precision, Task as TaskKind};
 use crate::data::Shard;
 use crate::device::{to_device_input, upload};
 use crate::engine::{
-    self, Evaluation, MetricsLine, Run, RunOptions, RunTotals, StepContext, StepOutput, Summary,
-    Task, TaskBatch,
+    self, Evaluation, MetricsLine, Opened, Run, RunOptions, RunTotals, StepContext, StepOutput,
+    Summary, Task, TaskBatch,
 };
 use crate::metrics;
 use crate::train::derive_seed;
@@ -230,7 +230,6 @@ pub struct Segmentation {
     cfg: Config,
     train_ds: Arc<SegDataset>,
     val_ds: Arc<SegDataset>,
-    classes: Vec<String>,
     net: Option<SegModel>,
     device: Device,
     shard: Shard,
@@ -251,25 +250,20 @@ impl Task for Segmentation {
     type EpochFields = SegmentationEpoch;
     type SummaryFields = SegmentationSummary;
 
-    fn open(run: &Run) -> Result<Self> {
+    fn open(run: &Run) -> Result<Opened<Self>> {
         let (train_ds, val_ds) = dataset::open_train_val(run.cfg)?;
-        Ok(Segmentation {
-            cfg: run.cfg.clone(),
-            train_ds,
-            val_ds,
+        Ok(Opened {
             classes: super::class_names(run.cfg),
-            net: None,
-            device: run.device,
-            shard: run.shard,
+            train_len: train_ds.len(),
+            task: Segmentation {
+                cfg: run.cfg.clone(),
+                train_ds,
+                val_ds,
+                net: None,
+                device: run.device,
+                shard: run.shard,
+            },
         })
-    }
-
-    fn classes(&self) -> &[String] {
-        &self.classes
-    }
-
-    fn train_len(&self) -> usize {
-        self.train_ds.len()
     }
 
     fn build_model(&mut self, root: &nn::Path) -> Result<()> {

@@ -206,9 +206,9 @@ impl Task for Classification {
         }
     }
 
-    fn train_batches(&self, run: &Run, epoch: usize, first: usize) -> Result<(Batches, usize)> {
+    fn train_batches(&self, run: &Run, epoch: usize, first: usize) -> Result<Batches> {
         let (cfg, bs) = (&self.cfg, self.cfg.train.batch_size);
-        let batches = match &self.resident {
+        Ok(match &self.resident {
             Some((train, _)) => {
                 Batches::Resident(train.train_batches(bs, cfg.seed, epoch, first, self.shard))
             }
@@ -221,9 +221,7 @@ impl Task for Classification {
                 first,
                 self.shard,
             )),
-        };
-        let n = batches.num_batches();
-        Ok((batches, n))
+        })
     }
 
     fn train_step(&self, batch: &Batch, ctx: &StepContext) -> Result<StepOutput> {

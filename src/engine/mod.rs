@@ -35,7 +35,7 @@ pub trait Task: Sized {
     /// A batch as the task's loader yields it.
     type Batch: TaskBatch;
     /// The batches of one training pass.
-    type Batches: Iterator<Item = Result<Self::Batch>>;
+    type Batches: BatchStream<Item = Result<Self::Batch>>;
     /// What an evaluation pass measures.
     type Eval: Evaluation;
     /// The task's fields of a `metrics.jsonl` line ([`MetricsLine`]).
@@ -70,14 +70,8 @@ pub trait Task: Sized {
     }
     /// At the start of every epoch (airbench94's whitening bias is frozen after its epochs).
     fn start_epoch(&mut self, _epoch: usize, _opt: &mut Sgd) {}
-    /// The training batches of `epoch` from batch `first_batch` on (a mid-epoch resume), and
-    /// how many batches the whole pass has.
-    fn train_batches(
-        &self,
-        run: &Run,
-        epoch: usize,
-        first_batch: usize,
-    ) -> Result<(Self::Batches, usize)>;
+    /// The training batches of `epoch` from batch `first_batch` on (a mid-epoch resume).
+    fn train_batches(&self, run: &Run, epoch: usize, first_batch: usize) -> Result<Self::Batches>;
     /// Forward pass and loss of one batch (under the run's precision), with the task's counters.
     fn train_step(&self, batch: &Self::Batch, at: &StepContext) -> Result<StepOutput>;
     /// The evaluation pass over the whole evaluation split (every rank its shard, the sums
@@ -117,6 +111,23 @@ pub struct Opened<T> {
     pub classes: Vec<String>,
     /// Samples in the training split.
     pub train_len: usize,
+}
+
+/// The batches of a pass, knowing how many the whole pass has (for progress).
+pub trait BatchStream: Iterator {
+    fn num_batches(&self) -> usize;
+}
+
+impl<B> BatchStream for crate::data::Pass<B> {
+    fn num_batches(&self) -> usize {
+        crate::data::Pass::num_batches(self)
+    }
+}
+
+impl BatchStream for crate::data::Batches {
+    fn num_batches(&self) -> usize {
+        crate::data::Batches::num_batches(self)
+    }
 }
 
 /// What the engine needs to know of a batch.

@@ -5,7 +5,7 @@
 use super::record::{MetricsLine, Summary};
 use super::run::{progress_bar, save_weights, training_checkpoint, Run};
 use super::step::{optimizer_step, EpochSums, StepPosition};
-use super::{Evaluation, RunTotals, StepContext, Task, TaskBatch};
+use super::{BatchStream, Evaluation, RunTotals, StepContext, StepOutput, Task, TaskBatch};
 use crate::checkpoint::{self, EpochProgress, TrainState};
 use crate::config::Precision;
 use crate::device::weights_to_channels_last;
@@ -237,10 +237,10 @@ impl<'r, T: Task> Trainer<'r, T> {
         } else {
             Default::default()
         };
-        let (batches, num_batches) = task.train_batches(run, epoch, first_batch)?;
+        let batches = task.train_batches(run, epoch, first_batch)?;
         let bar = progress_bar(
             run.opts.progress,
-            num_batches as u64,
+            batches.num_batches() as u64,
             epoch,
             cfg.train.epochs,
         );
@@ -275,30 +275,7 @@ impl<'r, T: Task> Trainer<'r, T> {
                 global_step: self.state.global_step,
             };
             lr = self.schedule.lr_at(at.global_step);
-            let out = task.train_step(
-                &batch,
-                &StepContext {
-                    at,
-                    dp: self.dp.as_ref(),
-                },
-            )?;
-            let step = optimizer_step(
-                &out.loss,
-                &mut self.opt,
-                &mut self.scaler,
-                &cfg.optim,
-                lr,
-                &run.ckpt_dir,
-                at,
-                self.dp.as_ref(),
-                run.stop_requested(),
-                sums.reads_every_step(),
-            )?;
-            let current = sums.add(&step.loss, &out.hits, out.samples, at.global_step)?;
-            self.state.global_step += 1;
-            if let Some(la) = self.opt.lookahead_mut() {
-                la.after_step(self.state.global_step);
-            }
+            let (out, current, stop) = self.step(task, &batch, at, lr, &mut sums)?;
             p.seen += out.samples as usize;
             p.counted += out.counted;
             if current {
@@ -315,7 +292,7 @@ impl<'r, T: Task> Trainer<'r, T> {
             steps_done = at.step_in_epoch + 1;
             let step_limit =
                 cfg.train.max_steps > 0 && self.state.global_step >= cfg.train.max_steps;
-            if step.stop || step_limit {
+            if stop || step_limit {
                 // At the end of an epoch the epoch is finished normally.
                 self.stopped_early = true;
                 if steps_done < self.iters_per_epoch {
@@ -326,17 +303,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         bar.finish_and_clear();
         sums.read()?;
         (p.loss_sum, p.correct) = (sums.loss, sums.correct);
-        if let Some(dp) = &self.dp {
-            let v = dp.sum(&[
-                p.loss_sum,
-                p.correct as f64,
-                p.seen as f64,
-                p.skipped as f64,
-                p.counted as f64,
-            ])?;
-            (p.loss_sum, p.correct) = (v[0], v[1] as i64);
-            (p.seen, p.skipped, p.counted) = (v[2] as usize, v[3] as usize, v[4] as usize);
-        }
+        let p = self.over_all_ranks(p)?;
         if p.seen == 0 {
             bail!("epoch {epoch}: no usable training images (every image of the epoch failed to load)");
         }
@@ -361,6 +328,59 @@ impl<'r, T: Task> Trainer<'r, T> {
             started,
             data_wait,
         }))
+    }
+
+    /// One training step on `batch`: the task's forward pass and loss, the optimizer step, the
+    /// running sums, lookahead. Returns the task's output, whether the sums were read back (the
+    /// running figures are current) and whether to stop after this step.
+    fn step(
+        &mut self,
+        task: &T,
+        batch: &T::Batch,
+        at: StepPosition,
+        lr: f64,
+        sums: &mut EpochSums,
+    ) -> Result<(StepOutput, bool, bool)> {
+        let run = self.run;
+        let dp = self.dp.as_ref();
+        let out = task.train_step(batch, &StepContext { at, dp })?;
+        let step = optimizer_step(
+            &out.loss,
+            &mut self.opt,
+            &mut self.scaler,
+            &run.cfg.optim,
+            lr,
+            &run.ckpt_dir,
+            at,
+            dp,
+            run.stop_requested(),
+            sums.reads_every_step(),
+        )?;
+        let current = sums.add(&step.loss, &out.hits, out.samples, at.global_step)?;
+        self.state.global_step += 1;
+        if let Some(la) = self.opt.lookahead_mut() {
+            la.after_step(self.state.global_step);
+        }
+        Ok((out, current, step.stop))
+    }
+
+    /// An epoch's sums over every rank of a data-parallel run.
+    fn over_all_ranks(&self, p: EpochProgress) -> Result<EpochProgress> {
+        let Some(dp) = &self.dp else { return Ok(p) };
+        let v = dp.sum(&[
+            p.loss_sum,
+            p.correct as f64,
+            p.seen as f64,
+            p.skipped as f64,
+            p.counted as f64,
+        ])?;
+        Ok(EpochProgress {
+            loss_sum: v[0],
+            correct: v[1] as i64,
+            seen: v[2] as usize,
+            skipped: v[3] as usize,
+            counted: v[4] as usize,
+        })
     }
 
     /// Mid-epoch stop: saves where the epoch stands; `--resume` continues at the next batch.

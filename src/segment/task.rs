@@ -287,19 +287,12 @@ impl Task for Segmentation {
         Ok(())
     }
 
-    fn train_batches(&self, _run: &Run, epoch: usize, first: usize) -> Result<(SegLoader, usize)> {
-        let (cfg, bs) = (&self.cfg, self.cfg.train.batch_size);
-        let loader = SegLoader::train_shard(
-            self.train_ds.clone(),
-            cfg,
-            bs,
-            cfg.seed,
-            epoch,
-            first,
-            self.shard,
-        );
-        let n = loader.num_batches();
-        Ok((loader, n))
+    fn train_batches(&self, _run: &Run, epoch: usize, first: usize) -> Result<SegLoader> {
+        let (cfg, bs, shard) = (&self.cfg, self.cfg.train.batch_size, self.shard);
+        let ds = self.train_ds.clone();
+        Ok(SegLoader::train_shard(
+            ds, cfg, bs, cfg.seed, epoch, first, shard,
+        ))
     }
 
     fn train_step(&self, batch: &SegBatch, ctx: &StepContext) -> Result<StepOutput> {

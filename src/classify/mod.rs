@@ -11,7 +11,7 @@ use crate::checkpoint;
 use crate::config::{Config, Precision};
 use crate::data::Batch;
 use crate::device::{to_channels_last, to_device_input, upload, weights_to_channels_last};
-use crate::engine::{self, Evaluation, MetricsLine, RunOptions, Summary};
+use crate::engine::{self, EpochFields, Evaluation, MetricsLine, RunOptions, Summary};
 use crate::model::{self, Classifier};
 use crate::train::loss::topk_hits;
 use crate::train::precision::Autocast;
@@ -34,6 +34,16 @@ pub struct ClassificationEpoch {
     pub train_top1: f64,
     pub val_top1: Option<f64>,
     pub val_top5: Option<f64>,
+}
+
+impl EpochFields for ClassificationEpoch {
+    fn describe_train(&self) -> String {
+        format!("top-1 {:.2}%", self.train_top1)
+    }
+    fn describe_eval(&self) -> Option<String> {
+        let (t1, t5) = (self.val_top1?, self.val_top5?);
+        Some(format!("top-1 {t1:.2}% top-5 {t5:.2}%"))
+    }
 }
 
 /// One line of a classification run's `metrics.jsonl`.
@@ -270,30 +280,6 @@ impl Evaluation for EvalResult {
     fn loss(&self) -> f64 {
         self.loss
     }
-}
-
-fn format_epoch(m: &EpochMetrics, epochs: usize) -> String {
-    let val = match (m.val_top1, m.val_top5, m.val_loss) {
-        (Some(t1), Some(t5), Some(l)) => {
-            format!(" | val loss {l:.4} top-1 {t1:.2}% top-5 {t5:.2}%")
-        }
-        _ => String::new(),
-    };
-    format!(
-        "epoch {}/{epochs}: lr {:.5} train loss {:.4} top-1 {:.2}%{val} | {:.0} img/s, {:.1}s (data wait {:.1}s){}",
-        m.epoch,
-        m.lr,
-        m.train_loss,
-        m.train_top1,
-        m.images_per_second,
-        m.seconds,
-        m.data_wait_seconds,
-        if m.skipped_images > 0 {
-            format!(", {} bad images skipped", m.skipped_images)
-        } else {
-            String::new()
-        }
-    )
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! [`Classification`]: the classification task as the engine drives it.
 
 use super::{
-    eval_logits, first_images, format_epoch, init_from_finetune, load_teacher, ClassificationEpoch,
-    ClassificationSummary, EpochMetrics, EvalResult, EvalSettings, EvalSums, Teacher,
+    eval_logits, first_images, init_from_finetune, load_teacher, ClassificationEpoch,
+    ClassificationSummary, EvalResult, EvalSettings, EvalSums, Teacher,
 };
 use crate::config::Config;
 use crate::data::{self, Batch, Batches, Dataset, Loader, Resident, Shard};
@@ -308,10 +308,6 @@ impl Task for Classification {
             val_top1: eval.map(|e| e.top1),
             val_top5: eval.map(|e| e.top5),
         }
-    }
-
-    fn describe_epoch(&self, m: &EpochMetrics, epochs: usize) -> String {
-        format_epoch(m, epochs)
     }
 
     fn summary_fields(

@@ -18,7 +18,7 @@ mod run;
 mod step;
 mod trainer;
 
-pub use record::{MetricsLine, Summary};
+pub use record::{EpochFields, MetricsLine, Summary};
 pub use run::{save_weights, Run, RunOptions};
 pub use step::StepPosition;
 pub use trainer::Trainer;
@@ -26,7 +26,6 @@ pub use trainer::Trainer;
 use crate::train::optim::Sgd;
 use crate::train::DataParallel;
 use anyhow::Result;
-use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tch::{nn, Tensor};
 
@@ -39,7 +38,7 @@ pub trait Task: Sized {
     /// What an evaluation pass measures.
     type Eval: Evaluation;
     /// The task's fields of a `metrics.jsonl` line ([`MetricsLine`]).
-    type EpochFields: Serialize + DeserializeOwned + Clone;
+    type EpochFields: EpochFields;
     /// The task's fields of `summary.json` ([`Summary`]).
     type SummaryFields: Serialize;
 
@@ -89,8 +88,6 @@ pub trait Task: Sized {
     /// The task's fields of an epoch's metrics line: its training accuracy (correct among
     /// counted, %) and its evaluation, if the epoch had one.
     fn epoch_fields(&self, train_accuracy: f64, eval: Option<&Self::Eval>) -> Self::EpochFields;
-    /// The epoch's log line.
-    fn describe_epoch(&self, m: &MetricsLine<Self::EpochFields>, epochs: usize) -> String;
     /// The task's fields of `summary.json` from the run's totals and its last evaluation.
     fn summary_fields(
         &self,

@@ -36,6 +36,41 @@ pub struct MetricsLine<T> {
     pub eval_seconds: f64,
 }
 
+/// A task's fields of a metrics line, as the epoch's log line shows them.
+pub trait EpochFields: Serialize + DeserializeOwned + Clone {
+    /// The training accuracy, e.g. `top-1 93.10%`.
+    fn describe_train(&self) -> String;
+    /// The evaluation's figures, e.g. `top-1 91.20% top-5 99.10%` (`None` on an epoch without
+    /// an evaluation).
+    fn describe_eval(&self) -> Option<String>;
+}
+
+impl<T: EpochFields> MetricsLine<T> {
+    /// The epoch's log line.
+    pub fn describe(&self, epochs: usize) -> String {
+        let val = match (self.val_loss, self.task.describe_eval()) {
+            (Some(l), Some(e)) => format!(" | val loss {l:.4} {e}"),
+            _ => String::new(),
+        };
+        let ips = self.images_per_second;
+        let digits = if ips < 100.0 { 1 } else { 0 };
+        format!(
+            "epoch {}/{epochs}: lr {:.5} train loss {:.4} {}{val} | {ips:.digits$} img/s, {:.1}s (data wait {:.1}s){}",
+            self.epoch,
+            self.lr,
+            self.train_loss,
+            self.task.describe_train(),
+            self.seconds,
+            self.data_wait_seconds,
+            if self.skipped_images > 0 {
+                format!(", {} bad images skipped", self.skipped_images)
+            } else {
+                String::new()
+            }
+        )
+    }
+}
+
 impl<T> Deref for MetricsLine<T> {
     type Target = T;
     fn deref(&self) -> &T {

@@ -460,7 +460,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         self.scaler.record(&mut self.state);
         if run.rank0 {
             metrics::append(&run.metrics_path, &m)?;
-            run.log(&task.describe_epoch(&m, cfg.train.epochs));
+            run.log(&m.describe(cfg.train.epochs));
             self.save_epoch_checkpoint(epoch)?;
         }
         if let Some((e, _)) = eval {

@@ -15,8 +15,8 @@ use crate::config::{Config, Precision, Task as TaskKind};
 use crate::data::Shard;
 use crate::device::{to_device_input, upload};
 use crate::engine::{
-    self, Evaluation, MetricsLine, Opened, Run, RunOptions, RunTotals, StepContext, StepOutput,
-    Summary, Task, TaskBatch,
+    self, EpochFields, Evaluation, MetricsLine, Opened, Run, RunOptions, RunTotals, StepContext,
+    StepOutput, Summary, Task, TaskBatch,
 };
 use crate::metrics;
 use crate::train::derive_seed;
@@ -42,6 +42,16 @@ pub struct SegmentationEpoch {
     pub val_pixel_acc: Option<f64>,
     #[serde(alias = "miou")]
     pub val_miou: Option<f64>,
+}
+
+impl EpochFields for SegmentationEpoch {
+    fn describe_train(&self) -> String {
+        format!("pixel acc {:.2}%", self.train_pixel_acc)
+    }
+    fn describe_eval(&self) -> Option<String> {
+        let (a, iou) = (self.val_pixel_acc?, self.val_miou?);
+        Some(format!("pixel acc {a:.2}% mIoU {iou:.2}%"))
+    }
 }
 
 /// One line of a segmentation run's `metrics.jsonl`.
@@ -197,19 +207,6 @@ pub fn read_metrics(path: &Path) -> Result<Vec<SegEpochMetrics>> {
     metrics::read(path)
 }
 
-fn format_epoch(m: &SegEpochMetrics, epochs: usize) -> String {
-    let val = match (m.val_loss, m.val_pixel_acc, m.val_miou) {
-        (Some(l), Some(a), Some(iou)) => {
-            format!(" | val loss {l:.4} pixel acc {a:.2}% mIoU {iou:.2}%")
-        }
-        _ => String::new(),
-    };
-    format!(
-        "epoch {}/{epochs}: lr {:.5} train loss {:.4} pixel acc {:.2}%{val} | {:.1} img/s, {:.1}s",
-        m.epoch, m.lr, m.train_loss, m.train_pixel_acc, m.images_per_second, m.seconds
-    )
-}
-
 /// Trains an FCN as the config says (`task = "segmentation"`), writing everything into
 /// `opts.out_dir`; `opts.resume` continues from the newest valid checkpoint there.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<SegSummary> {
@@ -348,10 +345,6 @@ impl Task for Segmentation {
             val_pixel_acc: eval.map(|e| e.pixel_acc),
             val_miou: eval.map(|e| e.miou),
         }
-    }
-
-    fn describe_epoch(&self, m: &SegEpochMetrics, epochs: usize) -> String {
-        format_epoch(m, epochs)
     }
 
     fn summary_fields(&self, run: &Run, t: &RunTotals, last: &SegEval) -> SegmentationSummary {

@@ -221,6 +221,12 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
                 path.display()
             );
         }
+    } else if meta.get("format").map(String::as_str) == Some(FORMAT) {
+        // External weights carry no checksum; ours always do, so its absence is worth saying.
+        eprintln!(
+            "warning: {}: a tricks checkpoint without its `sha256` checksum: loaded unverified",
+            path.display()
+        );
     }
     let mut tensors = BTreeMap::new();
     for (name, view) in &items {
@@ -266,7 +272,19 @@ fn ignorable(name: &str) -> bool {
     name.ends_with("num_batches_tracked") || name.starts_with("optim.")
 }
 
-/// Copies tensors into a VarStore by name. Every variable must be present with the same shape;
+fn is_float(kind: Kind) -> bool {
+    matches!(
+        kind,
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+    )
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    t.numel() == 0 || bool::try_from(t.isfinite().all()).unwrap_or(false)
+}
+
+/// Copies tensors into a VarStore by name. Every variable must be present with the same shape,
+/// a floating-point type and finite values (the error names the first tensor, by name, that is not);
 /// `skip` names a prefix left untouched (e.g. "fc." when fine-tuning onto new classes).
 pub fn copy_into(
     vs: &nn::VarStore,
@@ -275,8 +293,12 @@ pub fn copy_into(
     skip: Option<&str>,
 ) -> Result<()> {
     let vars = vs.variables();
+    // In name order, so that the first tensor reported is the same on every run.
+    let mut names: Vec<&String> = vars.keys().collect();
+    names.sort();
     let mut missing = Vec::new();
-    for (name, var) in &vars {
+    for name in names {
+        let var = &vars[name];
         if skip.is_some_and(|s| name.starts_with(s)) {
             continue;
         }
@@ -287,6 +309,16 @@ pub fn copy_into(
                 source.display(),
                 t.size(),
                 var.size()
+            ),
+            Some(t) if is_float(var.kind()) && !is_float(t.kind()) => bail!(
+                "{}: tensor `{name}` is stored as {:?}, not a floating-point type (weights are \
+                 f32, f16, bf16 or f64)",
+                source.display(),
+                t.kind()
+            ),
+            Some(t) if !all_finite(t) => bail!(
+                "{}: tensor `{name}` holds non-finite values (NaN or infinity)",
+                source.display()
             ),
             Some(t) => tch::no_grad(|| {
                 let mut v = var.shallow_clone();
@@ -620,6 +652,43 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("missing") && err.contains("c.weight"), "{err}");
+    }
+
+    #[test]
+    fn copy_into_refuses_integer_and_non_finite_weights_naming_them() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = (vs.root() / "a").zeros("weight", &[2, 2]);
+        let _ = (vs.root() / "b").zeros("bias", &[1]);
+        let mut tensors: BTreeMap<String, Tensor> = sample().into_iter().collect();
+        tensors.insert("b.bias".into(), Tensor::from_slice(&[5i64]));
+        let err = copy_into(&vs, &tensors, Path::new("t.safetensors"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("t.safetensors") && err.contains("`b.bias`") && err.contains("Int64"),
+            "{err}"
+        );
+        tensors.insert("b.bias".into(), Tensor::from_slice(&[5u8]));
+        assert!(copy_into(&vs, &tensors, Path::new("t"), None).is_err());
+        tensors.insert("b.bias".into(), Tensor::from_slice(&[f32::NAN]));
+        tensors.insert(
+            "a.weight".into(),
+            Tensor::from_slice(&[1.0f32, f32::INFINITY, 3.0, 4.0]).view([2, 2]),
+        );
+        // The first in name order.
+        let err = copy_into(&vs, &tensors, Path::new("t.safetensors"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`a.weight`") && err.contains("non-finite"),
+            "{err}"
+        );
+        tensors.insert(
+            "a.weight".into(),
+            Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]).view([2, 2]),
+        );
+        tensors.insert("b.bias".into(), Tensor::from_slice(&[1.0f32]));
+        copy_into(&vs, &tensors, Path::new("t"), None).unwrap();
     }
 
     #[test]

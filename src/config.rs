@@ -644,6 +644,9 @@ impl Config {
         positive("distributed.bucket_mb", self.distributed.bucket_mb)?;
         let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<()> {
             if !(v >= lo && v <= hi) {
+                if hi == f64::MAX {
+                    bail!("key `{key}` must be a finite number >= {lo}, got {v}");
+                }
                 bail!("key `{key}` must be in [{lo}, {hi}], got {v}");
             }
             Ok(())
@@ -748,6 +751,103 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// What parses and validates but probably is not what was meant: keys whose setting never
+    /// takes effect within `train.epochs` (a step of the lr schedule at or after the last epoch,
+    /// mixup switched off for the whole run, a warm-up as long as the run). Each names its keys;
+    /// `tricks train` and `--check` print them.
+    pub fn warnings(&self) -> Vec<String> {
+        let epochs = self.train.epochs;
+        let mut out = Vec::new();
+        if self.optim.schedule == Schedule::Step {
+            let late: Vec<usize> = self
+                .optim
+                .step_epochs
+                .iter()
+                .copied()
+                .filter(|&e| e >= epochs)
+                .collect();
+            if !late.is_empty() {
+                let what = if late.len() == self.optim.step_epochs.len() {
+                    "the lr never decays"
+                } else {
+                    "the lr does not decay there"
+                };
+                out.push(format!(
+                    "key `optim.step_epochs`: {late:?} lie at or beyond `train.epochs` ({epochs}); {what}"
+                ));
+            }
+        }
+        if self.mixup.alpha > 0.0 && self.mixup.off_epochs >= epochs {
+            out.push(format!(
+                "key `mixup.off_epochs` ({}) covers all of `train.epochs` ({epochs}): mixup (`mixup.alpha` = {}) is never on",
+                self.mixup.off_epochs, self.mixup.alpha
+            ));
+        }
+        if self.optim.warmup_epochs > 0.0 && self.optim.warmup_epochs >= epochs as f64 {
+            out.push(format!(
+                "key `optim.warmup_epochs` ({}) covers all of `train.epochs` ({epochs}): the lr rises for the whole run and never decays",
+                self.optim.warmup_epochs
+            ));
+        }
+        out
+    }
+}
+
+/// A message with every overlong part cut: each word (a run without spaces) longer than
+/// [`MAX_SHOWN`] characters keeps its first [`MAX_SHOWN`] followed by "… (N bytes)", and a
+/// message still longer than 8 × [`MAX_SHOWN`] keeps its start and end around the same mark. So
+/// a 10 MB config value in an error stays a line, and the key and problem around it stay readable.
+pub fn shorten_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(4 * MAX_SHOWN));
+    let mut rest = msg;
+    while !rest.is_empty() {
+        let end = rest.find(char::is_whitespace).unwrap_or(rest.len());
+        let (word, tail) = rest.split_at(end);
+        out.push_str(&shorten_value(word));
+        let ws = tail.len() - tail.trim_start().len();
+        out.push_str(&tail[..ws]);
+        rest = &tail[ws..];
+    }
+    let limit = 8 * MAX_SHOWN;
+    if out.len() <= limit {
+        return out;
+    }
+    let head = floor_char(&out, limit / 2);
+    let tail_start = ceil_char(&out, out.len() - limit / 4);
+    format!(
+        "{}… ({} bytes) …{}",
+        &out[..head],
+        tail_start - head,
+        &out[tail_start..]
+    )
+}
+
+/// How many characters of a long value a message shows.
+pub const MAX_SHOWN: usize = 200;
+
+/// `s` itself, or its first [`MAX_SHOWN`] characters and "… (N bytes)" when it is longer.
+pub fn shorten_value(s: &str) -> String {
+    match s.char_indices().nth(MAX_SHOWN) {
+        None => s.to_string(),
+        Some((cut, _)) => format!("{}… ({} bytes)", &s[..cut], s.len()),
+    }
+}
+
+fn floor_char(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+fn ceil_char(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    i
 }
 
 /// Reads a config file as a TOML table, resolving `extends` chains.
@@ -941,6 +1041,75 @@ mod tests {
     fn resolved_config_round_trips_through_toml() {
         let c = Config::from_toml_str("[mixup]\nalpha = 0.2\n", &[]).unwrap();
         assert_eq!(Config::from_toml_str(&c.to_toml(), &[]).unwrap(), c);
+    }
+
+    #[test]
+    fn warnings_name_keys_that_never_take_effect() {
+        let w = |ov: &[&str]| {
+            let ov: Vec<String> = ov.iter().map(|s| s.to_string()).collect();
+            Config::from_toml_str("", &ov).unwrap().warnings()
+        };
+        assert!(w(&[]).is_empty(), "{:?}", w(&[]));
+        // configs/cifar10/resnet20.toml with --set train.epochs=2: the lr never decays.
+        let v = w(&["train.epochs=2", "optim.step_epochs=[15, 22]"]);
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            v[0].contains("optim.step_epochs") && v[0].contains("never decays"),
+            "{v:?}"
+        );
+        let v = w(&["train.epochs=20", "optim.step_epochs=[15, 22]"]);
+        assert!(
+            v[0].contains("[22]") && v[0].contains("not decay there"),
+            "{v:?}"
+        );
+        // A cosine schedule ignores step_epochs.
+        assert!(w(&["train.epochs=2", "optim.schedule=\"cosine\""]).is_empty());
+        let v = w(&[
+            "train.epochs=4",
+            "optim.step_epochs=[2]",
+            "mixup.alpha=0.2",
+            "mixup.off_epochs=4",
+        ]);
+        assert!(v.len() == 1 && v[0].contains("mixup.off_epochs"), "{v:?}");
+        let v = w(&[
+            "train.epochs=4",
+            "optim.step_epochs=[2]",
+            "optim.warmup_epochs=4",
+        ]);
+        assert!(
+            v.len() == 1 && v[0].contains("optim.warmup_epochs"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn unbounded_ranges_and_long_values_read_as_people_write_them() {
+        let e = err("", &["optim.clip_grad_norm=-1.0"]);
+        assert!(
+            e.contains("optim.clip_grad_norm") && e.contains("finite number >= 0"),
+            "{e}"
+        );
+        assert!(e.len() < 200, "{e}");
+        let long = "x".repeat(10_000_000);
+        let msg = format!("key `model.name`: unknown model \"{long}\"; expected resnet18");
+        let short = shorten_message(&msg);
+        assert!(short.len() < 1000, "{}", short.len());
+        assert!(
+            short.starts_with("key `model.name`: unknown model \"xxx"),
+            "{short}"
+        );
+        assert!(short.contains("(10000003 bytes)") && short.ends_with("expected resnet18"));
+        // A long value with spaces keeps its start and end.
+        let spaced = format!("key `data.dir`: {} does not exist", "ab ".repeat(1_000_000));
+        let short = shorten_message(&spaced);
+        assert!(short.len() < 2000 && short.starts_with("key `data.dir`: ab"));
+        assert!(short.ends_with("does not exist"), "{short}");
+        // Short messages and multi-byte characters pass unchanged.
+        assert_eq!(shorten_message("é – ok"), "é – ok");
+        assert_eq!(
+            shorten_value(&"é".repeat(300)).chars().count(),
+            200 + 1 + 12
+        );
     }
 
     #[test]

@@ -96,8 +96,8 @@ struct AblateArgs {
     /// Output folder of the study.
     #[arg(long)]
     out: PathBuf,
-    /// Trainings at once.
-    #[arg(long, default_value_t = 1)]
+    /// Trainings at once (1 or more).
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     jobs: usize,
     /// cpu, cuda, cuda:N or auto (default: the study's `device`, else cpu).
     #[arg(long)]
@@ -186,7 +186,8 @@ struct BenchArgs {
     model: String,
     #[arg(long, default_value = "a")]
     variant: String,
-    #[arg(long, default_value_t = 128)]
+    /// Images per step (1 or more).
+    #[arg(long, default_value_t = 128, value_parser = at_least_one)]
     batch: usize,
     #[arg(long, default_value_t = 32)]
     size: i64,
@@ -214,6 +215,15 @@ struct BenchArgs {
     /// milliseconds: bench/lockstep.py alternates this with PyTorch step by step.
     #[arg(long)]
     lockstep: bool,
+}
+
+/// A count that must be 1 or more (`--batch`, `--jobs`).
+fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        Ok(n) => Err(format!("{n} is not allowed: the valid range is 1 or more")),
+        Err(e) => Err(format!("{e} (the valid range is 1 or more)")),
+    }
 }
 
 fn main() {
@@ -270,9 +280,11 @@ fn main() {
         Command::Launch(a) => cmd_launch(a),
     };
     if let Err(e) = result {
+        // A huge value (a 10 MB config string) is cut, so the error stays one readable line.
+        let msg = tricks::config::shorten_message(&format!("{e:#}"));
         match std::env::var("RANK") {
-            Ok(r) if std::env::var("WORLD_SIZE").is_ok() => eprintln!("error: rank {r}: {e:#}"),
-            _ => eprintln!("error: {e:#}"),
+            Ok(r) if std::env::var("WORLD_SIZE").is_ok() => eprintln!("error: rank {r}: {msg}"),
+            _ => eprintln!("error: {msg}"),
         }
         std::process::exit(1);
     }
@@ -305,6 +317,12 @@ fn load_config(a: &TrainArgs) -> Result<Config> {
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
     let cfg = load_config(&a)?;
+    // Every rank of a data-parallel run reads the same config: rank 0 alone says so.
+    if !matches!(std::env::var("RANK"), Ok(r) if r != "0") {
+        for w in cfg.warnings() {
+            eprintln!("warning: {w}");
+        }
+    }
     let device = device::parse_device(&a.device)?;
     let out = a.out.clone().unwrap_or_else(|| {
         Path::new("runs").join(
@@ -407,12 +425,18 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
         println!("data: not given (pass --data DIR or set data.dir)");
     } else {
         let (tr, va) = data::open_train_val(&cfg.data, cfg.seed)?;
+        let skipped = tr.skipped_files().len() + va.skipped_files().len();
         println!(
-            "data: ok ({} training and {} evaluation images, {} classes, {} steps per epoch)",
+            "data: ok ({} training and {} evaluation images, {} classes, {} steps per epoch{})",
             tr.len(),
             va.len(),
             tr.classes().len(),
-            tr.len() / cfg.train.batch_size
+            tr.len() / cfg.train.batch_size,
+            if skipped > 0 {
+                format!("; {skipped} entries skipped, named in the warnings above")
+            } else {
+                String::new()
+            }
         );
     }
     Ok(())
@@ -514,10 +538,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let ds = data::open_split(&cfg.data, data::Split::Val, cfg.seed)?;
     if !classes.is_empty() && ds.classes() != classes.as_slice() {
         anyhow::bail!(
-            "{}: the dataset's classes differ from the checkpoint's ({} vs {} classes)",
+            "{}: the dataset's classes differ from the checkpoint's ({}",
             cfg.data.dir,
-            ds.classes().len(),
-            classes.len()
+            data::class_difference(ds.classes(), &classes, "the dataset", "the checkpoint")
         );
     }
     device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
@@ -562,7 +585,10 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
     println!("{}", report.summary_line());
     if !report.failed.is_empty() {
         for (variant, seed, err) in &report.failed {
-            eprintln!("failed: {variant} seed {seed}: {err}");
+            eprintln!(
+                "failed: {variant} seed {seed}: {}",
+                tricks::config::shorten_message(err)
+            );
         }
         anyhow::bail!(
             "{} run(s) failed (see error.txt in their folders)",

@@ -604,3 +604,292 @@ echo EVAL_RC=$?",
         "the previous checkpoint must still verify: {out}\n{err}"
     );
 }
+
+// ---- issue 23, second round ----
+
+/// Runs tricks with a time limit (a walk that never ends must fail the test, not hang it).
+fn run_bounded(args: &[&str], secs: u64) -> std::process::Output {
+    let o = std::process::Command::new("timeout")
+        .arg(secs.to_string())
+        .arg(env!("CARGO_BIN_EXE_tricks"))
+        .args(args)
+        .output()
+        .expect("timeout");
+    assert_ne!(o.status.code(), Some(124), "{args:?} ran past {secs} s");
+    o
+}
+
+fn check_ok(c: &Case) -> (String, String) {
+    let cfg = c.config("");
+    let o = run_bounded(&["train", "--config", &cfg, "--check"], 120);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (stdout(&o), stderr(&o))
+}
+
+#[test]
+fn directory_symlink_loops_are_skipped_named_and_bounded() {
+    use std::os::unix::fs::symlink;
+    let c = Case::new();
+    // A link to the split folder (every class again), two self-links in one class, four in the
+    // other (4^16 paths: the walk used to hang).
+    symlink("..", c.data.join("train/class0/up")).unwrap();
+    for i in 0..2 {
+        symlink(".", c.data.join(format!("train/class0/self{i}"))).unwrap();
+    }
+    for i in 0..4 {
+        symlink(".", c.data.join(format!("train/class1/loop{i}"))).unwrap();
+    }
+    let (out, err) = check_ok(&c);
+    assert!(
+        out.contains("data: ok (8 training and 4 evaluation images")
+            && out.contains("7 entries skipped"),
+        "{out}"
+    );
+    assert!(
+        err.contains("class0/up")
+            && err.contains("class1/loop3")
+            && err.contains("folder already listed"),
+        "{err}"
+    );
+    // A link to a folder outside the split is followed once.
+    let extra = c.dir.join("extra");
+    std::fs::create_dir_all(&extra).unwrap();
+    std::fs::write(extra.join("x.jpg"), jpeg_bytes()).unwrap();
+    symlink(&extra, c.data.join("train/class1/extra")).unwrap();
+    let (out, _) = check_ok(&c);
+    assert!(out.contains("data: ok (9 training"), "{out}");
+}
+
+#[test]
+fn a_file_symlink_loop_is_named_not_skipped_silently() {
+    let c = Case::new();
+    std::os::unix::fs::symlink("loop.jpg", c.data.join("train/class1/loop.jpg")).unwrap();
+    let (out, err) = check_ok(&c);
+    assert!(out.contains("1 entries skipped"), "{out}");
+    assert!(
+        err.contains("warning:") && err.contains("class1/loop.jpg (symbolic link loop)"),
+        "{err}"
+    );
+}
+
+/// A copy of `src` with `edit` applied to its tensors (saved with a valid checksum).
+fn edited_checkpoint(
+    src: &Path,
+    dst: &Path,
+    edit: impl Fn(&str, &tch::Tensor) -> Option<tch::Tensor>,
+) -> String {
+    let ck = tricks::checkpoint::load(src).unwrap();
+    let tensors: Vec<(String, tch::Tensor)> = ck
+        .tensors
+        .iter()
+        .map(|(k, v)| (k.clone(), edit(k, v).unwrap_or_else(|| v.shallow_clone())))
+        .collect();
+    tricks::checkpoint::save(dst, &tensors, ck.config.as_ref(), &ck.classes, None).unwrap();
+    dst.to_str().unwrap().to_string()
+}
+
+fn eval_args<'a>(ckpt: &'a str, data: &'a str) -> Vec<&'a str> {
+    vec!["eval", "--checkpoint", ckpt, "--data", data]
+}
+
+#[test]
+fn checkpoint_with_a_wrong_or_integer_weight_names_that_tensor() {
+    let c = Case::new();
+    let best = trained(&c, "run", &[]).join("best.safetensors");
+    let data = c.data.to_str().unwrap();
+    let wide = edited_checkpoint(&best, &c.dir.join("wide.safetensors"), |k, v| {
+        (k == "fc.weight").then(|| tch::Tensor::zeros([5, v.size()[1]], (v.kind(), v.device())))
+    });
+    let e = fails_with(
+        &eval_args(&wide, data),
+        &["wide.safetensors", "`fc.weight`", "[5, 64]"],
+    );
+    assert!(!e.contains("fc.bias"), "{e}");
+    let ints = edited_checkpoint(&best, &c.dir.join("ints.safetensors"), |k, v| {
+        (k == "conv1.weight").then(|| v.to_kind(tch::Kind::Int64))
+    });
+    fails_with(
+        &eval_args(&ints, data),
+        &["ints.safetensors", "`conv1.weight`", "Int64"],
+    );
+}
+
+#[test]
+fn eval_on_other_class_names_lists_them() {
+    let c = Case::new();
+    let best = trained(&c, "run", &[]).join("best.safetensors");
+    let other = c.dir.join("other");
+    image_folder(&other, 2, 1, 2, 16);
+    std::fs::rename(other.join("val/class1"), other.join("val/zebra")).unwrap();
+    fails_with(
+        &eval_args(best.to_str().unwrap(), other.to_str().unwrap()),
+        &[
+            "2 vs 2 classes",
+            "only in the dataset: [zebra]",
+            "only in the checkpoint: [class1]",
+        ],
+    );
+}
+
+#[test]
+fn eval_of_non_finite_weights_fails_naming_the_tensor() {
+    let c = Case::new();
+    let best = trained(&c, "run", &[]).join("best.safetensors");
+    let nan = edited_checkpoint(&best, &c.dir.join("nan.safetensors"), |k, v| {
+        (k == "layer2.0.bn1.running_var" || k == "layer3.0.conv1.weight")
+            .then(|| v.full_like(f64::NAN))
+    });
+    let e = fails_with(
+        &eval_args(&nan, c.data.to_str().unwrap()),
+        &[
+            "nan.safetensors",
+            "`layer2.0.bn1.running_var`",
+            "non-finite",
+        ],
+    );
+    assert!(!e.contains("top-1"), "{e}");
+}
+
+#[test]
+fn zero_batch_for_bench_and_zero_jobs_for_ablate_are_refused() {
+    for (args, flag) in [
+        (vec!["bench", "--batch", "0", "--steps", "1"], "--batch"),
+        (
+            vec!["ablate", "--study", "s.toml", "--out", "o", "--jobs", "0"],
+            "--jobs",
+        ),
+    ] {
+        let o = run(&args);
+        let e = stderr(&o);
+        assert!(!o.status.success(), "{args:?}: {e}");
+        assert!(e.contains(flag) && e.contains("1 or more"), "{e}");
+        assert!(!stdout(&o).contains("img/s"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn huge_values_are_cut_and_unbounded_ranges_read_as_written() {
+    let c = Case::new();
+    let huge = "x".repeat(10_000_000);
+    let e = c.train(
+        &format!("[finetune]\nmode = \"{huge}\""),
+        &["--check"],
+        &["finetune.mode", "bytes)", "linear_probe"],
+    );
+    assert!(e.len() < 2000, "{} bytes of stderr", e.len());
+    let e = c.train(
+        "",
+        &["--check", "--set", "optim.clip_grad_norm=-1"],
+        &["optim.clip_grad_norm", ">= 0"],
+    );
+    assert!(!e.contains("1797693134862315"), "{e}");
+}
+
+#[test]
+fn settings_that_never_take_effect_are_warned_about_by_check_and_train() {
+    let c = Case::new();
+    // tiny_config trains 1 epoch with optim.step_epochs = [2]: the lr never decays.
+    let (out, err) = check_ok(&c);
+    assert!(out.contains("config: ok"), "{out}");
+    assert!(
+        err.contains("warning: key `optim.step_epochs`: [2]") && err.contains("never decays"),
+        "{err}"
+    );
+    let cfg = c.config("[mixup]\nalpha = 0.2\noff_epochs = 1");
+    let o = run(&[
+        "train",
+        "--config",
+        &cfg,
+        "--check",
+        "--set",
+        "optim.warmup_epochs=1.0",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    for key in [
+        "optim.step_epochs",
+        "mixup.off_epochs",
+        "optim.warmup_epochs",
+    ] {
+        assert!(
+            err.contains(&format!("warning: key `{key}`")),
+            "{key}: {err}"
+        );
+    }
+    // Training says the same at its start.
+    let out = c.dir.join("warned");
+    let o = run(&[
+        "train",
+        "--config",
+        &c.config(""),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("warning: key `optim.step_epochs`"),
+        "{}",
+        stderr(&o)
+    );
+    // Nothing to say when the schedule fits the run.
+    let o = run(&[
+        "train",
+        "--config",
+        &c.config(""),
+        "--check",
+        "--set",
+        "optim.step_epochs=[]",
+    ]);
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_tricks_checkpoint_without_its_checksum_loads_with_a_warning() {
+    let c = Case::new();
+    let best = trained(&c, "run", &[]).join("best.safetensors");
+    let bytes = std::fs::read(&best).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = header.metadata().clone().unwrap();
+    assert_eq!(meta["format"], tricks::checkpoint::FORMAT);
+    meta.remove("sha256");
+    let stripped = c.dir.join("stripped.safetensors");
+    std::fs::write(
+        &stripped,
+        safetensors::serialize(st.tensors(), &Some(meta.clone())).unwrap(),
+    )
+    .unwrap();
+    let data = c.data.to_str().unwrap();
+    let o = run(&eval_args(stripped.to_str().unwrap(), data));
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("stripped.safetensors") && e.contains("sha256") && e.contains("unverified"),
+        "{e}"
+    );
+    // External weights (no `format` key) load quietly, as before.
+    meta.remove("format");
+    let external = c.dir.join("external.safetensors");
+    std::fs::write(
+        &external,
+        safetensors::serialize(st.tensors(), &Some(meta)).unwrap(),
+    )
+    .unwrap();
+    let o = run(&eval_args(external.to_str().unwrap(), data));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("warning"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_segmentation_image_link_loop_is_named_not_skipped_silently() {
+    let tmp = tempfile::tempdir().unwrap();
+    segmentation_folder(tmp.path(), 2, 1, 16, 16);
+    let images = tmp.path().join("train/images");
+    std::os::unix::fs::symlink("loop.png", images.join("loop.png")).unwrap();
+    let ds = tricks::segment::SegDataset::open(&tmp.path().join("train")).unwrap();
+    assert_eq!(ds.len(), 2);
+    assert_eq!(
+        ds.skipped(),
+        &[(images.join("loop.png"), "symbolic link loop".to_string())]
+    );
+}

@@ -3,11 +3,16 @@
 //! Files whose extension is not jpg/jpeg/png (any case) are ignored, as are hidden files and
 //! folders (names starting with `.`, e.g. macOS `._x.jpg` resource forks). A file with an image
 //! extension that does not decode is a bad image: `image()` returns an error naming the file.
+//! Symbolic links are followed, but never into a folder already listed (a loop), and the walk
+//! stops 16 levels down; what is skipped that way (and link loops, dangling links) is named in a
+//! warning and kept in [`ImageFolder::skipped_entries`].
 
 use super::{has_image_extension, Dataset, Image};
 use anyhow::{bail, Context, Result};
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use std::collections::HashSet;
 use std::io::Cursor;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// Largest accepted image side (pixels); larger declared sizes are an error, not an allocation.
@@ -90,6 +95,7 @@ pub struct ImageFolder {
     classes: Vec<String>,
     paths: Vec<PathBuf>,
     labels: Vec<i64>,
+    skipped: Vec<(PathBuf, String)>,
 }
 
 fn is_hidden(path: &Path) -> bool {
@@ -110,19 +116,67 @@ fn list_dir(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
-/// Image files under `dir`, recursively (following symlinks, at most 16 levels), sorted.
-fn collect_images(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<()> {
+/// The state of one split's folder walk: the folders already listed (by device and inode, so a
+/// symbolic link back to a folder of the walk is seen as one) and the entries skipped, with why.
+#[derive(Default)]
+struct Walk {
+    visited: HashSet<(u64, u64)>,
+    skipped: Vec<(PathBuf, String)>,
+}
+
+/// Largest folder depth below a class folder that is listed.
+const MAX_DEPTH: usize = 16;
+
+fn folder_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
+}
+
+/// Why an entry that cannot be followed is skipped, or `None` to ignore it silently (a broken
+/// entry that is neither an image nor possibly a folder, e.g. a dangling `notes.txt` link).
+fn unreadable_reason(path: &Path, err: &std::io::Error) -> Option<String> {
+    if !has_image_extension(path) && path.extension().is_some() {
+        return None;
+    }
+    let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+    Some(if err.raw_os_error() == Some(libc::ELOOP) {
+        "symbolic link loop".to_string()
+    } else if link && err.kind() == std::io::ErrorKind::NotFound {
+        "dangling symbolic link".to_string()
+    } else {
+        format!("cannot read: {err}")
+    })
+}
+
+/// Image files under `dir`, recursively, sorted. Symbolic links are followed, but a folder already
+/// listed (a link to the split, a class folder or one of its ancestors: a loop) is skipped, and so
+/// is anything more than [`MAX_DEPTH`] levels down, so the walk always ends; every skipped entry is
+/// recorded in `walk` with its reason.
+fn collect_images(dir: &Path, depth: usize, walk: &mut Walk, out: &mut Vec<PathBuf>) -> Result<()> {
     for path in list_dir(dir)? {
         if is_hidden(&path) {
             continue;
         }
-        // Follows symlinks; a dangling link is skipped like any other non-image entry.
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
+        let meta = match std::fs::metadata(&path) {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(reason) = unreadable_reason(&path, &e) {
+                    walk.skipped.push((path, reason));
+                }
+                continue;
+            }
         };
         if meta.is_dir() {
-            if depth < 16 {
-                collect_images(&path, depth + 1, out)?;
+            if depth + 1 > MAX_DEPTH {
+                walk.skipped
+                    .push((path, format!("more than {MAX_DEPTH} folder levels deep")));
+            } else if !walk.visited.insert(folder_id(&meta)) {
+                walk.skipped.push((
+                    path,
+                    "link to a folder already listed (a symbolic link loop or a second link to it)"
+                        .to_string(),
+                ));
+            } else {
+                collect_images(&path, depth + 1, walk, out)?;
             }
         } else if has_image_extension(&path) {
             out.push(path);
@@ -150,6 +204,14 @@ impl ImageFolder {
         let mut classes = Vec::with_capacity(class_dirs.len());
         let mut paths = Vec::new();
         let mut labels = Vec::new();
+        // The split and its class folders count as listed: a link back to any of them is a loop
+        // (or would count another class's images as this one's).
+        let mut walk = Walk::default();
+        for d in std::iter::once(dir).chain(class_dirs.iter().map(|p| p.as_path())) {
+            let meta = std::fs::metadata(d)
+                .with_context(|| format!("cannot read folder {}", d.display()))?;
+            walk.visited.insert(folder_id(&meta));
+        }
         for (label, cdir) in class_dirs.iter().enumerate() {
             let name = cdir
                 .file_name()
@@ -159,7 +221,7 @@ impl ImageFolder {
                 })?
                 .to_string();
             let mut files = Vec::new();
-            collect_images(cdir, 0, &mut files)?;
+            collect_images(cdir, 0, &mut walk, &mut files)?;
             if files.is_empty() {
                 bail!(
                     "empty class folder {}: no .jpg, .jpeg or .png files in it",
@@ -170,12 +232,28 @@ impl ImageFolder {
             paths.extend(files);
             classes.push(name);
         }
+        if !walk.skipped.is_empty() {
+            eprintln!(
+                "warning: {}: skipped {} entr{}: {}",
+                dir.display(),
+                walk.skipped.len(),
+                if walk.skipped.len() == 1 { "y" } else { "ies" },
+                describe_skipped(dir, &walk.skipped)
+            );
+        }
         Ok(ImageFolder {
             dir: dir.to_path_buf(),
             classes,
             paths,
             labels,
+            skipped: walk.skipped,
         })
+    }
+
+    /// The entries the walk skipped (symbolic link loops, dangling links, folders already listed
+    /// or too deep), each with its reason.
+    pub fn skipped_entries(&self) -> &[(PathBuf, String)] {
+        &self.skipped
     }
 
     /// The split folder.
@@ -205,6 +283,26 @@ impl Dataset for ImageFolder {
     fn describe(&self, index: usize) -> String {
         self.paths[index].display().to_string()
     }
+    fn skipped_files(&self) -> Vec<String> {
+        self.skipped
+            .iter()
+            .map(|(p, why)| format!("{} ({why})", p.display()))
+            .collect()
+    }
+}
+
+/// The first skipped entries, relative to the split folder, with their reasons (one line).
+fn describe_skipped(dir: &Path, skipped: &[(PathBuf, String)]) -> String {
+    const SHOWN: usize = 10;
+    let mut parts: Vec<String> = skipped
+        .iter()
+        .take(SHOWN)
+        .map(|(p, why)| format!("{} ({why})", p.strip_prefix(dir).unwrap_or(p).display()))
+        .collect();
+    if skipped.len() > SHOWN {
+        parts.push(format!("and {} more", skipped.len() - SHOWN));
+    }
+    parts.join(", ")
 }
 
 #[cfg(test)]

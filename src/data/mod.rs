@@ -116,6 +116,11 @@ pub trait Dataset: Send + Sync {
     fn image(&self, index: usize) -> Result<Image>;
     /// Where the sample comes from, e.g. the file path, or "data_batch_1.bin record 17".
     fn describe(&self, index: usize) -> String;
+    /// Entries of the dataset's folder that were not taken as samples although they might have
+    /// been (symbolic link loops, dangling links, folders listed twice), each with its reason.
+    fn skipped_files(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// The dataset layouts [`open_split`] understands.
@@ -260,29 +265,45 @@ fn check_same_classes(train: &dyn Dataset, val: &dyn Dataset, layout: &Layout) -
     if train.classes() == val.classes() {
         return Ok(());
     }
-    let only_train: Vec<&str> = train
-        .classes()
-        .iter()
-        .filter(|c| !val.classes().contains(c))
-        .map(|s| s.as_str())
-        .collect();
-    let only_val: Vec<&str> = val
-        .classes()
-        .iter()
-        .filter(|c| !train.classes().contains(c))
-        .map(|s| s.as_str())
-        .collect();
     let root = match layout {
         Layout::ImageFolder { root } => root.display().to_string(),
         Layout::Cifar(l) => l.dir.display().to_string(),
     };
     bail!(
-        "{root}: the train and evaluation splits have different class sets ({} vs {} classes); \
-         only in train: [{}]; only in the evaluation split: [{}]",
-        train.classes().len(),
-        val.classes().len(),
-        only_train.join(", "),
-        only_val.join(", ")
+        "{root}: the train and evaluation splits have different class sets ({}",
+        class_difference(
+            train.classes(),
+            val.classes(),
+            "train",
+            "the evaluation split"
+        )
+    )
+}
+
+/// How two class lists differ, for a message: "3 vs 3 classes); only in A: [x]; only in B: [y]"
+/// (or, with the same names, that their order differs).
+pub fn class_difference(a: &[String], b: &[String], a_name: &str, b_name: &str) -> String {
+    let only = |x: &[String], y: &[String]| -> String {
+        x.iter()
+            .filter(|c| !y.contains(c))
+            .map(|s| s.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (only_a, only_b) = (only(a, b), only(b, a));
+    if only_a.is_empty() && only_b.is_empty() {
+        return format!(
+            "{} vs {} classes); the same names in another order: [{}] vs [{}]",
+            a.len(),
+            b.len(),
+            a.join(", "),
+            b.join(", ")
+        );
+    }
+    format!(
+        "{} vs {} classes); only in {a_name}: [{only_a}]; only in {b_name}: [{only_b}]",
+        a.len(),
+        b.len()
     )
 }
 
@@ -399,6 +420,9 @@ impl Dataset for Subset {
     fn describe(&self, index: usize) -> String {
         self.inner.describe(self.indices[index])
     }
+    fn skipped_files(&self) -> Vec<String> {
+        self.inner.skipped_files()
+    }
 }
 
 /// A dataset decoded once into memory (u8 RGB at the original size).
@@ -411,6 +435,7 @@ pub struct CachedDataset {
     labels: Vec<i64>,
     describes: Vec<String>,
     images: Vec<std::result::Result<Image, String>>,
+    skipped: Vec<String>,
 }
 
 impl CachedDataset {
@@ -432,6 +457,7 @@ impl CachedDataset {
             labels: (0..ds.len()).map(|i| ds.label(i)).collect(),
             describes: (0..ds.len()).map(|i| ds.describe(i)).collect(),
             images,
+            skipped: ds.skipped_files(),
         })
     }
 
@@ -467,6 +493,9 @@ impl Dataset for CachedDataset {
     }
     fn describe(&self, index: usize) -> String {
         self.describes[index].clone()
+    }
+    fn skipped_files(&self) -> Vec<String> {
+        self.skipped.clone()
     }
 }
 

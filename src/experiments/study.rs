@@ -149,11 +149,9 @@ impl Study {
             (None, Some(t)) => (t.clone(), "inline [base_config]".to_string()),
             (Some(b), None) => {
                 let path = find_file(study_dir, b, "base config")?;
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("cannot read base config {}", path.display()))?;
-                let table: toml::Table = toml::from_str(&text).map_err(|e| {
-                    anyhow::anyhow!("base config {}: {}", path.display(), e.message())
-                })?;
+                // As `tricks train` reads it: `extends` chains resolved, relative to each file.
+                let table = config::load_table(&path, 0)
+                    .with_context(|| format!("base config {}", path.display()))?;
                 (table, path.display().to_string())
             }
         };
@@ -498,6 +496,50 @@ mod tests {
         );
         let e = format!("{:#}", study(&text).unwrap_err());
         assert!(e.contains("variant 2") && e.contains("optim.lrr"), "{e}");
+    }
+
+    #[test]
+    fn a_base_config_that_extends_another_is_resolved_as_train_does() {
+        // As the shipped configs/cifar10/resnet20-all.toml: `extends` a file beside it.
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("configs");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(
+            sub.join("parent.toml"),
+            "[model]\nname = \"cifar_resnet32\"\n[optim]\nlr = 0.3\nstep_epochs = [1]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            sub.join("child.toml"),
+            "extends = \"parent.toml\"\n[optim]\nlr = 0.2\n",
+        )
+        .unwrap();
+        let text = format!(
+            "base = \"configs/child.toml\"\nseeds = [1]\nepochs = 2\ndata = {:?}\n[[variants]]\nname = \"a\"\n",
+            dir.path().display().to_string()
+        );
+        let s = Study::from_toml_str(&text, dir.path(), "t").unwrap();
+        let c = &s.variants[0].config;
+        assert_eq!(c.model.name, "cifar_resnet32");
+        assert_eq!((c.optim.lr, c.train.epochs), (0.2, 2));
+        // What `tricks train` makes of the same file.
+        let train =
+            crate::recipe::load(&sub.join("child.toml"), &["train.epochs=2".into()]).unwrap();
+        assert_eq!(c.optim, train.optim);
+        assert_eq!(c.model, train.model);
+
+        // The shipped config this was found with.
+        let shipped =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/cifar10/resnet20-all.toml");
+        let text = format!(
+            "base = {:?}\nseeds = [1]\ndata = {:?}\n[[variants]]\nname = \"all\"\n",
+            shipped.display().to_string(),
+            dir.path().display().to_string()
+        );
+        let s = Study::from_toml_str(&text, dir.path(), "t").unwrap();
+        let train = crate::recipe::load(&shipped, &[]).unwrap();
+        assert_eq!(s.variants[0].config.optim, train.optim);
+        assert_eq!(s.variants[0].config.mixup, train.mixup);
     }
 
     #[test]

@@ -219,9 +219,16 @@ pub fn load_model(
             path.display()
         ),
     };
-    let num_classes = match ckpt.tensors.get("fc.weight") {
-        Some(w) => w.size()[0],
-        None => bail!("{}: no `fc.weight` tensor", path.display()),
+    // The class count from the class list (or the bias), not from `fc.weight` alone: a wrong
+    // `fc.weight` must be reported as itself, not as a `fc.bias` that no longer fits.
+    let num_classes = if !ckpt.classes.is_empty() {
+        ckpt.classes.len() as i64
+    } else {
+        match (ckpt.tensors.get("fc.bias"), ckpt.tensors.get("fc.weight")) {
+            (Some(b), _) if b.dim() == 1 => b.size()[0],
+            (_, Some(w)) if w.dim() >= 1 => w.size()[0],
+            _ => bail!("{}: no `fc.weight` tensor", path.display()),
+        }
     };
     let vs = tch::nn::VarStore::new(device);
     let model = Classifier::new(&vs.root(), &cfg.model, num_classes)?;

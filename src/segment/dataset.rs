@@ -104,6 +104,7 @@ pub struct SegDataset {
     images: Vec<PathBuf>,
     masks: Vec<PathBuf>,
     cache: Option<Vec<(Image, Mask)>>,
+    skipped: Vec<(PathBuf, String)>,
 }
 
 impl SegDataset {
@@ -119,20 +120,51 @@ impl SegDataset {
                 dir.display()
             );
         }
-        let mut images: Vec<PathBuf> = std::fs::read_dir(&img_dir)
+        let mut images = Vec::new();
+        let mut skipped = Vec::new();
+        for e in std::fs::read_dir(&img_dir)
             .with_context(|| format!("cannot list {}", img_dir.display()))?
-            .filter_map(|e| e.ok())
-            .map(|e| e.path())
-            .filter(|p| {
-                p.is_file()
-                    && has_image_extension(p)
-                    && !p
-                        .file_name()
-                        .map(|n| n.to_string_lossy().starts_with('.'))
-                        .unwrap_or(true)
-            })
-            .collect();
+        {
+            let p = e
+                .with_context(|| format!("cannot list {}", img_dir.display()))?
+                .path();
+            let hidden = p
+                .file_name()
+                .map(|n| n.to_string_lossy().starts_with('.'))
+                .unwrap_or(true);
+            if hidden || !has_image_extension(&p) {
+                continue;
+            }
+            // An image name that is not a readable file is said, not skipped silently.
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_file() => images.push(p),
+                Ok(_) => skipped.push((p, "a folder, not an image".to_string())),
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    skipped.push((p, "symbolic link loop".to_string()))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    skipped.push((p, "dangling symbolic link".to_string()))
+                }
+                Err(e) => skipped.push((p, format!("cannot read: {e}"))),
+            }
+        }
         images.sort();
+        skipped.sort();
+        if !skipped.is_empty() {
+            let names: Vec<String> = skipped
+                .iter()
+                .take(10)
+                .map(|(p, why)| format!("{} ({why})", p.display()))
+                .collect();
+            eprintln!(
+                "warning: {}: skipped {} entr{}: {}{}",
+                img_dir.display(),
+                skipped.len(),
+                if skipped.len() == 1 { "y" } else { "ies" },
+                names.join(", "),
+                if skipped.len() > 10 { ", …" } else { "" }
+            );
+        }
         if images.is_empty() {
             bail!("{}: no images (jpg, jpeg or png)", img_dir.display());
         }
@@ -164,7 +196,14 @@ impl SegDataset {
             images,
             masks,
             cache: None,
+            skipped,
         })
+    }
+
+    /// Entries of `images/` with an image name that are not readable image files (symbolic link
+    /// loops, dangling links, folders), each with its reason; also printed as a warning by `open`.
+    pub fn skipped(&self) -> &[(PathBuf, String)] {
+        &self.skipped
     }
 
     pub fn len(&self) -> usize {

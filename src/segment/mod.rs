@@ -146,11 +146,17 @@ pub fn check(cfg: &Config) -> Result<Vec<String>> {
         lines.push("data: not given (pass --data DIR or set data.dir)".into());
     } else {
         let (tr, va) = dataset::open_train_val(cfg)?;
+        let skipped = tr.skipped().len() + va.skipped().len();
         lines.push(format!(
-            "data: ok ({} training and {} evaluation image/mask pairs, {} steps per epoch)",
+            "data: ok ({} training and {} evaluation image/mask pairs, {} steps per epoch{})",
             tr.len(),
             va.len(),
-            tr.len() / cfg.train.batch_size
+            tr.len() / cfg.train.batch_size,
+            if skipped > 0 {
+                format!("; {skipped} entries skipped, named in the warnings above")
+            } else {
+                String::new()
+            }
         ));
     }
     Ok(lines)

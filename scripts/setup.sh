@@ -3,8 +3,9 @@
 # used by the parity test and the PyTorch benchmark.
 #
 #   scripts/setup.sh              .venv with torch==2.11.0 (libtorch for the tch build)
-#   scripts/setup.sh --with-timm  ... plus timm, torchvision and safetensors
-#                                 (tests/parity.rs, scripts/parity.py, bench/pytorch_bench.py)
+#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors and scipy
+#                                 (tests/parity.rs, scripts/parity.py, bench/pytorch_bench.py,
+#                                 tests/stats_scipy.rs)
 #
 # Idempotent: creates .venv in the repo root only if missing and installs a package only when
 # it does not import or is at another version. Environment: PYTHON (interpreter that creates
@@ -15,13 +16,14 @@ TORCH_VERSION=2.11.0
 TORCHVISION_VERSION=0.26.0 # the torchvision release built against torch 2.11
 TIMM_VERSION=1.0.31
 SAFETENSORS_VERSION=0.8.0
+SCIPY_VERSION=1.17.1 # the reference of the study statistics (tests/stats_scipy.rs)
 
 with_timm=0
 for arg in "$@"; do
     case "$arg" in
         --with-timm) with_timm=1 ;;
         -h | --help)
-            sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -48,7 +50,8 @@ wanted=("torch torch $TORCH_VERSION")
 if [[ "$with_timm" == 1 ]]; then
     wanted+=("torchvision torchvision $TORCHVISION_VERSION"
         "safetensors safetensors $SAFETENSORS_VERSION"
-        "timm timm $TIMM_VERSION")
+        "timm timm $TIMM_VERSION"
+        "scipy scipy $SCIPY_VERSION")
 fi
 
 # One python process imports every wanted module and prints "module version" (without the

@@ -200,6 +200,33 @@ overrides = { "optim.schedule" = "cosine" }
         table_row(&table, "cosine")[3],
         format!("{:+.2}", means[1] - means[0])
     );
+    // Δ against the row above (cumulative), paired by seed: the table's interval and verdict and
+    // study.json's statistics are those of the per-seed differences.
+    let top1 = |v: &str| -> Vec<f64> {
+        [1, 2]
+            .iter()
+            .map(|s| summary(&out.join(format!("runs/{v}/seed-{s}"))).final_top1)
+            .collect()
+    };
+    let (cos, base) = (top1("cosine"), top1("baseline"));
+    let row = table_row(&table, "cosine");
+    match tricks::experiments::stats::paired(&cos, &base) {
+        Some(d) => {
+            assert_eq!(row[7], format!("{:+.2} ± {:.2}", d.delta, d.half_width));
+            assert_eq!(row[8], d.verdict.as_str());
+        }
+        None => assert_eq!(row[8], "too few runs"),
+    }
+    assert_eq!(table_row(&table, "baseline")[8], "reference");
+    let ci = tricks::experiments::stats::mean_ci(&cos).unwrap();
+    let h = ci.half_width.unwrap();
+    assert_eq!(row[6], format!("{:.2} – {:.2}", ci.mean - h, ci.mean + h));
+    let study_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("study.json")).unwrap()).unwrap();
+    let stats = study_json["statistics"].as_array().unwrap();
+    assert_eq!(stats.len(), 2);
+    assert_eq!(stats[1]["name"], "cosine");
+    assert!((stats[1]["delta"].as_f64().unwrap() - (means[1] - means[0])).abs() < 1e-9);
 
     // results.csv: a header and one `done` line per run with the summary's numbers.
     let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();

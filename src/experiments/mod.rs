@@ -19,6 +19,7 @@
 
 pub mod plots;
 pub mod results;
+pub mod stats;
 pub mod study;
 
 pub use results::{RunRecord, RunStatus, VariantRow};
@@ -346,6 +347,13 @@ pub fn load_results(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<Variant
 
 fn write_outputs(dir: &Path) -> Result<(Manifest, Vec<RunRecord>, Vec<VariantRow>)> {
     let (manifest, runs, rows) = load_results(dir)?;
+    // study.json: the manifest `report` reads, with each variant's statistics beside it.
+    let mut json = serde_json::to_value(&manifest)?;
+    json["statistics"] = serde_json::to_value(&rows)?;
+    write(
+        &dir.join("study.json"),
+        &serde_json::to_string_pretty(&json)?,
+    )?;
     write(
         &dir.join("results.csv"),
         &results::results_csv(manifest.task, &runs),

@@ -93,7 +93,7 @@ struct Lines {
 struct Bar {
     name: String,
     color: RGBColor,
-    /// (Δ, std) or None when the variant has no finished run.
+    /// (Δ, half-width of its 95 % interval) or None when the variant has no finished run.
     value: Option<(f64, f64)>,
 }
 
@@ -597,16 +597,19 @@ pub fn write_plots(
         .map(|(i, r)| Bar {
             name: r.name.clone(),
             color: color(i),
-            value: match (r.delta, r.metric_std) {
-                (Some(d), Some(s)) => Some((d, s)),
-                _ => None,
-            },
+            value: r
+                .delta
+                .map(|d| (d, r.delta_test.map_or(0.0, |t| t.half_width))),
         })
         .collect();
+    let against = match manifest.mode {
+        super::study::Mode::Independent => format!("`{first}`"),
+        super::study::Mode::Cumulative => "the row above".to_string(),
+    };
     Figure::Bars(Bars {
-        title: format!("{}: Δ {m1} vs {first}", manifest.name),
+        title: format!("{}: Δ {m1} vs {against}", manifest.name),
         subtitle: format!(
-            "bar: mean final {m1} minus that of `{first}` over {seeds}; error bar: ± sample std of the variant's {m1}"
+            "bar: mean final {m1} minus that of {against} over {seeds}; error bar: its 95 % confidence interval (paired by seed, or Welch's)"
         ),
         x_label: format!("Δ validation {m1} (percentage points)"),
         bars,

@@ -1,6 +1,7 @@
 //! The results of a study as they lie on disk (`<out>/runs/<variant>/seed-<s>/`), their
 //! statistics over seeds, and the `results.csv` / `table.md` written from them.
 
+use super::stats::{self, Delta};
 use super::study::{Manifest, Mode};
 use crate::classify::{EpochMetrics, RunSummary};
 use crate::config::Task;
@@ -143,8 +144,19 @@ pub struct VariantRow {
     pub metric_std: Option<f64>,
     /// Mean of the final second metric (top-5, pixel accuracy; %).
     pub second_mean: Option<f64>,
-    /// Mean headline metric minus the first row's (percentage points).
+    /// 95 % confidence interval of the mean headline metric: mean ± this (Student t; none
+    /// with one run).
+    pub metric_ci: Option<f64>,
+    /// Mean headline metric minus the reference row's (the first row in independent mode, the
+    /// row above in cumulative mode; percentage points).
     pub delta: Option<f64>,
+    /// Δ's 95 % interval, t test and verdict against the reference row (paired by seed when both
+    /// rows finished the same seeds, Welch's otherwise); none for the reference row or with
+    /// fewer than two runs a side.
+    pub delta_test: Option<Delta>,
+    /// The smallest |Δ| against the reference that this study could detect (95 %, 80 % power)
+    /// from the pooled seed spread of all its rows.
+    pub detectable_delta: Option<f64>,
     pub best_metric_mean: Option<f64>,
     pub train_seconds_mean: Option<f64>,
     pub images_per_second_mean: Option<f64>,
@@ -273,55 +285,97 @@ pub fn read_runs(out: &Path, manifest: &Manifest) -> Result<Vec<RunRecord>> {
 
 /// Mean and sample standard deviation (n - 1 in the denominator; 0 for a single value).
 pub fn mean_std(values: &[f64]) -> Option<(f64, f64)> {
-    if values.is_empty() {
-        return None;
-    }
-    let n = values.len() as f64;
-    let mean = values.iter().sum::<f64>() / n;
-    if values.len() == 1 {
-        return Some((mean, 0.0));
-    }
-    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0);
-    Some((mean, var.sqrt()))
+    stats::mean_std(values)
 }
 
 fn mean(values: &[f64]) -> Option<f64> {
     mean_std(values).map(|(m, _)| m)
 }
 
-/// The table rows: one per variant, over its finished runs.
+/// The table rows: one per variant, over its finished runs, each against its reference row.
 pub fn rows(manifest: &Manifest, runs: &[RunRecord]) -> Vec<VariantRow> {
-    let mut rows: Vec<VariantRow> = manifest
+    // Each variant's final headline metric by seed, over its finished runs.
+    let finals: Vec<Vec<(u64, f64)>> = manifest
         .variants
         .iter()
         .map(|v| {
+            runs.iter()
+                .filter(|r| r.variant == v.name)
+                .filter_map(|r| r.summary.as_ref().map(|s| (r.seed, s.final_metric)))
+                .collect()
+        })
+        .collect();
+    let values = |i: usize| finals[i].iter().map(|f| f.1).collect::<Vec<f64>>();
+    let all: Vec<Vec<f64>> = (0..finals.len()).map(values).collect();
+    let pooled = stats::pooled_std(&all.iter().map(|v| v.as_slice()).collect::<Vec<_>>());
+    let mut rows: Vec<VariantRow> = manifest
+        .variants
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
             let done: Vec<&RunOutcome> = runs
                 .iter()
                 .filter(|r| r.variant == v.name)
                 .filter_map(|r| r.summary.as_ref())
                 .collect();
             let col = |f: fn(&RunOutcome) -> f64| done.iter().map(|s| f(s)).collect::<Vec<f64>>();
-            let metric = mean_std(&col(|s| s.final_metric));
+            let metric = stats::mean_ci(&all[i]);
             VariantRow {
                 name: v.name.clone(),
                 n: done.len(),
                 runs: manifest.seeds.len(),
-                metric_mean: metric.map(|t| t.0),
-                metric_std: metric.map(|t| t.1),
+                metric_mean: metric.map(|t| t.mean),
+                metric_std: metric.map(|t| t.std),
+                metric_ci: metric.and_then(|t| t.half_width),
                 second_mean: mean(&col(|s| s.final_second)),
                 delta: None,
+                delta_test: None,
+                detectable_delta: None,
                 best_metric_mean: mean(&col(|s| s.best_metric)),
                 train_seconds_mean: mean(&col(|s| s.train_seconds)),
                 images_per_second_mean: mean(&col(|s| s.images_per_second)),
             }
         })
         .collect();
-    if let Some(reference) = rows.first().and_then(|r| r.metric_mean) {
-        for r in &mut rows {
-            r.delta = r.metric_mean.map(|m| m - reference);
+    for i in 1..rows.len() {
+        let reference = match manifest.mode {
+            Mode::Independent => 0,
+            Mode::Cumulative => i - 1,
+        };
+        let (Some(m), Some(r)) = (rows[i].metric_mean, rows[reference].metric_mean) else {
+            continue;
+        };
+        rows[i].delta = Some(m - r);
+        rows[i].delta_test = compare(&finals[i], &finals[reference]);
+        if let Some((s, df)) = pooled {
+            let (na, nb) = (finals[i].len(), finals[reference].len());
+            rows[i].detectable_delta = Some(stats::detectable_delta(s, df, na, nb));
         }
     }
+    if let Some(first) = rows.first_mut() {
+        first.delta = first.metric_mean.map(|_| 0.0);
+    }
     rows
+}
+
+/// `variant − reference` by seed: paired when both finished the same seeds, Welch's otherwise.
+fn compare(variant: &[(u64, f64)], reference: &[(u64, f64)]) -> Option<Delta> {
+    let seeds = |v: &[(u64, f64)]| {
+        let mut s: Vec<u64> = v.iter().map(|x| x.0).collect();
+        s.sort_unstable();
+        s
+    };
+    if seeds(variant) == seeds(reference) {
+        let by_seed = |v: &[(u64, f64)]| {
+            let mut v = v.to_vec();
+            v.sort_by_key(|x| x.0);
+            v.into_iter().map(|x| x.1).collect::<Vec<f64>>()
+        };
+        stats::paired(&by_seed(variant), &by_seed(reference))
+    } else {
+        let values = |v: &[(u64, f64)]| v.iter().map(|x| x.1).collect::<Vec<f64>>();
+        stats::welch(&values(variant), &values(reference))
+    }
 }
 
 fn opt(v: Option<f64>, digits: usize) -> String {
@@ -405,11 +459,18 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
     };
     let names = metric_names(manifest.task);
     let (m1, m5, what) = (names.headline, names.second, names.sentence);
+    let reference = match manifest.mode {
+        Mode::Independent => "first row",
+        Mode::Cumulative => "row above",
+    };
     let _ = writeln!(
         s,
         "{} seed{} ({}); mode: {mode}. {what} after the last epoch, \
-         mean ± sample standard deviation (n − 1) over the seeds; Δ is the mean {m1} minus that of the first row \
-         (percentage points); time is the mean training time per run (evaluation excluded). Base config: {}.\n",
+         mean ± sample standard deviation (n − 1) over the seeds, and the 95 % confidence interval of the mean (Student t); \
+         Δ is the mean {m1} minus that of the {reference} (percentage points), with its 95 % interval (paired by seed \
+         when both rows finished the same seeds, Welch's otherwise) and the verdict it gives; \"detectable\" is the smallest |Δ| \
+         this study would detect (95 %, 80 % power, from the pooled seed spread): a \"no difference detected\" rules out \
+         larger differences only. Time is the mean training time per run (evaluation excluded). Base config: {}.\n",
         manifest.seeds.len(),
         if manifest.seeds.len() == 1 { "" } else { "s" },
         seeds.join(", "),
@@ -417,9 +478,9 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
     );
     let _ = writeln!(
         s,
-        "| Variant | {m1} (%) | {m5} (%) | Δ {m1} | Time | Runs |"
+        "| Variant | {m1} (%) | {m5} (%) | Δ {m1} | Time | Runs | {m1} 95 % CI | Δ 95 % CI | Verdict | Detectable Δ |"
     );
-    let _ = writeln!(s, "|:--|--:|--:|--:|--:|--:|");
+    let _ = writeln!(s, "|:--|--:|--:|--:|--:|--:|--:|--:|:--|--:|");
     for (i, r) in rows.iter().enumerate() {
         let top1 = match (r.metric_mean, r.metric_std) {
             (Some(m), Some(sd)) => format_mean_std(m, sd, r.n),
@@ -430,9 +491,25 @@ pub fn table_md(manifest: &Manifest, rows: &[VariantRow], runs: &[RunRecord]) ->
             Some(d) => format!("{d:+.2}"),
             None => "–".into(),
         };
+        let ci = match (r.metric_mean, r.metric_ci) {
+            (Some(m), Some(h)) => format!("{:.2} – {:.2}", m - h, m + h),
+            _ => "–".into(),
+        };
+        let (delta_ci, verdict) = match (&r.delta_test, i) {
+            (_, 0) => ("–".to_string(), "reference".to_string()),
+            (Some(d), _) => (
+                format!("{:+.2} ± {:.2}", d.delta, d.half_width),
+                d.verdict.as_str().to_string(),
+            ),
+            (None, _) => ("–".into(), "too few runs".into()),
+        };
+        let detectable = match (r.detectable_delta, i) {
+            (Some(d), i) if i > 0 => format!("{d:.2}"),
+            _ => "–".into(),
+        };
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {}/{} |",
+            "| {} | {} | {} | {} | {} | {}/{} | {ci} | {delta_ci} | {verdict} | {detectable} |",
             escape_md(&r.name),
             top1,
             r.second_mean

@@ -109,7 +109,7 @@ fn statistics_match_scipy_on_generated_numbers() {
         let h = ci.half_width.unwrap();
         close(ci.mean - h, &r["mean_ci"][0], "mean CI low");
         close(ci.mean + h, &r["mean_ci"][1], "mean CI high");
-        let mut check = |d: stats::Delta, s: &Value, what: &str| {
+        let check = |d: stats::Delta, s: &Value, what: &str| {
             close(d.t, &s["t"], &format!("{what} t"));
             close(d.df, &s["df"], &format!("{what} df"));
             close(d.p_value, &s["p"], &format!("{what} p"));

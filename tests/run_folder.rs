@@ -330,3 +330,44 @@ fn sigint_ends_a_run_with_status_130_after_its_checkpoint() {
         "{e}"
     );
 }
+
+/// SIGINT to `tricks launch`: it forwards SIGTERM, the ranks write the interrupt checkpoint and
+/// exit 143, which the launcher does not call a failure; it exits 130 (its own signal).
+#[test]
+fn an_interrupted_launch_exits_130_without_reporting_a_failed_rank() {
+    let (tmp, _data, cfg) = case(200, 2);
+    let out = tmp.path().join("run");
+    let child = tricks()
+        .args(["launch", "--nproc", "2", "--", "train", "--config", &cfg])
+        .args(["--out", out.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !out.join("config.toml").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300)); // into epoch 1
+                                                    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(!e.contains("failed"), "{e}");
+    if out.join("summary.json").exists() {
+        assert_eq!(o.status.code(), Some(0), "{e}");
+        eprintln!("note: the run finished before SIGINT arrived; the stop path not exercised");
+        return;
+    }
+    assert_eq!(o.status.code(), Some(130), "{e}");
+    let ckpts = out.join("checkpoints");
+    assert!(
+        ckpts.join(checkpoint::INTERRUPT_FILE).exists()
+            || !checkpoint::list_epoch_checkpoints(&ckpts).is_empty(),
+        "{e}"
+    );
+}

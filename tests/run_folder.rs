@@ -229,6 +229,14 @@ fn a_broken_symlink_as_out_says_where_it_points() {
             && !e.contains("os error 17"),
         "{e}"
     );
+    // A folder under the broken link: the link is named the same way.
+    let o = train(&cfg, &out.join("sub"), &[]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("broken symbolic link") && e.contains(&target.display().to_string()),
+        "{e}"
+    );
 }
 
 #[test]

@@ -263,13 +263,16 @@ fn check_resumable(
 /// The output folder, checked before anything is created in it: a broken symbolic link, an output folder inside the data folder, or a data folder inside the output
 /// folder are refused, naming both.
 fn check_out_dir(out: &Path, data_dir: &str) -> Result<()> {
-    for p in [out.to_path_buf(), out.join("checkpoints")] {
-        let is_link = std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink());
-        if is_link && std::fs::metadata(&p).is_err() {
-            let target = std::fs::read_link(&p)
+    let checkpoints = out.join("checkpoints");
+    let paths = std::iter::once(checkpoints.as_path()).chain(out.ancestors());
+    for p in paths.filter(|p| !p.as_os_str().is_empty()) {
+        let is_link = std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink());
+        if is_link && std::fs::metadata(p).is_err() {
+            let target = std::fs::read_link(p)
                 .map_or_else(|e| format!("? ({e})"), |t| t.display().to_string());
             bail!(
-                "output folder {} is a broken symbolic link: it points to {target}, which does not exist",
+                "cannot create output folder {}: {} is a broken symbolic link (it points to {target}, which does not exist)",
+                out.display(),
                 p.display()
             );
         }

@@ -154,6 +154,41 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// The temporary files [`write_atomic`] left in `dir` (`.<name>.tmp-<pid>`) whose writer no
+/// longer runs (a run killed mid-write), with that writer's pid.
+pub fn stale_temporaries(dir: &Path) -> Vec<(PathBuf, u32)> {
+    let mut found: Vec<(PathBuf, u32)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            if !name.starts_with('.') {
+                return None;
+            }
+            let pid: u32 = name.rsplit_once(".tmp-")?.1.parse().ok()?;
+            (!process_alive(pid)).then(|| (e.path(), pid))
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Whether a process with this pid exists (`kill(pid, 0)` does not answer ESRCH).
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return true; // not a single process: never treat its files as stale
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    if unsafe { libc::kill(pid, 0) } == 0 {
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
 /// Saves named tensors plus metadata as a verified safetensors checkpoint.
 pub fn save(
     path: &Path,
@@ -689,6 +724,37 @@ mod tests {
         );
         tensors.insert("b.bias".into(), Tensor::from_slice(&[1.0f32]));
         copy_into(&vs, &tensors, Path::new("t"), None).unwrap();
+    }
+
+    #[test]
+    fn stale_temporaries_are_those_of_dead_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        for name in [
+            format!(".epoch-0003.safetensors.tmp-{dead}"),
+            format!(".summary.json.tmp-{dead}"),
+            format!(".epoch-0004.safetensors.tmp-{me}"),
+            format!("epoch-0001.safetensors.tmp-{dead}"),
+            ".config.toml.tmp-abc".to_string(),
+        ] {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        let found = stale_temporaries(dir.path());
+        let names: Vec<String> = found
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                format!(".epoch-0003.safetensors.tmp-{dead}"),
+                format!(".summary.json.tmp-{dead}"),
+            ]
+        );
+        assert!(found.iter().all(|(_, pid)| *pid == dead));
     }
 
     #[test]

@@ -932,9 +932,96 @@ pub fn parse_value(raw: &str) -> toml::Value {
     }
 }
 
+/// Keys that change how fast a run goes but not what it computes: the loader's threads, its
+/// prefetch depth, page-locked batches (the loader's batches are the same whatever they are;
+/// see `data::loader`) and the collectives' timeout. A resume may change them.
+pub const RESUME_NEUTRAL_KEYS: &[&str] = &[
+    "data.workers",
+    "data.prefetch",
+    "data.pin_memory",
+    "distributed.timeout_s",
+];
+
+/// One key whose value differs between two configs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyChange {
+    /// The dotted key (`optim.lr`).
+    pub key: String,
+    /// Its value in the first and in the second config, as TOML (`unset` when absent).
+    pub old: String,
+    pub new: String,
+}
+
+impl std::fmt::Display for KeyChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {} → {}", self.key, self.old, self.new)
+    }
+}
+
+/// Every dotted key whose value differs between `a` and `b`, sorted by key.
+pub fn diff(a: &Config, b: &Config) -> Vec<KeyChange> {
+    fn flat(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+        match v {
+            toml::Value::Table(t) => {
+                for (k, v) in t {
+                    let key = if prefix.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    flat(&key, v, out);
+                }
+            }
+            other => {
+                out.insert(prefix.to_string(), other.to_string());
+            }
+        }
+    }
+    let table = |c: &Config| {
+        let mut m = std::collections::BTreeMap::new();
+        flat(
+            "",
+            &toml::Value::try_from(c).expect("config serialises"),
+            &mut m,
+        );
+        m
+    };
+    let (fa, fb) = (table(a), table(b));
+    let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| fa.get(*k) != fb.get(*k))
+        .map(|k| KeyChange {
+            key: k.clone(),
+            old: fa.get(k).map_or("unset".into(), |s| s.clone()),
+            new: fb.get(k).map_or("unset".into(), |s| s.clone()),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn diff_names_every_changed_key_with_both_values() {
+        let a = Config::default();
+        let mut b = a.clone();
+        b.seed = 7;
+        b.model.variant = "d".into();
+        b.data.workers = 3;
+        let d: Vec<String> = diff(&a, &b).iter().map(|c| c.to_string()).collect();
+        assert_eq!(
+            d,
+            vec![
+                "`data.workers`: 0 → 3".to_string(),
+                "`model.variant`: \"a\" → \"d\"".to_string(),
+                format!("`seed`: {} → 7", a.seed),
+            ]
+        );
+        assert!(diff(&a, &a).is_empty());
+    }
 
     fn err(text: &str, overrides: &[&str]) -> String {
         let ov: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use tricks::config::Config;
 use tricks::{classify, data, device, engine, train};
@@ -228,7 +228,8 @@ fn at_least_one(s: &str) -> std::result::Result<usize, String> {
 
 fn main() {
     let cli = Cli::parse();
-    let result = match cli.command {
+    // Ok(code): the exit status (0, or 130/143 for a run a signal stopped after its checkpoint).
+    let result: Result<i32> = match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::Finetune {
             from,
@@ -245,9 +246,9 @@ fn main() {
             }
             cmd_train(train)
         }
-        Command::Eval(a) => cmd_eval(a),
-        Command::Predict(a) => cmd_predict(a),
-        Command::Info => cmd_info(),
+        Command::Eval(a) => cmd_eval(a).map(|()| 0),
+        Command::Predict(a) => cmd_predict(a).map(|()| 0),
+        Command::Info => cmd_info().map(|()| 0),
         Command::Download { dataset, out } => {
             data::download::download_cifar(&dataset, &out).map(|dir| {
                 println!("CIFAR binary files are in {}", dir.display());
@@ -255,6 +256,7 @@ fn main() {
                     "train with: tricks train --config configs/cifar10/resnet20.toml --data {}",
                     dir.display()
                 );
+                0
             })
         }
         Command::Bench(a) => tricks::bench::run(&tricks::bench::BenchSpec {
@@ -272,35 +274,78 @@ fn main() {
             cifar_stem: a.cifar_stem,
             lockstep: a.lockstep,
         })
-        .map(|line| println!("{line}")),
+        .map(|line| {
+            println!("{line}");
+            0
+        }),
         Command::Ablate(a) => cmd_ablate(a),
         Command::Report { dir } => tricks::experiments::report(&dir).map(|()| {
             println!("table, CSV and plots regenerated in {}", dir.display());
+            0
         }),
         Command::Launch(a) => cmd_launch(a),
     };
-    if let Err(e) = result {
-        // A huge value (a 10 MB config string) is cut, so the error stays one readable line.
-        let msg = tricks::config::shorten_message(&format!("{e:#}"));
-        match std::env::var("RANK") {
-            Ok(r) if std::env::var("WORLD_SIZE").is_ok() => eprintln!("error: rank {r}: {msg}"),
-            _ => eprintln!("error: {msg}"),
+    match result {
+        Ok(0) => {}
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            // A huge value (a 10 MB config string) is cut, so the error stays one readable line.
+            let msg = tricks::config::shorten_message(&format!("{e:#}"));
+            match std::env::var("RANK") {
+                Ok(r) if std::env::var("WORLD_SIZE").is_ok() => {
+                    eprintln!("error: rank {r}: {msg}")
+                }
+                _ => eprintln!("error: {msg}"),
+            }
+            std::process::exit(1);
         }
-        std::process::exit(1);
     }
 }
 
-/// SIGINT/SIGTERM set the returned flag: the trainer finishes its step, checkpoints and stops.
-/// A second signal while stopping exits at once.
-fn stop_flag() -> Result<Arc<AtomicBool>> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register_conditional_shutdown(sig, 130, stop.clone())
-            .context("cannot install the signal handler")?;
-        signal_hook::flag::register(sig, stop.clone())
-            .context("cannot install the signal handler")?;
+/// SIGINT/SIGTERM: `stop` is set (the trainer finishes its step, checkpoints and stops) and the
+/// signal recorded, for the exit status. A second signal while stopping exits at once (128 +
+/// the signal's number).
+struct Signals {
+    stop: Arc<AtomicBool>,
+    sigint: Arc<AtomicBool>,
+    sigterm: Arc<AtomicBool>,
+}
+
+impl Signals {
+    /// With `exit_on_second`, a second signal exits at once.
+    fn install(exit_on_second: bool) -> Result<Signals> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let s = Signals {
+            stop: Arc::new(AtomicBool::new(false)),
+            sigint: Arc::new(AtomicBool::new(false)),
+            sigterm: Arc::new(AtomicBool::new(false)),
+        };
+        for (sig, seen) in [(SIGINT, &s.sigint), (SIGTERM, &s.sigterm)] {
+            if exit_on_second {
+                signal_hook::flag::register_conditional_shutdown(sig, 128 + sig, s.stop.clone())
+                    .context("cannot install the signal handler")?;
+            }
+            signal_hook::flag::register(sig, seen.clone())
+                .context("cannot install the signal handler")?;
+            signal_hook::flag::register(sig, s.stop.clone())
+                .context("cannot install the signal handler")?;
+        }
+        Ok(s)
     }
-    Ok(stop)
+
+    /// The exit status of a command that `stopped` (the run returned early): 130 after SIGINT,
+    /// 143 after SIGTERM, 0 when no signal stopped it (`train.max_steps`).
+    fn exit_code(&self, stopped: bool) -> i32 {
+        if !stopped {
+            0
+        } else if self.sigint.load(Ordering::SeqCst) {
+            128 + signal_hook::consts::SIGINT
+        } else if self.sigterm.load(Ordering::SeqCst) {
+            128 + signal_hook::consts::SIGTERM
+        } else {
+            0
+        }
+    }
 }
 
 fn load_config(a: &TrainArgs) -> Result<Config> {
@@ -315,7 +360,7 @@ fn load_config(a: &TrainArgs) -> Result<Config> {
     tricks::recipe::load(&a.config, &overrides)
 }
 
-fn cmd_train(a: TrainArgs) -> Result<()> {
+fn cmd_train(a: TrainArgs) -> Result<i32> {
     let cfg = load_config(&a)?;
     // Every rank of a data-parallel run reads the same config: rank 0 alone says so.
     if !matches!(std::env::var("RANK"), Ok(r) if r != "0") {
@@ -333,9 +378,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         )
     });
     if a.check {
-        return check(&cfg, device);
+        return check(&cfg, device).map(|()| 0);
     }
-    let stop = stop_flag()?;
+    let signals = Signals::install(true)?;
     let dist = tricks::distributed::DistEnv::from_env()?;
     // A data-parallel rank trains on its own GPU: cuda means cuda:LOCAL_RANK.
     let device = match (&dist, device) {
@@ -347,22 +392,24 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let mut opts = engine::RunOptions::new(&out, device);
     opts.resume = a.resume;
     opts.progress = !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    opts.stop = stop;
+    opts.stop = signals.stop.clone();
     if let Some(env) = &dist {
         opts.progress &= env.rank == 0;
         let group = tricks::distributed::ProcessGroup::init(env, &cfg.distributed, device)?;
         opts.dist = Some(Arc::new(group));
         if env.rank != 0 {
-            return match cfg.task {
-                tricks::config::Task::Classification => classify::train(&cfg, &opts).map(|_| ()),
+            let stopped = match cfg.task {
+                tricks::config::Task::Classification => classify::train(&cfg, &opts)?.stopped_early,
                 tricks::config::Task::Segmentation => {
-                    tricks::segment::train(&cfg, &opts).map(|_| ())
+                    tricks::segment::train(&cfg, &opts)?.stopped_early
                 }
             };
+            return Ok(signals.exit_code(stopped));
         }
     }
     if cfg.task == tricks::config::Task::Segmentation {
-        return train_segmentation(&cfg, &opts);
+        let stopped = train_segmentation(&cfg, &opts)?;
+        return Ok(signals.exit_code(stopped));
     }
     eprintln!(
         "training {} (variant {}) on {} → {}",
@@ -391,7 +438,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
             out.display()
         );
     }
-    Ok(())
+    Ok(signals.exit_code(s.stopped_early))
 }
 
 /// `train --check`: everything that can be validated without spending compute.
@@ -442,7 +489,8 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
-fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<()> {
+/// Trains a segmentation run; returns whether it stopped early.
+fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
     let out = opts.out_dir.display();
     eprintln!(
         "training FCN on {} (variant {}), segmentation of {} → {out}",
@@ -460,7 +508,7 @@ fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<()> {
             s.epochs, s.final_miou, s.final_pixel_acc, s.best_miou, s.best_epoch, s.images_per_second, s.train_seconds
         );
     }
-    Ok(())
+    Ok(s.stopped_early)
 }
 
 fn cmd_predict(a: PredictArgs) -> Result<()> {
@@ -570,7 +618,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_ablate(a: AblateArgs) -> Result<()> {
+fn cmd_ablate(a: AblateArgs) -> Result<i32> {
     let device = match a.device {
         Some(d) => device::parse_device(&d)?,
         None => match tricks::experiments::study_device(&a.study)? {
@@ -580,7 +628,8 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
     };
     let mut opts = tricks::experiments::AblateOptions::new(a.jobs.max(1), device);
     opts.progress = a.jobs <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    opts.stop = stop_flag()?;
+    let signals = Signals::install(true)?;
+    opts.stop = signals.stop.clone();
     let report = tricks::experiments::ablate_with(&a.study, &a.out, &opts)?;
     println!("{}", report.summary_line());
     if !report.failed.is_empty() {
@@ -595,7 +644,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<()> {
             report.failed.len()
         );
     }
-    Ok(())
+    Ok(signals.exit_code(report.interrupted))
 }
 
 fn cmd_info() -> Result<()> {
@@ -605,13 +654,13 @@ fn cmd_info() -> Result<()> {
     Ok(())
 }
 
-fn cmd_launch(a: LaunchArgs) -> Result<()> {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .context("cannot install the signal handler")?;
-    }
-    tricks::distributed::launch::run(
+/// Exits like its ranks: 0 when they finished, 130/143 when a signal stopped them after their
+/// checkpoint (the launcher's own signal, forwarded to them as SIGTERM, decides which), 1 when
+/// one failed.
+fn cmd_launch(a: LaunchArgs) -> Result<i32> {
+    // No exit on a second signal here: the ranks get theirs and the launcher waits for them.
+    let signals = Signals::install(false)?;
+    let ranks_stopped = tricks::distributed::launch::run(
         &tricks::distributed::launch::LaunchSpec {
             nproc: a.nproc,
             nnodes: a.nnodes,
@@ -621,6 +670,13 @@ fn cmd_launch(a: LaunchArgs) -> Result<()> {
             args: a.args,
             grace: std::time::Duration::from_secs_f64(a.grace.max(0.0)),
         },
-        stop,
-    )
+        signals.stop.clone(),
+    )?;
+    Ok(match ranks_stopped {
+        None => 0,
+        Some(code) => match signals.exit_code(true) {
+            0 => code, // a rank was signalled directly
+            own => own,
+        },
+    })
 }

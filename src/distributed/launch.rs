@@ -1,7 +1,8 @@
 //! `tricks launch`: starts the local ranks of a data-parallel run, like torchrun. Each child is
 //! this same binary with the torchrun environment set; the launcher forwards SIGINT/SIGTERM as
 //! one SIGTERM per child (so they checkpoint and stop together), and when one rank fails it
-//! stops the others and reports which rank failed first.
+//! stops the others and reports which rank failed first. A rank that exits 130 or 143 was
+//! stopped by a signal after its checkpoint: that is not a failure.
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::os::unix::process::CommandExt;
@@ -50,8 +51,13 @@ fn signal(child: &Child, sig: i32) {
     }
 }
 
-/// Runs the ranks to completion. `stop` is set by the launcher's own signal handler.
-pub fn run(spec: &LaunchSpec, stop: Arc<AtomicBool>) -> Result<()> {
+/// The exit statuses of a rank that a signal stopped after its checkpoint (SIGINT, SIGTERM).
+pub const STOPPED_CODES: [i32; 2] = [128 + libc::SIGINT, 128 + libc::SIGTERM];
+
+/// Runs the ranks to completion. `stop` is set by the launcher's own signal handler. Returns
+/// `None` when every rank finished, or the status of the first rank a signal stopped (130 or
+/// 143); an error names the first rank that failed.
+pub fn run(spec: &LaunchSpec, stop: Arc<AtomicBool>) -> Result<Option<i32>> {
     if spec.nproc == 0 || spec.nnodes == 0 || spec.node_rank >= spec.nnodes {
         bail!(
             "launch: need --nproc ≥ 1 and --node-rank below --nnodes (got nproc {}, nnodes {}, node rank {})",
@@ -110,6 +116,7 @@ pub fn run(spec: &LaunchSpec, stop: Arc<AtomicBool>) -> Result<()> {
     );
 
     let mut first_failure: Option<(usize, ExitStatus)> = None;
+    let mut stopped: Option<i32> = None;
     let mut stopping_since: Option<Instant> = None;
     let mut forwarded = false;
     loop {
@@ -117,7 +124,10 @@ pub fn run(spec: &LaunchSpec, stop: Arc<AtomicBool>) -> Result<()> {
             let Some(child) = slot else { continue };
             if let Some(status) = child.try_wait()? {
                 *slot = None;
-                if !status.success() && first_failure.is_none() {
+                let code = status.code();
+                if code.is_some_and(|c| STOPPED_CODES.contains(&c)) {
+                    stopped = stopped.or(code);
+                } else if !status.success() && first_failure.is_none() {
                     first_failure = Some((spec.node_rank * spec.nproc + local, status));
                 }
             }
@@ -145,6 +155,6 @@ pub fn run(spec: &LaunchSpec, stop: Arc<AtomicBool>) -> Result<()> {
             "launch: rank {rank} failed ({}); the other ranks were stopped",
             describe(status)
         ),
-        None => Ok(()),
+        None => Ok(stopped),
     }
 }

@@ -19,7 +19,7 @@ mod step;
 mod trainer;
 
 pub use record::{EpochFields, MetricsLine, Summary};
-pub use run::{save_weights, Run, RunOptions};
+pub use run::{save_weights, Run, RunOptions, LOCK_FILE};
 pub use step::StepPosition;
 pub use trainer::Trainer;
 
@@ -185,11 +185,13 @@ pub fn train<T: Task>(
     opts: &RunOptions,
 ) -> Result<Summary<T::SummaryFields>> {
     let run = Run::open(cfg, opts)?;
+    // The data first: a bad dataset (or an --out inside it) must leave nothing behind.
     let Opened {
         mut task,
         classes,
         train_len,
     } = T::open(&run)?;
+    let _lock = run.prepare_folder()?;
     let mut trainer = Trainer::new(&run, &mut task, classes, train_len)?;
     trainer.warm_up(&task)?;
     for epoch in trainer.remaining_epochs() {

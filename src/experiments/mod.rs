@@ -30,7 +30,6 @@ use crate::engine::RunOptions;
 use anyhow::{bail, Context, Result};
 pub use results::RunOutcome;
 use serde::Serialize;
-use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -461,40 +460,15 @@ fn previous_config(dir: &Path) -> Result<Option<Config>> {
     })
 }
 
-/// Dotted keys whose values differ between two configs (`train.threads` aside).
+/// Keys whose values differ between two configs, with both values; `train.threads` and the
+/// keys a resume may change ([`crate::config::RESUME_NEUTRAL_KEYS`]) aside.
 fn config_diff(a: &Config, b: &Config) -> Result<Vec<String>> {
-    fn flat(prefix: &str, v: &toml::Value, out: &mut BTreeMap<String, String>) {
-        match v {
-            toml::Value::Table(t) => {
-                for (k, v) in t {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
-                    flat(&key, v, out);
-                }
-            }
-            other => {
-                out.insert(prefix.to_string(), other.to_string());
-            }
-        }
-    }
-    let (mut fa, mut fb) = (BTreeMap::new(), BTreeMap::new());
-    flat("", &toml::Value::try_from(a)?, &mut fa);
-    flat("", &toml::Value::try_from(b)?, &mut fb);
-    let mut keys: Vec<&String> = fa.keys().chain(fb.keys()).collect();
-    keys.sort();
-    keys.dedup();
-    Ok(keys
+    Ok(crate::config::diff(a, b)
         .into_iter()
-        .filter(|k| k.as_str() != "train.threads" && fa.get(*k) != fb.get(*k))
-        .map(|k| {
-            format!(
-                "`{k}`: {} → {}",
-                fa.get(k).map_or("unset", |s| s),
-                fb.get(k).map_or("unset", |s| s)
-            )
+        .filter(|c| {
+            c.key != "train.threads"
+                && !crate::config::RESUME_NEUTRAL_KEYS.contains(&c.key.as_str())
         })
+        .map(|c| c.to_string())
         .collect())
 }

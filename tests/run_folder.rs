@@ -317,22 +317,27 @@ fn resume_accepts_changed_loader_settings_and_warns_on_threads() {
     assert!(saved.contains("threads = 2"), "{saved}");
 }
 
+/// Sends SIGINT to `child` `settle` after its run in `out` started (its config.toml written).
+fn sigint_once_training(child: &Child, out: &Path, settle: Duration) {
+    let start = Instant::now();
+    while !out.join("config.toml").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "the run did not start"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    std::thread::sleep(settle); // into epoch 1
+                                // SAFETY: a signal to a child process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+}
+
 #[test]
 fn sigint_ends_a_run_with_status_130_after_its_checkpoint() {
     let (tmp, _data, cfg) = case(200, 2);
     let out = tmp.path().join("run");
     let child = spawn_train(&cfg, &out, &[]);
-    let start = Instant::now();
-    while !out.join("config.toml").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    std::thread::sleep(Duration::from_millis(200)); // into epoch 1
-                                                    // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    sigint_once_training(&child, &out, Duration::from_millis(200));
     let o = child.wait_with_output().unwrap();
     let e = stderr(&o);
     if out.join("summary.json").exists() {
@@ -362,17 +367,7 @@ fn an_interrupted_launch_exits_130_without_reporting_a_failed_rank() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !out.join("config.toml").exists() {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "the run did not start"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(300)); // into epoch 1
-                                                    // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    sigint_once_training(&child, &out, Duration::from_millis(300));
     let o = child.wait_with_output().unwrap();
     let e = stderr(&o);
     assert!(!e.contains("failed"), "{e}");

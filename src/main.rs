@@ -102,6 +102,10 @@ struct AblateArgs {
     /// cpu, cuda, cuda:N or auto (default: the study's `device`, else cpu).
     #[arg(long)]
     device: Option<String>,
+    /// Override a config key in every variant, after the study's own `overrides` (a variant's
+    /// own overrides still apply), e.g. --set train.precision=bf16 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
 }
 
 #[derive(Args)]
@@ -628,6 +632,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<i32> {
     };
     let mut opts = tricks::experiments::AblateOptions::new(a.jobs.max(1), device);
     opts.progress = a.jobs <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    opts.overrides = a.overrides.clone();
     let signals = Signals::install(true)?;
     opts.stop = signals.stop.clone();
     let report = tricks::experiments::ablate_with(&a.study, &a.out, &opts)?;

@@ -499,15 +499,17 @@ overrides = {{ "loss.label_smoothing" = 0.1 }}
 fn every_shipped_study_parses() {
     // Integration tests run in the package root, where `studies/` and `configs/` live.
     let mut n = 0;
-    for entry in std::fs::read_dir("studies").unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "toml") {
-            let s = Study::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
-            assert!(!s.variants.is_empty());
-            n += 1;
+    for dir in ["studies", "studies/paper"] {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let s = Study::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                assert!(!s.variants.is_empty());
+                n += 1;
+            }
         }
     }
-    assert!(n >= 7, "expected the 7 shipped studies, found {n}");
+    assert!(n >= 12, "expected the 12 shipped studies, found {n}");
 }
 
 /// Runs a study on real data with the library (for a look before the CLI has `ablate`):

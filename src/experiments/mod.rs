@@ -49,6 +49,8 @@ pub struct AblateOptions {
     pub stop: Arc<AtomicBool>,
     /// Where human-readable messages go (each run's lines are prefixed with its name).
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
+    /// `key=value` overrides for every variant (`ablate --set`), after the study's own.
+    pub overrides: Vec<String>,
 }
 
 impl AblateOptions {
@@ -59,6 +61,7 @@ impl AblateOptions {
             progress: false,
             stop: Arc::new(AtomicBool::new(false)),
             log: Arc::new(|m: &str| eprintln!("{m}")),
+            overrides: Vec::new(),
         }
     }
 }
@@ -134,7 +137,7 @@ enum Outcome {
 
 /// [`ablate`] with every option (stop flag, log sink).
 pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Result<StudyReport> {
-    let study = Study::load(study_path)?;
+    let study = Study::load_with(study_path, &opts.overrides)?;
     study
         .check_inputs()
         .with_context(|| format!("study {}", study_path.display()))?;

@@ -124,8 +124,34 @@ pub struct ManifestVariant {
 impl Study {
     /// Reads and resolves a study file; see [`Study::from_toml_str`].
     pub fn load(path: &Path) -> Result<Study> {
+        Study::load_with(path, &[])
+    }
+
+    /// [`Study::load`] with `key=value` overrides from the command line (`ablate --set`), applied
+    /// after the study's own top-level `overrides`, before each variant's.
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Study> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read study file {}", path.display()))?;
+        let mut text = text;
+        if !sets.is_empty() {
+            let mut doc: toml::Table = toml::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("invalid study {}: {e}", path.display()))?;
+            let mut over = match doc.remove("overrides") {
+                Some(toml::Value::Table(t)) => t,
+                _ => toml::Table::new(),
+            };
+            for set in sets {
+                let (key, _) = set
+                    .split_once('=')
+                    .with_context(|| format!("--set `{set}` must look like key=value"))?;
+                let mut one = toml::Table::new();
+                config::apply_override(&mut one, set)?;
+                // Study overrides are dotted keys in one inline table.
+                over.insert(key.trim().to_string(), flatten(&one).remove(0).1);
+            }
+            doc.insert("overrides".into(), toml::Value::Table(over));
+            text = toml::to_string(&doc)?;
+        }
         let dir = path.parent().unwrap_or_else(|| Path::new(""));
         let default_name = path
             .file_stem()
@@ -546,5 +572,27 @@ mod tests {
     fn dir_names_are_path_safe() {
         assert_eq!(dir_name("+label smoothing"), "+label-smoothing");
         assert_eq!(dir_name("../x"), "-x");
+    }
+
+    #[test]
+    fn command_line_sets_apply_after_the_study_overrides_and_before_a_variants_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.toml");
+        std::fs::write(
+            &path,
+            "mode = \"independent\"\nseeds = [1]\noverrides = { \"optim.lr\" = 0.3 }\n\
+             [base_config]\nmodel = { name = \"cifar_resnet8\" }\ndata = { dir = \"d\" }\n\
+             [[variants]]\nname = \"a\"\n[[variants]]\nname = \"b\"\n\
+             overrides = { \"train.epochs\" = 7 }\n",
+        )
+        .unwrap();
+        let sets = ["train.epochs=2".to_string(), "optim.lr=0.05".to_string()];
+        let s = Study::load_with(&path, &sets).unwrap();
+        let (a, b) = (&s.variants[0].config, &s.variants[1].config);
+        assert_eq!((a.optim.lr, a.train.epochs), (0.05, 2));
+        assert_eq!((b.optim.lr, b.train.epochs), (0.05, 7));
+        let plain = Study::load(&path).unwrap();
+        assert_eq!(plain.variants[0].config.optim.lr, 0.3);
+        assert!(Study::load_with(&path, &["nokey".to_string()]).is_err());
     }
 }

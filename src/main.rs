@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -37,7 +38,8 @@ enum Command {
     /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split (pixel accuracy and
     /// mIoU for a segmentation checkpoint).
     Eval(EvalArgs),
-    /// Segment one image with a segmentation checkpoint; writes the colourised mask (PNG).
+    /// Classify images with a classification checkpoint (top classes and probabilities), or
+    /// segment one image with a segmentation checkpoint (writes the colourised mask, PNG).
     Predict(PredictArgs),
     /// Print versions, threads and CUDA/cuDNN availability.
     Info,
@@ -170,17 +172,43 @@ struct EvalArgs {
 
 #[derive(Args)]
 struct PredictArgs {
-    /// A segmentation checkpoint written by `tricks train` (task = "segmentation").
+    /// A checkpoint written by `tricks train`: classification (prints the top classes of each
+    /// image) or segmentation (writes the colourised mask of one image to --out).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Image to segment (JPEG or PNG), at its own size.
+    /// Image file (JPEG or PNG), or a folder: every image under it, recursively (repeatable).
     #[arg(long)]
-    image: PathBuf,
-    /// Output PNG: one palette colour per class (CamVid's colours for 11 classes).
+    image: Vec<PathBuf>,
+    /// A text file of image paths (or folders), one per line (classification).
     #[arg(long)]
-    out: PathBuf,
+    list: Option<PathBuf>,
+    /// Segmentation: output PNG, one palette colour per class (CamVid's colours for 11 classes).
+    #[arg(long)]
+    out: Option<PathBuf>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Classes printed per image (clipped to the class count).
+    #[arg(long, default_value_t = 5, value_parser = at_least_one)]
+    topk: usize,
+    /// Images per forward pass.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    batch_size: usize,
+    /// Test-time flip (true/false). Default: the checkpoint's `train.eval_flip`.
+    #[arg(long)]
+    flip: Option<bool>,
+    /// Test-time translation (true/false). Default: the checkpoint's `train.eval_translate`.
+    #[arg(long)]
+    translate: Option<bool>,
+    /// One JSON object per image and line: {"path", "topk": [{"class", "probability"}]}.
+    #[arg(long)]
+    json: bool,
+    /// Also write the predictions to a CSV file: path, then class and probability of each of the
+    /// top k.
+    #[arg(long)]
+    csv: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
 }
 
 #[derive(Args)]
@@ -251,7 +279,7 @@ fn main() {
             cmd_train(train)
         }
         Command::Eval(a) => cmd_eval(a).map(|()| 0),
-        Command::Predict(a) => cmd_predict(a).map(|()| 0),
+        Command::Predict(a) => cmd_predict(a),
         Command::Info => cmd_info().map(|()| 0),
         Command::Download { dataset, out } => {
             data::download::download_cifar(&dataset, &out).map(|dir| {
@@ -515,9 +543,155 @@ fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
     Ok(s.stopped_early)
 }
 
-fn cmd_predict(a: PredictArgs) -> Result<()> {
+/// `tricks predict`: a segmentation checkpoint's mask of one image, or a classification
+/// checkpoint's top classes of every image given (exit status 1 when some could not be read).
+fn cmd_predict(a: PredictArgs) -> Result<i32> {
     let device = device::parse_device(&a.device)?;
-    let (p, names) = tricks::segment::predict_image(&a.checkpoint, &a.image, &a.out, device)?;
+    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
+        return predict_segmentation(&a, device).map(|()| 0);
+    }
+    if a.out.is_some() {
+        anyhow::bail!(
+            "{}: a classification checkpoint: --out writes segmentation masks; the top classes \
+             of its images are printed (--json, --csv FILE)",
+            a.checkpoint.display()
+        );
+    }
+    if a.image.is_empty() && a.list.is_none() {
+        anyhow::bail!(
+            "nothing to classify: give --image IMG_OR_FOLDER (repeatable) or --list FILE"
+        );
+    }
+    let opts = classify::predict::PredictOptions {
+        device,
+        topk: a.topk,
+        flip: a.flip,
+        translate: a.translate,
+    };
+    let predictor = classify::predict::Predictor::load(&a.checkpoint, &opts)?;
+    let inputs = classify::predict::gather_inputs(&a.image, a.list.as_deref())?;
+    for (path, why) in &inputs.skipped {
+        eprintln!("warning: skipped {}: {why}", path.display());
+    }
+    let k = predictor.topk();
+    let mut csv = match &a.csv {
+        Some(p) => {
+            let f = std::fs::File::create(p)
+                .with_context(|| format!("cannot write {}", p.display()))?;
+            let mut w = std::io::BufWriter::new(f);
+            let header: Vec<String> = std::iter::once("path".to_string())
+                .chain((1..=k).flat_map(|i| [format!("class_{i}"), format!("probability_{i}")]))
+                .collect();
+            writeln!(w, "{}", header.join(","))?;
+            Some(w)
+        }
+        None => None,
+    };
+    let total = inputs.paths.len();
+    let bar = if a.no_progress || total <= a.batch_size {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new(total as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("predict [{bar:30}] {pos}/{len} ETA {eta}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut failed = 0usize;
+    for chunk in inputs.paths.chunks(a.batch_size) {
+        let (predictions, unreadable) = predictor.predict_files(chunk)?;
+        let printed = bar.suspend(|| -> Result<()> {
+            for u in &unreadable {
+                eprintln!("{} (skipped)", u.error);
+            }
+            for p in &predictions {
+                print_prediction(&mut stdout, p, a.json)?;
+                if let Some(w) = csv.as_mut() {
+                    let mut row = vec![csv_field(&p.path.to_string_lossy())];
+                    for c in &p.topk {
+                        row.push(csv_field(&c.class));
+                        row.push(format!("{:.6}", c.probability));
+                    }
+                    writeln!(w, "{}", row.join(","))?;
+                }
+            }
+            stdout.flush()?;
+            Ok(())
+        });
+        failed += unreadable.len();
+        if let Err(e) = printed {
+            // The reader went away (`| head`): stop quietly, as other command-line tools do.
+            let closed = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+            if closed {
+                bar.finish_and_clear();
+                return Ok(i32::from(failed > 0));
+            }
+            return Err(e);
+        }
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    if let (Some(mut w), Some(p)) = (csv, &a.csv) {
+        w.flush()
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {total} images could not be read");
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+/// One image's top classes: a small table (the path, then rank, class and probability), or one
+/// JSON line.
+fn print_prediction(
+    out: &mut impl Write,
+    p: &classify::predict::Prediction,
+    json: bool,
+) -> Result<()> {
+    if json {
+        let line = serde_json::json!({"path": p.path.to_string_lossy(), "topk": p.topk});
+        writeln!(out, "{line}")?;
+        return Ok(());
+    }
+    writeln!(out, "{}", p.path.display())?;
+    let width = p.topk.iter().map(|c| c.class.len()).max().unwrap_or(0);
+    for (i, c) in p.topk.iter().enumerate() {
+        writeln!(
+            out,
+            "  {:>2}  {:<width$}  {:>7.3}%",
+            i + 1,
+            c.class,
+            100.0 * c.probability
+        )?;
+    }
+    Ok(())
+}
+
+/// A CSV field, quoted when it holds a comma, a quote or a line break.
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
+    }
+}
+
+/// `tricks predict` with a segmentation checkpoint: one `--image`, its mask to `--out`.
+fn predict_segmentation(a: &PredictArgs, device: tch::Device) -> Result<()> {
+    let (image, out) = match (a.image.as_slice(), &a.out, &a.list) {
+        ([image], Some(out), None) => (image, out),
+        _ => anyhow::bail!(
+            "{}: a segmentation checkpoint predicts one image: give --image IMG --out MASK.png",
+            a.checkpoint.display()
+        ),
+    };
+    let (p, names) = tricks::segment::predict_image(&a.checkpoint, image, out, device)?;
     let total = (p.width as usize * p.height as usize).max(1);
     let mut shares: Vec<(usize, &String)> = p
         .counts
@@ -534,10 +708,10 @@ fn cmd_predict(a: PredictArgs) -> Result<()> {
         .collect();
     println!(
         "{}: {}x{} segmented → {} ({})",
-        a.image.display(),
+        image.display(),
         p.width,
         p.height,
-        a.out.display(),
+        out.display(),
         top.join(", ")
     );
     Ok(())

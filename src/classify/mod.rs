@@ -1,8 +1,10 @@
 //! Classification, the first task of the engine: ImageFolder or CIFAR images, a ResNet of the
 //! family (or airbench94's network), cross entropy with the paper's tricks (label smoothing,
 //! mixup, distillation), top-1/top-5 evaluation with optional test-time flip and translation,
-//! fine-tuning from a checkpoint, and airbench94's whitening init and bias freeze.
+//! fine-tuning from a checkpoint, airbench94's whitening init and bias freeze, and [`predict`]:
+//! the top classes of image files with a trained checkpoint.
 
+pub mod predict;
 mod task;
 
 pub use task::Classification;
@@ -92,11 +94,12 @@ pub fn evaluate(
     EvalSums::over(model, loader, settings)?.result()
 }
 
-/// Evaluation logits (f32) of a batch already on the device. With `flip`, test-time flip
+/// Evaluation logits (f32) of a batch already on the device (as `settings` says: its device,
+/// precision and layout); used by the evaluation and by [`predict`]. With `flip`, test-time flip
 /// augmentation: the mean of the logits of the images and of their mirror images (the training
 /// flips too, so both views are in-distribution; airbench scores this way). With `translate`,
 /// airbench94's test-time translation on top (see [`EvalSettings::translate`]).
-fn eval_logits(model: &Classifier, x: &Tensor, settings: EvalSettings) -> Tensor {
+pub fn eval_logits(model: &Classifier, x: &Tensor, settings: EvalSettings) -> Tensor {
     tch::no_grad(|| {
         let _ac = Autocast::enter(settings.precision, settings.device);
         let view = |x: &Tensor| {

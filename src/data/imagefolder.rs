@@ -185,6 +185,22 @@ fn collect_images(dir: &Path, depth: usize, walk: &mut Walk, out: &mut Vec<PathB
     Ok(())
 }
 
+/// Entries a folder walk skipped, each with its reason.
+pub type SkippedEntries = Vec<(PathBuf, String)>;
+
+/// Image files (jpg/jpeg/png, any case) under `dir`, recursively and sorted, walked as a split's
+/// class folders are (hidden entries ignored, symbolic links followed but never into a folder
+/// already listed, at most [`MAX_DEPTH`] levels down); also the entries skipped, with why.
+pub fn list_images(dir: &Path) -> Result<(Vec<PathBuf>, SkippedEntries)> {
+    let meta =
+        std::fs::metadata(dir).with_context(|| format!("cannot read folder {}", dir.display()))?;
+    let mut walk = Walk::default();
+    walk.visited.insert(folder_id(&meta));
+    let mut out = Vec::new();
+    collect_images(dir, 0, &mut walk, &mut out)?;
+    Ok((out, walk.skipped))
+}
+
 impl ImageFolder {
     /// Scans `dir` (a split folder such as `root/train`): every sub-folder is a class.
     pub fn open(dir: &Path) -> Result<ImageFolder> {

@@ -19,25 +19,31 @@ pub fn image_folder(
             let dir = root.join(split).join(format!("class{c}"));
             std::fs::create_dir_all(&dir).unwrap();
             for i in 0..n {
-                let img = image::RgbImage::from_fn(size, size, |x, y| {
-                    let stripe = if c % 2 == 0 { x } else { y };
-                    let on = (stripe / 2 + i as u32).is_multiple_of(2);
-                    let base = [
-                        (c * 80 % 256) as u8,
-                        (255 - c * 60 % 256) as u8,
-                        (i * 7 % 256) as u8,
-                    ];
-                    if on {
-                        image::Rgb(base)
-                    } else {
-                        image::Rgb([base[0] / 3, base[1] / 3, 200])
-                    }
-                });
+                let img = class_image(c, i, size);
                 let ext = if i % 2 == 0 { "png" } else { "jpg" };
                 img.save(dir.join(format!("{i:04}.{ext}"))).unwrap();
             }
         }
     }
+}
+
+/// Image `i` of class `c` of [`image_folder`]: the class sets the colour and the stripes'
+/// direction, the index their phase and the blue of the stripes.
+pub fn class_image(c: usize, i: usize, size: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(size, size, |x, y| {
+        let stripe = if c.is_multiple_of(2) { x } else { y };
+        let on = (stripe / 2 + i as u32).is_multiple_of(2);
+        let base = [
+            (c * 80 % 256) as u8,
+            (255 - c * 60 % 256) as u8,
+            (i * 7 % 256) as u8,
+        ];
+        if on {
+            image::Rgb(base)
+        } else {
+            image::Rgb([base[0] / 3, base[1] / 3, 200])
+        }
+    })
 }
 
 /// Writes a segmentation dataset (`split/images/*.png`, `split/masks/*.png`) of `w`×`h` images

@@ -3,9 +3,9 @@
 # used by the parity test and the PyTorch benchmark.
 #
 #   scripts/setup.sh              .venv with torch==2.11.0 (libtorch for the tch build)
-#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors and scipy
+#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors, scipy and tensorboard
 #                                 (tests/parity.rs, scripts/parity.py, bench/pytorch_bench.py,
-#                                 tests/stats_scipy.rs)
+#                                 tests/stats_scipy.rs, tests/tensorboard.rs)
 #
 # Idempotent: creates .venv in the repo root only if missing and installs a package only when
 # it does not import or is at another version. Environment: PYTHON (interpreter that creates
@@ -17,6 +17,7 @@ TORCHVISION_VERSION=0.26.0 # the torchvision release built against torch 2.11
 TIMM_VERSION=1.0.31
 SAFETENSORS_VERSION=0.8.0
 SCIPY_VERSION=1.17.1 # the reference of the study statistics (tests/stats_scipy.rs)
+TENSORBOARD_VERSION=2.20.0 # reads back the runs' event files (tests/tensorboard.rs)
 
 with_timm=0
 for arg in "$@"; do
@@ -51,7 +52,8 @@ if [[ "$with_timm" == 1 ]]; then
     wanted+=("torchvision torchvision $TORCHVISION_VERSION"
         "safetensors safetensors $SAFETENSORS_VERSION"
         "timm timm $TIMM_VERSION"
-        "scipy scipy $SCIPY_VERSION")
+        "scipy scipy $SCIPY_VERSION"
+        "tensorboard tensorboard $TENSORBOARD_VERSION")
 fi
 
 # One python process imports every wanted module and prints "module version" (without the

@@ -383,6 +383,13 @@ pub struct TrainConfig {
     /// epochs' seconds, as airbench's untimed warm-up run keeps them out of its clock. The
     /// training is the same with or without it.
     pub untimed_warmup: bool,
+    /// TensorBoard (`<run>/tb/`): also log the training loss (the mean over the epoch's steps
+    /// since the last point; in a data-parallel run, rank 0's share of each batch) and the lr
+    /// every N optimiser steps, at the global step, besides the per-epoch scalars (0 = per epoch
+    /// only). On a GPU a point is written at the first read-back of the running loss at or after
+    /// each multiple of N (every 25 steps), so logging adds no device sync. Changes no training:
+    /// a resume may change it.
+    pub log_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -400,6 +407,7 @@ impl Default for TrainConfig {
             cudnn_benchmark: true,
             max_steps: 0,
             untimed_warmup: false,
+            log_every: 50,
         }
     }
 }
@@ -652,6 +660,7 @@ impl Config {
             Ok(())
         };
         in_range("optim.momentum", self.optim.momentum, 0.0, 1.0)?;
+        in_range("train.log_every", self.train.log_every as f64, 0.0, 1e9)?;
         in_range("optim.weight_decay", self.optim.weight_decay, 0.0, 1.0)?;
         in_range("optim.step_gamma", self.optim.step_gamma, 0.0, 1.0)?;
         in_range(
@@ -934,12 +943,14 @@ pub fn parse_value(raw: &str) -> toml::Value {
 
 /// Keys that change how fast a run goes but not what it computes: the loader's threads, its
 /// prefetch depth, page-locked batches (the loader's batches are the same whatever they are;
-/// see `data::loader`) and the collectives' timeout. A resume may change them.
+/// see `data::loader`), the collectives' timeout, and how often TensorBoard logs the training
+/// loss. A resume may change them.
 pub const RESUME_NEUTRAL_KEYS: &[&str] = &[
     "data.workers",
     "data.prefetch",
     "data.pin_memory",
     "distributed.timeout_s",
+    "train.log_every",
 ];
 
 /// One key whose value differs between two configs.

@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod model;
 pub mod recipe;
 pub mod segment;
+pub mod tensorboard;
 pub mod train;

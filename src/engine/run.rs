@@ -218,8 +218,9 @@ impl<'a> Run<'a> {
 
 /// Refuses to resume from a checkpoint whose config differs from `cfg` in a key that changes
 /// what is computed, naming every such key with both values (and, when the seed differs, that
-/// the checkpoint is another run's). Loader settings ([`config::RESUME_NEUTRAL_KEYS`]) may
-/// change; `train.threads` may too, with a warning.
+/// the checkpoint is another run's). Loader settings and logging ([`config::RESUME_NEUTRAL_KEYS`])
+/// may change, and so may `train.max_steps` (where the run stops, not what each step computes: a
+/// run stopped by it resumes without it); `train.threads` may too, with a warning.
 fn check_resumable(
     saved: &Config,
     cfg: &Config,
@@ -231,7 +232,8 @@ fn check_resumable(
     let blocking: Vec<String> = changes
         .iter()
         .filter(|c| {
-            c.key != "train.threads" && !config::RESUME_NEUTRAL_KEYS.contains(&c.key.as_str())
+            !["train.threads", "train.max_steps"].contains(&c.key.as_str())
+                && !config::RESUME_NEUTRAL_KEYS.contains(&c.key.as_str())
         })
         .map(|c| c.to_string())
         .collect();

@@ -10,6 +10,7 @@ use crate::checkpoint::{self, EpochProgress, TrainState};
 use crate::config::Precision;
 use crate::device::weights_to_channels_last;
 use crate::metrics;
+use crate::tensorboard::{self, EventWriter};
 use crate::train::data_parallel::{dump_rank_weights, sync_from_rank0};
 use crate::train::lookahead::Lookahead;
 use crate::train::optim::Sgd;
@@ -41,6 +42,10 @@ pub struct Trainer<'r, T: Task> {
     last_eval: Option<T::Eval>,
     /// Images and seconds of the finished epochs' training, and the last epoch's images/s.
     throughput: (usize, f64, f64),
+    /// Rank 0's TensorBoard events (`<run>/tb/`); `None` on other ranks, or after a write failed.
+    tb: Option<EventWriter>,
+    /// The global step of the last per-step TensorBoard point (`train.log_every`).
+    tb_logged_step: usize,
 }
 
 /// The training half of a finished epoch.
@@ -126,6 +131,15 @@ impl<'r, T: Task> Trainer<'r, T> {
         }
         task.before_training(run)?;
         let peak_lr = peak_lr(&cfg.optim, cfg.train.batch_size, run.shard.world);
+        // A resumed run writes a new event file holding only the epochs and steps after its
+        // checkpoint's, so that none is written twice.
+        let tb = if run.rank0 && state.epochs_done < epochs {
+            let w = EventWriter::create(&run.out_dir().join(tensorboard::DIR))?;
+            Some(w)
+        } else {
+            None
+        };
+        let global_step = state.global_step;
         Ok(Trainer {
             run,
             vs,
@@ -141,6 +155,8 @@ impl<'r, T: Task> Trainer<'r, T> {
             stopped_early: false,
             last_eval: None,
             throughput: (0, 0.0, 0.0),
+            tb,
+            tb_logged_step: global_step,
         })
     }
 
@@ -254,6 +270,8 @@ impl<'r, T: Task> Trainer<'r, T> {
             &run.ckpt_dir,
         );
         let seen_before = p.seen;
+        // The running sums at the last per-step TensorBoard point of this epoch.
+        let mut logged = (p.loss_sum, p.seen);
         let mut lr = self.schedule.lr_at(self.state.global_step);
         let train_start = Instant::now();
         let (mut steps_done, mut data_wait) = (first_batch, 0.0);
@@ -287,6 +305,7 @@ impl<'r, T: Task> Trainer<'r, T> {
                     100.0 * sums.correct as f64 / p.counted.max(1) as f64,
                     lr,
                 ));
+                logged = self.log_steps(logged, (sums.loss, p.seen), lr);
             }
             bar.inc(1);
             steps_done = at.step_in_epoch + 1;
@@ -364,6 +383,50 @@ impl<'r, T: Task> Trainer<'r, T> {
         Ok((out, current, step.stop))
     }
 
+    /// `train.log_every`: at a read-back of the running sums (`now`: the epoch's loss sum and
+    /// images so far) that reaches or passes a multiple of N steps, writes the mean training
+    /// loss since the last point (`last`) and the lr at the global step. Only values already on
+    /// the host: no device sync. Returns the sums of the last point.
+    fn log_steps(&mut self, last: (f64, usize), now: (f64, usize), lr: f64) -> (f64, usize) {
+        let n = self.run.cfg.train.log_every;
+        let step = self.state.global_step;
+        if n == 0 || self.tb.is_none() || step / n <= self.tb_logged_step / n || now.1 <= last.1 {
+            return last;
+        }
+        self.tb_logged_step = step;
+        let loss = (now.0 - last.0) / (now.1 - last.1) as f64;
+        self.tb_write(
+            step,
+            vec![
+                ("train_step/loss".to_string(), loss as f32),
+                ("train_step/lr".to_string(), lr as f32),
+            ],
+        );
+        now
+    }
+
+    /// Writes one TensorBoard event; a failure is a warning and ends TensorBoard logging (the
+    /// training goes on).
+    fn tb_write(&mut self, step: usize, values: Vec<(String, f32)>) {
+        let Some(w) = &mut self.tb else { return };
+        let written = w.scalars(step as u64, values.iter().map(|(t, v)| (t.as_str(), *v)));
+        if let Err(e) = written {
+            self.run
+                .log(&format!("warning: TensorBoard logging stopped: {e:#}"));
+            self.tb = None;
+        }
+    }
+
+    /// Puts the buffered TensorBoard events on disk (a failure: as in [`Trainer::tb_write`]).
+    fn tb_flush(&mut self) {
+        let Some(w) = &mut self.tb else { return };
+        if let Err(e) = w.flush() {
+            self.run
+                .log(&format!("warning: TensorBoard logging stopped: {e:#}"));
+            self.tb = None;
+        }
+    }
+
     /// An epoch's sums over every rank of a data-parallel run.
     fn over_all_ranks(&self, p: EpochProgress) -> Result<EpochProgress> {
         let Some(dp) = &self.dp else { return Ok(p) };
@@ -386,6 +449,7 @@ impl<'r, T: Task> Trainer<'r, T> {
     /// Mid-epoch stop: saves where the epoch stands; `--resume` continues at the next batch.
     fn interrupt(&mut self, epoch: usize, steps: usize, p: EpochProgress) -> Result<()> {
         let run = self.run;
+        self.tb_flush();
         self.state.epochs_done = epoch - 1;
         self.state.batch_in_epoch = steps;
         self.state.partial = p;
@@ -460,6 +524,9 @@ impl<'r, T: Task> Trainer<'r, T> {
         self.scaler.record(&mut self.state);
         if run.rank0 {
             metrics::append(&run.metrics_path, &m)?;
+            let scalars = tensorboard::scalars_of(&serde_json::to_value(&m)?, &["epoch"]);
+            self.tb_write(epoch, scalars);
+            self.tb_flush();
             run.log(&m.describe(cfg.train.epochs));
             self.save_epoch_checkpoint(epoch)?;
         }

@@ -821,15 +821,20 @@ mod tests {
         let snap = snapshot(sample());
         w.submit(move || save(&bad, &snap, None, &[], None))
             .unwrap();
-        // The failed job has run once a later one has.
+        // The failure is reported by the first submit after the failed job has run: this one
+        // if the writer got there already, else the next, once a later job has run.
         let (tx, rx) = std::sync::mpsc::channel();
-        w.submit(move || {
+        let reported = match w.submit(move || {
             tx.send(()).unwrap();
             Ok(())
-        })
-        .unwrap();
-        rx.recv().unwrap();
-        let e = format!("{:#}", w.submit(|| Ok(())).unwrap_err());
+        }) {
+            Err(e) => e,
+            Ok(()) => {
+                rx.recv().unwrap();
+                w.submit(|| Ok(())).unwrap_err()
+            }
+        };
+        let e = format!("{reported:#}");
         assert!(
             e.contains("cannot save checkpoint") && e.contains("missing-folder"),
             "{e}"

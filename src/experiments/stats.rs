@@ -135,13 +135,39 @@ impl Delta {
 }
 
 /// `variant − reference` paired by seed (`variant[i]` and `reference[i]` ran seed i): `None`
-/// with fewer than two pairs, or when every pair differs by the same amount (no spread to test).
+/// with fewer than two pairs. When every pair differs by the same amount the interval has no
+/// width: the verdict is that difference's sign (identical runs: no difference).
 pub fn paired(variant: &[f64], reference: &[f64]) -> Option<Delta> {
     assert_eq!(variant.len(), reference.len(), "paired values");
     let d: Vec<f64> = variant.iter().zip(reference).map(|(a, b)| a - b).collect();
     let (mean, std) = mean_std(&d)?;
     let n = d.len() as f64;
-    (d.len() >= 2 && std > 0.0).then(|| Delta::from_t(mean, std / n.sqrt(), n - 1.0, Test::Paired))
+    if d.len() < 2 {
+        return None;
+    }
+    if std > 0.0 {
+        return Some(Delta::from_t(mean, std / n.sqrt(), n - 1.0, Test::Paired));
+    }
+    let verdict = if mean > 0.0 {
+        Verdict::Better
+    } else if mean < 0.0 {
+        Verdict::Worse
+    } else {
+        Verdict::NoDifference
+    };
+    Some(Delta {
+        delta: mean,
+        half_width: 0.0,
+        t: if mean == 0.0 {
+            0.0
+        } else {
+            mean.signum() * f64::INFINITY
+        },
+        df: n - 1.0,
+        p_value: if mean == 0.0 { 1.0 } else { 0.0 },
+        test: Test::Paired,
+        verdict,
+    })
 }
 
 /// `mean(variant) − mean(reference)` by Welch's test: `None` with fewer than two values on a side
@@ -204,7 +230,17 @@ mod tests {
             welch(&[80.0, 81.0, 80.5], &base).unwrap().verdict,
             Verdict::Worse
         );
-        assert!(paired(&[91.0, 92.0, 93.0], &base).is_none(), "no spread");
+        // Identical runs: no difference, an interval of no width.
+        let same = paired(&base, &base).unwrap();
+        assert_eq!(
+            (same.verdict, same.half_width),
+            (Verdict::NoDifference, 0.0)
+        );
+        assert_eq!(
+            paired(&[91.0, 92.0, 93.0], &base).unwrap().verdict,
+            Verdict::Better
+        );
+        assert!(paired(&[91.0], &[90.0]).is_none(), "one pair");
         assert!(welch(&[1.0], &base).is_none());
         // Pooled spread of two groups with variances 1 and 4 over 2 + 2 df: √2.5.
         let (s, df) = pooled_std(&[&[1.0, 2.0, 3.0], &[2.0, 4.0, 6.0]]).unwrap();

@@ -110,6 +110,52 @@ impl EventWriter {
     }
 }
 
+/// A run's events, which must never stop its training: the first write that fails is reported
+/// through `warn` and ends the logging; the training goes on.
+pub struct RunEvents {
+    writer: Option<EventWriter>,
+}
+
+impl RunEvents {
+    /// No events (ranks other than 0, a run with nothing left to train).
+    pub fn off() -> RunEvents {
+        RunEvents { writer: None }
+    }
+
+    /// A new event file in `dir` (see [`EventWriter::create`]).
+    pub fn create(dir: &Path) -> Result<RunEvents> {
+        Ok(RunEvents {
+            writer: Some(EventWriter::create(dir)?),
+        })
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.writer.is_some()
+    }
+
+    /// One event at `step` (see [`EventWriter::scalars`]).
+    pub fn scalars(&mut self, step: u64, values: &[(String, f32)], warn: &dyn Fn(&str)) {
+        let written = self
+            .writer
+            .as_mut()
+            .map(|w| w.scalars(step, values.iter().map(|(t, v)| (t.as_str(), *v))));
+        self.stop_on_error(written, warn);
+    }
+
+    /// Puts the buffered events on disk.
+    pub fn flush(&mut self, warn: &dyn Fn(&str)) {
+        let flushed = self.writer.as_mut().map(EventWriter::flush);
+        self.stop_on_error(flushed, warn);
+    }
+
+    fn stop_on_error(&mut self, result: Option<Result<()>>, warn: &dyn Fn(&str)) {
+        if let Some(Err(e)) = result {
+            warn(&format!("warning: TensorBoard logging stopped: {e:#}"));
+            self.writer = None;
+        }
+    }
+}
+
 impl Drop for EventWriter {
     fn drop(&mut self) {
         let _ = self.out.flush();

@@ -184,16 +184,6 @@ impl Predictor {
             .collect())
     }
 
-    /// The top classes of decoded images, in one batch.
-    pub fn predict_images(
-        &self,
-        images: &[crate::data::Image],
-    ) -> Result<Vec<Vec<ClassProbability>>> {
-        let t = &self.transform;
-        let x: Vec<Vec<f32>> = images.par_iter().map(|img| transformed(t, img)).collect();
-        self.predict_tensors(&x)
-    }
-
     /// Classifies image files in one batch (decoded in parallel): the predictions of those that
     /// could be read, in their order, and those that could not, with the problem.
     pub fn predict_files(&self, paths: &[PathBuf]) -> Result<(Vec<Prediction>, Vec<Unreadable>)> {

@@ -10,7 +10,7 @@ use crate::checkpoint::{self, EpochProgress, TrainState};
 use crate::config::Precision;
 use crate::device::weights_to_channels_last;
 use crate::metrics;
-use crate::tensorboard::{self, EventWriter};
+use crate::tensorboard::{self, RunEvents};
 use crate::train::data_parallel::{dump_rank_weights, sync_from_rank0};
 use crate::train::lookahead::Lookahead;
 use crate::train::optim::Sgd;
@@ -42,8 +42,8 @@ pub struct Trainer<'r, T: Task> {
     last_eval: Option<T::Eval>,
     /// Images and seconds of the finished epochs' training, and the last epoch's images/s.
     throughput: (usize, f64, f64),
-    /// Rank 0's TensorBoard events (`<run>/tb/`); `None` on other ranks, or after a write failed.
-    tb: Option<EventWriter>,
+    /// Rank 0's TensorBoard events (`<run>/tb/`); off on other ranks, or after a write failed.
+    tb: RunEvents,
     /// The global step of the last per-step TensorBoard point (`train.log_every`).
     tb_logged_step: usize,
 }
@@ -134,10 +134,9 @@ impl<'r, T: Task> Trainer<'r, T> {
         // A resumed run writes a new event file holding only the epochs and steps after its
         // checkpoint's, so that none is written twice.
         let tb = if run.rank0 && state.epochs_done < epochs {
-            let w = EventWriter::create(&run.out_dir().join(tensorboard::DIR))?;
-            Some(w)
+            RunEvents::create(&run.out_dir().join(tensorboard::DIR))?
         } else {
-            None
+            RunEvents::off()
         };
         let global_step = state.global_step;
         Ok(Trainer {
@@ -390,41 +389,18 @@ impl<'r, T: Task> Trainer<'r, T> {
     fn log_steps(&mut self, last: (f64, usize), now: (f64, usize), lr: f64) -> (f64, usize) {
         let n = self.run.cfg.train.log_every;
         let step = self.state.global_step;
-        if n == 0 || self.tb.is_none() || step / n <= self.tb_logged_step / n || now.1 <= last.1 {
+        if n == 0 || !self.tb.is_on() || step / n <= self.tb_logged_step / n || now.1 <= last.1 {
             return last;
         }
         self.tb_logged_step = step;
         let loss = (now.0 - last.0) / (now.1 - last.1) as f64;
-        self.tb_write(
-            step,
-            vec![
-                ("train_step/loss".to_string(), loss as f32),
-                ("train_step/lr".to_string(), lr as f32),
-            ],
-        );
+        let run = self.run;
+        let values = [
+            ("train_step/loss".to_string(), loss as f32),
+            ("train_step/lr".to_string(), lr as f32),
+        ];
+        self.tb.scalars(step as u64, &values, &|m| run.log(m));
         now
-    }
-
-    /// Writes one TensorBoard event; a failure is a warning and ends TensorBoard logging (the
-    /// training goes on).
-    fn tb_write(&mut self, step: usize, values: Vec<(String, f32)>) {
-        let Some(w) = &mut self.tb else { return };
-        let written = w.scalars(step as u64, values.iter().map(|(t, v)| (t.as_str(), *v)));
-        if let Err(e) = written {
-            self.run
-                .log(&format!("warning: TensorBoard logging stopped: {e:#}"));
-            self.tb = None;
-        }
-    }
-
-    /// Puts the buffered TensorBoard events on disk (a failure: as in [`Trainer::tb_write`]).
-    fn tb_flush(&mut self) {
-        let Some(w) = &mut self.tb else { return };
-        if let Err(e) = w.flush() {
-            self.run
-                .log(&format!("warning: TensorBoard logging stopped: {e:#}"));
-            self.tb = None;
-        }
     }
 
     /// An epoch's sums over every rank of a data-parallel run.
@@ -449,7 +425,7 @@ impl<'r, T: Task> Trainer<'r, T> {
     /// Mid-epoch stop: saves where the epoch stands; `--resume` continues at the next batch.
     fn interrupt(&mut self, epoch: usize, steps: usize, p: EpochProgress) -> Result<()> {
         let run = self.run;
-        self.tb_flush();
+        self.tb.flush(&|m| run.log(m));
         self.state.epochs_done = epoch - 1;
         self.state.batch_in_epoch = steps;
         self.state.partial = p;
@@ -525,8 +501,8 @@ impl<'r, T: Task> Trainer<'r, T> {
         if run.rank0 {
             metrics::append(&run.metrics_path, &m)?;
             let scalars = tensorboard::scalars_of(&serde_json::to_value(&m)?, &["epoch"]);
-            self.tb_write(epoch, scalars);
-            self.tb_flush();
+            self.tb.scalars(epoch as u64, &scalars, &|m| run.log(m));
+            self.tb.flush(&|m| run.log(m));
             run.log(&m.describe(cfg.train.epochs));
             self.save_epoch_checkpoint(epoch)?;
         }

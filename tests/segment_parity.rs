@@ -7,7 +7,9 @@
 //! the A/B/C layouts are compared. Without python/torch/timm/safetensors the test prints why
 //! and passes, unless `TRICKS_REQUIRE_PARITY=1` (as `tests/parity.rs`).
 
-use std::path::PathBuf;
+mod common;
+
+use common::{python, skip_reference};
 use std::process::Command;
 use tch::Kind;
 use tricks::config::ModelConfig;
@@ -34,28 +36,14 @@ for timm_name in ["resnet18", "resnet50", "resnet50c"]:
     save_file({"input": x, "output": y.contiguous()}, f"{out}/{timm_name}.io.safetensors")
 "#;
 
-fn python() -> PathBuf {
-    match std::env::var_os("TRICKS_PYTHON") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    }
-}
-
-fn skip(why: &str) {
-    if std::env::var("TRICKS_REQUIRE_PARITY")
-        .map(|v| v == "1")
-        .unwrap_or(false)
-    {
-        panic!("segmentation parity cannot run and TRICKS_REQUIRE_PARITY=1: {why}");
-    }
-    eprintln!("SKIP segmentation parity: {why}");
-}
-
 #[test]
 fn dilated_backbone_matches_timm_output_stride_8() {
     let py = python();
     if !py.exists() {
-        return skip(&format!("no python at {}", py.display()));
+        return skip_reference(
+            "segmentation parity",
+            &format!("no python at {}", py.display()),
+        );
     }
     let dir = tempfile::tempdir().unwrap();
     let o = Command::new(&py)
@@ -67,10 +55,13 @@ fn dilated_backbone_matches_timm_output_stride_8() {
     if !o.status.success() {
         let err = String::from_utf8_lossy(&o.stderr);
         if err.contains("ModuleNotFoundError") {
-            return skip(&format!(
-                "a python package is missing: {}",
-                err.lines().last().unwrap_or("")
-            ));
+            return skip_reference(
+                "segmentation parity",
+                &format!(
+                    "a python package is missing: {}",
+                    err.lines().last().unwrap_or("")
+                ),
+            );
         }
         panic!("the timm script failed:\n{err}");
     }

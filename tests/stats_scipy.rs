@@ -6,10 +6,12 @@
 //! Without python or scipy the test prints why and passes, unless `TRICKS_REQUIRE_PARITY=1`
 //! (as `make test` sets), which makes that a failure. `scripts/setup.sh --with-timm` installs it.
 
+mod common;
+
+use common::{python, skip_reference};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use std::process::Command;
 use tricks::experiments::stats::{self, Test};
 
@@ -37,20 +39,6 @@ for case in json.load(open(sys.argv[1])):
     out.append(r)
 print(json.dumps(out))
 "#;
-
-fn python() -> PathBuf {
-    match std::env::var("TRICKS_PYTHON") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    }
-}
-
-fn skip(why: &str) {
-    if std::env::var("TRICKS_REQUIRE_PARITY").is_ok_and(|v| v == "1") {
-        panic!("the SciPy comparison cannot run and TRICKS_REQUIRE_PARITY=1: {why}");
-    }
-    eprintln!("SKIP stats_scipy: {why} (scripts/setup.sh --with-timm installs scipy)");
-}
 
 fn close(ours: f64, theirs: &Value, what: &str) {
     let theirs = theirs.as_f64().unwrap();
@@ -89,10 +77,15 @@ fn statistics_match_scipy_on_generated_numbers() {
         .output()
     {
         Ok(o) => o,
-        Err(e) => return skip(&format!("cannot run {}: {e}", python().display())),
+        Err(e) => {
+            return skip_reference(
+                "stats_scipy",
+                &format!("cannot run {}: {e}", python().display()),
+            )
+        }
     };
     if out.status.code() == Some(3) {
-        return skip(&String::from_utf8_lossy(&out.stdout));
+        return skip_reference("stats_scipy", &String::from_utf8_lossy(&out.stdout));
     }
     assert!(
         out.status.success(),

@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 const READ_EVENTS: &str = r#"
@@ -39,20 +39,6 @@ for f in files:
 print(json.dumps({"scalars": scalars, "raw": raw, "files": len(files), "versions": versions}))
 "#;
 
-fn python() -> PathBuf {
-    match std::env::var("TRICKS_PYTHON") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
-    }
-}
-
-fn skip(why: &str) {
-    if std::env::var("TRICKS_REQUIRE_PARITY").is_ok_and(|v| v == "1") {
-        panic!("the TensorBoard check cannot run and TRICKS_REQUIRE_PARITY=1: {why}");
-    }
-    eprintln!("SKIP tensorboard: {why} (scripts/setup.sh --with-timm installs tensorboard)");
-}
-
 /// The events of `<out>/tb` as tensorboard reads them; `None` (after [`skip`]) without python or
 /// the package.
 fn read_events(out: &Path) -> Option<Value> {
@@ -63,12 +49,15 @@ fn read_events(out: &Path) -> Option<Value> {
     {
         Ok(o) => o,
         Err(e) => {
-            skip(&format!("cannot run {}: {e}", python().display()));
+            skip_reference(
+                "tensorboard",
+                &format!("cannot run {}: {e}", python().display()),
+            );
             return None;
         }
     };
     if o.status.code() == Some(3) {
-        skip(String::from_utf8_lossy(&o.stdout).trim());
+        skip_reference("tensorboard", String::from_utf8_lossy(&o.stdout).trim());
         return None;
     }
     assert!(

@@ -217,3 +217,21 @@ pub fn resume(config: &str, out: &Path) {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
 }
+
+/// The interpreter of the Python references (PyTorch, timm, SciPy, tensorboard): `TRICKS_PYTHON`,
+/// else the project's `.venv/bin/python` that `scripts/setup.sh --with-timm` fills.
+pub fn python() -> PathBuf {
+    match std::env::var_os("TRICKS_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    }
+}
+
+/// A comparison against a Python reference that cannot run: prints why and lets the test pass,
+/// or fails with `TRICKS_REQUIRE_PARITY=1` (as `make test` sets it).
+pub fn skip_reference(what: &str, why: &str) {
+    if std::env::var("TRICKS_REQUIRE_PARITY").is_ok_and(|v| v == "1") {
+        panic!("{what} cannot run and TRICKS_REQUIRE_PARITY=1: {why}");
+    }
+    eprintln!("SKIP {what}: {why} (scripts/setup.sh --with-timm installs the references)");
+}

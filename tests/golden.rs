@@ -107,6 +107,25 @@ fn check(run_name: &str, weights: &str, metrics: &str) {
     }
 }
 
+/// Trains `cfg` for its `epochs` into a folder beside it and checks the last epoch's weights and
+/// the `fields` of its metrics against the recorded hashes of `run_name`.
+fn train_and_check(run_name: &str, cfg: &Path, epochs: usize, fields: &[&[&str]]) {
+    let out = cfg.parent().unwrap().join("run");
+    let o = run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let last = format!("checkpoints/epoch-{epochs:04}.safetensors");
+    let weights = weights_sha(&out.join(last));
+    let metrics = metrics_sha(&out.join("metrics.jsonl"), fields);
+    check(run_name, &weights, &metrics);
+}
+
 #[test]
 fn a_short_classification_run_with_tricks_ends_on_the_recorded_bits() {
     let tmp = tempfile::tempdir().unwrap();
@@ -126,19 +145,10 @@ fn a_short_classification_run_with_tricks_ends_on_the_recorded_bits() {
         .replace("[model]\nzero_gamma = true\n", "")
         .replace("[model]\n", "[model]\nzero_gamma = true\n");
     std::fs::write(&cfg, text).unwrap();
-    let out = tmp.path().join("run");
-    let o = run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let weights = weights_sha(&out.join("checkpoints/epoch-0003.safetensors"));
-    let metrics = metrics_sha(
-        &out.join("metrics.jsonl"),
+    train_and_check(
+        "classification",
+        &cfg,
+        3,
         &[
             &["epoch"],
             &["lr"],
@@ -150,7 +160,6 @@ fn a_short_classification_run_with_tricks_ends_on_the_recorded_bits() {
             &["skipped_images"],
         ],
     );
-    check("classification", &weights, &metrics);
 }
 
 #[test]
@@ -170,19 +179,10 @@ fn a_short_segmentation_run_ends_on_the_recorded_bits() {
         ),
     )
     .unwrap();
-    let out = tmp.path().join("run");
-    let o = run(&[
-        "train",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--no-progress",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let weights = weights_sha(&out.join("checkpoints/epoch-0002.safetensors"));
-    let metrics = metrics_sha(
-        &out.join("metrics.jsonl"),
+    train_and_check(
+        "segmentation",
+        &cfg,
+        2,
         &[
             &["epoch"],
             &["lr"],
@@ -193,5 +193,4 @@ fn a_short_segmentation_run_ends_on_the_recorded_bits() {
             &["val_pixel_acc", "pixel_acc"],
         ],
     );
-    check("segmentation", &weights, &metrics);
 }

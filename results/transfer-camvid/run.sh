@@ -2,6 +2,9 @@
 # Reproduces results/transfer-camvid (issue 7's real result) from the repository root:
 # 1. a ResNet-18-D backbone trained on Imagenette (16 epochs, 112 px train / 128 px eval, cosine),
 # 2. the FCN recipe on CamVid from that backbone and from random init, through `tricks ablate`.
+# study/'s table, CSV, study.json and plots were regenerated from the same runs on 2026-12-07 with
+# `tricks report results/transfer-camvid/study` (metrics named mIoU / pixel accuracy, the
+# confidence intervals and verdicts); no run was retrained.
 set -euo pipefail
 T=${TRICKS:-./target/release/tricks}
 $T train --config configs/imagenet/resnet50d-imagenette.toml \

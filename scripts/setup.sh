@@ -3,9 +3,10 @@
 # used by the parity test and the PyTorch benchmark.
 #
 #   scripts/setup.sh              .venv with torch==2.11.0 (libtorch for the tch build)
-#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors, scipy and tensorboard
-#                                 (tests/parity.rs, scripts/parity.py, bench/pytorch_bench.py,
-#                                 tests/stats_scipy.rs, tests/tensorboard.rs)
+#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors, scipy, tensorboard and
+#                                 pycocotools (tests/parity.rs, scripts/parity.py,
+#                                 bench/pytorch_bench.py, tests/stats_scipy.rs, tests/tensorboard.rs,
+#                                 tests/detect_*.rs)
 #
 # Idempotent: creates .venv in the repo root only if missing and installs a package only when
 # it does not import or is at another version. Environment: PYTHON (interpreter that creates
@@ -18,6 +19,7 @@ TIMM_VERSION=1.0.31
 SAFETENSORS_VERSION=0.8.0
 SCIPY_VERSION=1.17.1 # the reference of the study statistics (tests/stats_scipy.rs)
 TENSORBOARD_VERSION=2.20.0 # reads back the runs' event files (tests/tensorboard.rs)
+PYCOCOTOOLS_VERSION=2.0.11 # the reference of the detection mAP (tests/detect_eval.rs)
 
 with_timm=0
 for arg in "$@"; do
@@ -53,17 +55,21 @@ if [[ "$with_timm" == 1 ]]; then
         "safetensors safetensors $SAFETENSORS_VERSION"
         "timm timm $TIMM_VERSION"
         "scipy scipy $SCIPY_VERSION"
-        "tensorboard tensorboard $TENSORBOARD_VERSION")
+        "tensorboard tensorboard $TENSORBOARD_VERSION"
+        "pycocotools pycocotools $PYCOCOTOOLS_VERSION")
 fi
 
 # One python process imports every wanted module and prints "module version" (without the
 # +local suffix) or "module -" when the import fails.
 probe_src='
-import importlib, sys, warnings
+import importlib, importlib.metadata, sys, warnings
 warnings.filterwarnings("ignore")
 for name in sys.argv[1:]:
     try:
-        print(name, importlib.import_module(name).__version__.split("+")[0])
+        module = importlib.import_module(name)
+        # pycocotools has no __version__: its distribution metadata has.
+        version = getattr(module, "__version__", None) or importlib.metadata.version(name)
+        print(name, version.split("+")[0])
     except Exception:
         print(name, "-")
 '

@@ -10,6 +10,7 @@ pub mod checkpoint;
 pub mod classify;
 pub mod config;
 pub mod data;
+pub mod detect;
 pub mod device;
 pub mod distributed;
 pub mod engine;

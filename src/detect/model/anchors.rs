@@ -7,7 +7,8 @@ use tch::{Device, Kind, Tensor};
 /// Anchors for a list of feature maps; aspect ratio = height / width.
 #[derive(Debug)]
 pub struct AnchorGenerator {
-    /// One `[A, 4]` tensor of zero-centred anchors per level (f32, on the CPU; moved per call).
+    /// One `[A, 4]` tensor of zero-centred anchors per level (f32 on the CPU, as torchvision
+    /// computes them; converted per call).
     cell_anchors: Vec<Tensor>,
 }
 
@@ -40,13 +41,15 @@ impl AnchorGenerator {
     /// The anchors of one image of the padded batch of size `image_size` (h, w), all levels
     /// concatenated: for each level, location by location (rows, then columns), the cell
     /// anchors shifted to `(x·stride_w, y·stride_h)`, where the stride is the batch size divided
-    /// by the grid size (integer division). Every image of a batch has the same anchors.
+    /// by the grid size (integer division). Every image of a batch has the same anchors. In the
+    /// features' dtype (`options`), as torchvision makes them; their values are integers.
     pub fn grid_anchors(
         &self,
         image_size: (i64, i64),
         grid_sizes: &[(i64, i64)],
-        device: Device,
+        options: (Kind, Device),
     ) -> Tensor {
+        let (kind, device) = options;
         assert_eq!(
             grid_sizes.len(),
             self.cell_anchors.len(),
@@ -57,12 +60,13 @@ impl AnchorGenerator {
             .zip(&self.cell_anchors)
             .map(|(&(gh, gw), base)| {
                 let (stride_h, stride_w) = (image_size.0 / gh, image_size.1 / gw);
-                let shifts_x = Tensor::arange(gw, (Kind::Float, device)) * stride_w as f64;
-                let shifts_y = Tensor::arange(gh, (Kind::Float, device)) * stride_h as f64;
+                let shifts_x = Tensor::arange(gw, (kind, device)) * stride_w as f64;
+                let shifts_y = Tensor::arange(gh, (kind, device)) * stride_h as f64;
                 let grid = Tensor::meshgrid_indexing(&[&shifts_y, &shifts_x], "ij");
                 let (shift_y, shift_x) = (grid[0].reshape([-1]), grid[1].reshape([-1]));
                 let shifts = Tensor::stack(&[&shift_x, &shift_y, &shift_x, &shift_y], 1);
-                (shifts.view([-1, 1, 4]) + base.to_device(device).view([1, -1, 4])).reshape([-1, 4])
+                (shifts.view([-1, 1, 4]) + base.to(device).to_kind(kind).view([1, -1, 4]))
+                    .reshape([-1, 4])
             })
             .collect();
         Tensor::cat(&per_level, 0)

@@ -359,6 +359,22 @@ impl ResNet {
         }
         y
     }
+
+    /// The output of every stage (`layer1`, `layer2`, ...), highest resolution first: the inputs
+    /// of a feature pyramid (what torchvision's `IntermediateLayerGetter` returns for
+    /// `layer1`…`layer4`). The last one is [`ResNet::features`].
+    pub fn stage_features(&self, x: &Tensor, train: bool) -> Vec<Tensor> {
+        let mut y = self.stem.forward_t(x, train);
+        self.stages
+            .iter()
+            .map(|stage| {
+                for block in stage {
+                    y = block.forward_t(&y, train);
+                }
+                y.shallow_clone()
+            })
+            .collect()
+    }
 }
 
 impl ResNet {

@@ -13,6 +13,7 @@ pub mod data;
 pub mod detect;
 pub mod device;
 pub mod distributed;
+pub mod draw;
 pub mod engine;
 pub mod experiments;
 pub mod ffi;

@@ -11,16 +11,14 @@ use super::results::EpochPoint;
 use super::results::{metric_names, RunRecord, RunStatus, VariantRow};
 use super::study::Manifest;
 use crate::config::Config;
+use crate::draw::{color, register_font, FAMILY};
 use crate::train::schedule::{peak_lr, LrSchedule};
 use anyhow::{anyhow, Result};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::path::Path;
-use std::sync::OnceLock;
 
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
-const FAMILY: &str = "sans-serif";
 const SIZE: (u32, u32) = (1100, 650);
 // Font sizes are even: plotters 0.3.7's ab_glyph renderer places each glyph at
 // `(size / 2 + top) as i32`, so an odd size shifts some glyphs (the `.` of `0.5`) by a pixel.
@@ -29,40 +27,6 @@ const SIZE: (u32, u32) = (1100, 650);
 /// schedule does not depend on it).
 pub fn lr_plot_iters_per_epoch(epochs: usize) -> usize {
     (2000 / epochs.max(1)).max(100)
-}
-
-/// Tableau 10.
-const PALETTE: [RGBColor; 10] = [
-    RGBColor(31, 119, 180),
-    RGBColor(255, 127, 14),
-    RGBColor(44, 160, 44),
-    RGBColor(214, 39, 40),
-    RGBColor(148, 103, 189),
-    RGBColor(140, 86, 75),
-    RGBColor(227, 119, 194),
-    RGBColor(127, 127, 127),
-    RGBColor(188, 189, 34),
-    RGBColor(23, 190, 207),
-];
-
-fn color(i: usize) -> RGBColor {
-    PALETTE[i % PALETTE.len()]
-}
-
-/// Registers the embedded font with plotters (once per process).
-fn register_font() -> Result<()> {
-    static DONE: OnceLock<bool> = OnceLock::new();
-    let ok = *DONE.get_or_init(|| {
-        plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok()
-            && plotters::style::register_font(FAMILY, FontStyle::Bold, FONT).is_ok()
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(anyhow!(
-            "the embedded plot font (assets/DejaVuSans.ttf) is not a valid TrueType font"
-        ))
-    }
 }
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {

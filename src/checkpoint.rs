@@ -57,6 +57,9 @@ pub struct EpochProgress {
     /// What `correct` counts among: the samples, or the labelled pixels in segmentation.
     #[serde(default)]
     pub counted: usize,
+    /// Sums of the loss's terms like `loss_sum` (a task whose loss has several, as detection's).
+    #[serde(default)]
+    pub parts_sum: Vec<f64>,
 }
 
 /// The checkpoint written when a run stops in the middle of an epoch (signal or step limit).

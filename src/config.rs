@@ -14,7 +14,8 @@ use std::path::Path;
 pub struct Config {
     /// Seed of every random choice: weight init, data order, augmentation, mixup.
     pub seed: u64,
-    /// What to train: "classification" (default) or "segmentation" (paper §6, see `[segment]`).
+    /// What to train: "classification" (default), "segmentation" (paper §6, see `[segment]`) or
+    /// "detection" (paper §6.1, see `[detect]`).
     #[serde(skip_serializing_if = "Task::is_classification")]
     pub task: Task,
     pub model: ModelConfig,
@@ -28,6 +29,9 @@ pub struct Config {
     /// Semantic segmentation (`task = "segmentation"`); ignored otherwise.
     #[serde(skip_serializing_if = "SegmentConfig::is_default")]
     pub segment: SegmentConfig,
+    /// Object detection (`task = "detection"`); ignored otherwise.
+    #[serde(skip_serializing_if = "DetectConfig::is_default")]
+    pub detect: DetectConfig,
     /// Data-parallel training (used when the run is started by `tricks launch` or with
     /// RANK/WORLD_SIZE in the environment).
     #[serde(skip_serializing_if = "DistributedConfig::is_default")]
@@ -48,6 +52,7 @@ impl Default for Config {
             distill: DistillConfig::default(),
             finetune: FinetuneConfig::default(),
             segment: SegmentConfig::default(),
+            detect: DetectConfig::default(),
             distributed: DistributedConfig::default(),
         }
     }
@@ -102,6 +107,8 @@ pub enum Task {
     Classification,
     /// Semantic segmentation: an FCN head on a dilated ResNet backbone (`[segment]`).
     Segmentation,
+    /// Object detection: Faster R-CNN with a feature pyramid on a ResNet backbone (`[detect]`).
+    Detection,
 }
 
 impl Task {
@@ -159,6 +166,110 @@ impl SegmentConfig {
     }
 }
 
+/// Object detection (paper §6.1, Table 8): Faster R-CNN with a feature pyramid, torchvision's
+/// `fasterrcnn_resnet50_fpn` design, on the backbone of `[model]`. The dataset is `data.dir` in
+/// the layout of `data.format` ("coco", "voc" or "yolo"; "auto" tells them apart by their files);
+/// `data.flip` flips, `data.mean` / `data.std` normalise, `data.workers` apply. Every default is
+/// torchvision's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DetectConfig {
+    /// The split names: `instances_<split>.json` (COCO), `ImageSets/Main/<split>.txt` (VOC),
+    /// `images/<split>/` (YOLO).
+    pub train_split: String,
+    pub val_split: String,
+    /// Shorter side of the input after resizing; training draws one of these per image
+    /// (multi-scale training), evaluation uses the last (torchvision's `min_size[-1]`).
+    pub min_size: Vec<i64>,
+    /// Longer side at most this (the shorter side is reduced to keep it).
+    pub max_size: i64,
+    /// Random crop (a region of [crop_min_scale, 1] of each side; boxes whose centre falls in it
+    /// are kept, clipped).
+    pub crop: bool,
+    pub crop_min_scale: f64,
+    /// Anchor side per pyramid level (P2…P6) and the aspect ratios of every level.
+    pub anchor_sizes: Vec<f64>,
+    pub aspect_ratios: Vec<f64>,
+    /// Region proposal network: candidates per level before NMS and proposals kept after it, in
+    /// training and in evaluation.
+    pub rpn_pre_nms_top_n_train: i64,
+    pub rpn_pre_nms_top_n_test: i64,
+    pub rpn_post_nms_top_n_train: i64,
+    pub rpn_post_nms_top_n_test: i64,
+    pub rpn_nms_thresh: f64,
+    /// IoU at or above which an anchor is positive, below which it is negative.
+    pub rpn_fg_iou_thresh: f64,
+    pub rpn_bg_iou_thresh: f64,
+    /// Anchors sampled per image for the RPN loss, and their positive share.
+    pub rpn_batch_size_per_image: i64,
+    pub rpn_positive_fraction: f64,
+    pub rpn_score_thresh: f64,
+    /// Detections: score threshold, per-class NMS IoU, detections kept per image.
+    pub box_score_thresh: f64,
+    pub box_nms_thresh: f64,
+    pub box_detections_per_img: i64,
+    /// RoI heads: IoU of a positive / negative proposal, proposals sampled per image and their
+    /// positive share.
+    pub box_fg_iou_thresh: f64,
+    pub box_bg_iou_thresh: f64,
+    pub box_batch_size_per_image: i64,
+    pub box_positive_fraction: f64,
+    /// Backbone batch norm frozen (torchvision's FrozenBatchNorm2d: statistics and affine fixed).
+    pub frozen_bn: bool,
+    /// Backbone stages that train, from the top: 0 (none) … 5 (all, stem included).
+    pub trainable_layers: usize,
+    /// Checkpoint whose weights initialise the backbone: a classification checkpoint of this
+    /// project, or a timm / torchvision ResNet (safetensors); "" = random.
+    pub backbone: String,
+    /// Learning-rate multiplier of the backbone (FPN, RPN and RoI heads keep the full lr).
+    pub backbone_lr_mult: f64,
+    /// Images per evaluation batch.
+    pub eval_batch_size: usize,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        DetectConfig {
+            train_split: "train".into(),
+            val_split: "val".into(),
+            min_size: vec![800],
+            max_size: 1333,
+            crop: false,
+            crop_min_scale: 0.3,
+            anchor_sizes: vec![32.0, 64.0, 128.0, 256.0, 512.0],
+            aspect_ratios: vec![0.5, 1.0, 2.0],
+            rpn_pre_nms_top_n_train: 2000,
+            rpn_pre_nms_top_n_test: 1000,
+            rpn_post_nms_top_n_train: 2000,
+            rpn_post_nms_top_n_test: 1000,
+            rpn_nms_thresh: 0.7,
+            rpn_fg_iou_thresh: 0.7,
+            rpn_bg_iou_thresh: 0.3,
+            rpn_batch_size_per_image: 256,
+            rpn_positive_fraction: 0.5,
+            rpn_score_thresh: 0.0,
+            box_score_thresh: 0.05,
+            box_nms_thresh: 0.5,
+            box_detections_per_img: 100,
+            box_fg_iou_thresh: 0.5,
+            box_bg_iou_thresh: 0.5,
+            box_batch_size_per_image: 512,
+            box_positive_fraction: 0.25,
+            frozen_bn: true,
+            trainable_layers: 3,
+            backbone: String::new(),
+            backbone_lr_mult: 1.0,
+            eval_batch_size: 2,
+        }
+    }
+}
+
+impl DetectConfig {
+    pub fn is_default(&self) -> bool {
+        *self == DetectConfig::default()
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
@@ -204,6 +315,21 @@ pub enum DataFormat {
     ImageFolder,
     Cifar10,
     Cifar100,
+    /// Detection: COCO JSON, `annotations/instances_<split>.json` with the images in
+    /// `images/<split>/` or `<split>/`.
+    Coco,
+    /// Detection: Pascal VOC, `Annotations/*.xml`, `ImageSets/Main/<split>.txt`, `JPEGImages/`.
+    Voc,
+    /// Detection: YOLO txt (Ultralytics), `images/<split>/`, `labels/<split>/*.txt` and the class
+    /// names in `data.yaml` or `classes.txt`.
+    Yolo,
+}
+
+impl DataFormat {
+    /// The annotation formats of detection.
+    pub fn is_detection(self) -> bool {
+        matches!(self, DataFormat::Coco | DataFormat::Voc | DataFormat::Yolo)
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

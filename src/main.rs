@@ -268,9 +268,15 @@ fn main() {
             linear_probe,
             mut train,
         } => {
+            // A dense task's backbone comes from the checkpoint; classification loads it all.
+            let key = match config_task(&train.config) {
+                tricks::config::Task::Detection => "detect.backbone",
+                tricks::config::Task::Segmentation => "segment.backbone",
+                tricks::config::Task::Classification => "finetune.from",
+            };
             train
                 .overrides
-                .insert(0, format!("finetune.from={}", toml::Value::String(from)));
+                .insert(0, format!("{key}={}", toml::Value::String(from)));
             if linear_probe {
                 train
                     .overrides
@@ -380,6 +386,16 @@ impl Signals {
     }
 }
 
+/// The `task` a config file names (classification when unreadable: loading it reports why).
+fn config_task(path: &Path) -> tricks::config::Task {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| text.parse::<toml::Table>().ok())
+        .and_then(|t| t.get("task")?.as_str().map(str::to_string))
+        .and_then(|t| toml::Value::String(t).try_into().ok())
+        .unwrap_or_default()
+}
+
 fn load_config(a: &TrainArgs) -> Result<Config> {
     let mut overrides = Vec::new();
     if let Some(d) = &a.data {
@@ -435,12 +451,19 @@ fn cmd_train(a: TrainArgs) -> Result<i32> {
                 tricks::config::Task::Segmentation => {
                     tricks::segment::train(&cfg, &opts)?.stopped_early
                 }
+                tricks::config::Task::Detection => {
+                    tricks::detect::train(&cfg, &opts)?.stopped_early
+                }
             };
             return Ok(signals.exit_code(stopped));
         }
     }
     if cfg.task == tricks::config::Task::Segmentation {
         let stopped = train_segmentation(&cfg, &opts)?;
+        return Ok(signals.exit_code(stopped));
+    }
+    if cfg.task == tricks::config::Task::Detection {
+        let stopped = train_detection(&cfg, &opts)?;
         return Ok(signals.exit_code(stopped));
     }
     eprintln!(
@@ -478,6 +501,12 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     train::precision::check_supported(cfg.train.precision, device)?;
     if cfg.task == tricks::config::Task::Segmentation {
         tricks::segment::check(cfg)?
+            .iter()
+            .for_each(|l| println!("{l}"));
+        return Ok(());
+    }
+    if cfg.task == tricks::config::Task::Detection {
+        tricks::detect::check(cfg)?
             .iter()
             .for_each(|l| println!("{l}"));
         return Ok(());
@@ -543,12 +572,97 @@ fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
     Ok(s.stopped_early)
 }
 
+/// Trains a detection run; returns whether it stopped early.
+fn train_detection(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
+    let out = opts.out_dir.display();
+    eprintln!(
+        "training Faster R-CNN + FPN on {} (variant {}), detection on {} → {out}",
+        cfg.model.name, cfg.model.variant, cfg.data.dir
+    );
+    let s = tricks::detect::train(cfg, opts)?;
+    if s.stopped_early {
+        eprintln!(
+            "stopped early after {} epoch(s); outputs in {out}",
+            s.epochs
+        );
+    } else {
+        println!(
+            "done: {} epochs, final mAP {:.2}% AP50 {:.2}%, best mAP {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
+            s.epochs, s.final_map, s.final_ap50, s.best_map, s.best_epoch, s.images_per_second, s.train_seconds
+        );
+    }
+    Ok(s.stopped_early)
+}
+
+/// `tricks predict` with a detection checkpoint: the boxes of every image given, printed (or one
+/// JSON object per image), and drawn into `--out` (a file for one image, else a folder).
+fn predict_detection(a: &PredictArgs, device: tch::Device) -> Result<i32> {
+    if a.image.is_empty() && a.list.is_none() {
+        anyhow::bail!("nothing to detect: give --image IMG_OR_FOLDER (repeatable) or --list FILE");
+    }
+    let inputs = classify::predict::gather_inputs(&a.image, a.list.as_deref())?;
+    for (path, why) in &inputs.skipped {
+        eprintln!("warning: skipped {}: {why}", path.display());
+    }
+    let detector = tricks::detect::predict::Detector::load(&a.checkpoint, device)?;
+    let single = inputs.paths.len() == 1 && a.image.len() == 1 && a.image[0].is_file();
+    if let (Some(out), false) = (&a.out, single) {
+        std::fs::create_dir_all(out)
+            .with_context(|| format!("cannot create the output folder {}", out.display()))?;
+    }
+    let mut failed = 0usize;
+    for path in &inputs.paths {
+        let out = a.out.as_ref().map(|o| match single {
+            true => o.clone(),
+            false => o.join(format!(
+                "{}.png",
+                path.file_stem().unwrap_or_default().to_string_lossy()
+            )),
+        });
+        match tricks::detect::predict::predict_image(&detector, path, out.as_deref()) {
+            Ok((boxes, size)) if a.json => {
+                println!(
+                    "{}",
+                    tricks::detect::predict::boxes_json(path, size, &boxes)
+                );
+            }
+            Ok((boxes, (w, h))) => {
+                println!("{} ({w}x{h}): {} objects", path.display(), boxes.len());
+                for b in &boxes {
+                    let [x1, y1, x2, y2] = b.bbox;
+                    println!(
+                        "  {:<16} {:>6.3}  [{x1:.1}, {y1:.1}, {x2:.1}, {y2:.1}]",
+                        b.class, b.score
+                    );
+                }
+            }
+            Err(e) => {
+                eprintln!("{e:#} (skipped)");
+                failed += 1;
+            }
+        }
+    }
+    if let Some(out) = &a.out {
+        eprintln!("boxes drawn into {}", out.display());
+    }
+    if failed > 0 {
+        eprintln!(
+            "{failed} of {} images could not be read",
+            inputs.paths.len()
+        );
+        return Ok(1);
+    }
+    Ok(0)
+}
+
 /// `tricks predict`: a segmentation checkpoint's mask of one image, or a classification
 /// checkpoint's top classes of every image given (exit status 1 when some could not be read).
 fn cmd_predict(a: PredictArgs) -> Result<i32> {
     let device = device::parse_device(&a.device)?;
-    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
-        return predict_segmentation(&a, device).map(|()| 0);
+    match tricks::segment::checkpoint_task(&a.checkpoint) {
+        tricks::config::Task::Segmentation => return predict_segmentation(&a, device).map(|()| 0),
+        tricks::config::Task::Detection => return predict_detection(&a, device),
+        tricks::config::Task::Classification => {}
     }
     if a.out.is_some() {
         anyhow::bail!(
@@ -720,6 +834,37 @@ fn predict_segmentation(a: &PredictArgs, device: tch::Device) -> Result<()> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     let precision: tricks::config::Precision = a.precision.parse()?;
+    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Detection {
+        if precision != tricks::config::Precision::Fp32 || a.channels_last {
+            anyhow::bail!(
+                "{}: --precision and --channels-last apply to classification checkpoints; a \
+                 detection checkpoint is evaluated in fp32",
+                a.checkpoint.display()
+            );
+        }
+        let (e, _) = tricks::detect::predict::evaluate_checkpoint(
+            &a.checkpoint,
+            a.data.as_deref(),
+            device,
+            a.batch_size.min(8),
+        )?;
+        println!(
+            "{}: mAP {:.2}%  AP50 {:.2}%  AP75 {:.2}%  ({} images, {} detections)\n{}AP per class (%): {}",
+            a.checkpoint.display(),
+            e.map(),
+            e.ap50(),
+            e.ap75(),
+            e.images,
+            e.detections,
+            e.report(),
+            e.class_ap()
+                .iter()
+                .map(|(c, v)| format!("{c} {v:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        return Ok(());
+    }
     if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
         if precision != tricks::config::Precision::Fp32 || a.channels_last {
             anyhow::bail!(

@@ -15,12 +15,23 @@ use std::path::Path;
 /// as when these checks all lived in `Config::validate`.
 pub fn check(cfg: &Config) -> Result<()> {
     match cfg.task {
-        Task::Segmentation => crate::model::ModelSpec::from_config(&cfg.model).map(|_| ())?,
+        Task::Segmentation | Task::Detection => {
+            crate::model::ModelSpec::from_config(&cfg.model).map(|_| ())?
+        }
         Task::Classification => crate::model::Classifier::check_config(&cfg.model)?,
     }
     cfg.validate()?;
-    if cfg.task == Task::Segmentation {
-        crate::segment::validate_config(cfg)?;
+    if cfg.data.format.is_detection() && cfg.task != Task::Detection {
+        anyhow::bail!(
+            "key `data.format`: \"{}\" is an annotation format of detection, but task = \"{}\" (set task = \"detection\")",
+            format!("{:?}", cfg.data.format).to_lowercase(),
+            format!("{:?}", cfg.task).to_lowercase()
+        );
+    }
+    match cfg.task {
+        Task::Segmentation => crate::segment::validate_config(cfg)?,
+        Task::Detection => crate::detect::validate_config(cfg)?,
+        Task::Classification => {}
     }
     Ok(())
 }

@@ -315,8 +315,8 @@ fn training_losses_and_gradients_match_torchvision_without_sampling() {
             labels: io[&format!("target.labels.{i}")].shallow_clone(),
         })
         .collect();
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let losses = model.losses(&images, &[TRAIN_MIN_SIZE; 2], &targets, &mut rng);
+    let mut rngs = [0, 1].map(ChaCha8Rng::seed_from_u64);
+    let losses = model.losses(&images, &[TRAIN_MIN_SIZE; 2], &targets, &mut rngs);
     for (name, loss) in [
         ("loss_objectness", &losses.objectness),
         ("loss_rpn_box_reg", &losses.rpn_box_reg),
@@ -496,12 +496,12 @@ fn resnet18d_backbone_names_trainable_sets_and_sgd_steps() {
     let mut opt = nn::OptimizerConfig::build(sgd, &vs, 0.005).unwrap();
     let (mut totals, mut objectness, mut first) = (Vec::new(), Vec::new(), None);
     for _ in 0..6 {
-        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let mut rngs = [ChaCha8Rng::seed_from_u64(1)];
         let losses = model.losses(
             &[image.shallow_clone()],
             &[opts.min_size],
             &[target()],
-            &mut rng,
+            &mut rngs,
         );
         let total = losses.total();
         totals.push(total.double_value(&[]));
@@ -528,9 +528,9 @@ fn resnet18d_backbone_names_trainable_sets_and_sgd_steps() {
         boxes: Tensor::zeros([0, 4], (Kind::Float, Device::Cpu)),
         labels: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
     };
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let mut rngs = [ChaCha8Rng::seed_from_u64(2)];
     let losses =
-        tch::no_grad(|| model.losses(&[image.shallow_clone()], &[128], &[empty], &mut rng));
+        tch::no_grad(|| model.losses(&[image.shallow_clone()], &[128], &[empty], &mut rngs));
     assert_eq!(losses.rpn_box_reg.double_value(&[]), 0.0);
     assert_eq!(losses.box_reg.double_value(&[]), 0.0);
     assert!(losses.objectness.double_value(&[]) > 0.0 && losses.classifier.double_value(&[]) > 0.0);
@@ -697,9 +697,9 @@ fn speed_against_torchvision() {
         ..Default::default()
     };
     let mut opt = nn::OptimizerConfig::build(sgd, &vs, 0.01).unwrap();
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let mut rngs = [0, 1].map(ChaCha8Rng::seed_from_u64);
     let mut train = || {
-        let losses = model.losses(&images, &[512, 512], &targets, &mut rng);
+        let losses = model.losses(&images, &[512, 512], &targets, &mut rngs);
         opt.backward_step(&losses.total());
     };
     let best = |f: &mut dyn FnMut()| {

@@ -226,6 +226,45 @@ fn segmentation_over_two_ranks_trains_like_one_process() {
 /// gets it, and lookahead's slow weights, by broadcast (without that broadcast the replicas
 /// part at the first average); the ranks average at the same steps and end like one process on
 /// the global batch, slow weights included.
+/// Detection through the same path: 2 ranks of 8 images equal one process of 16. The samplers
+/// draw per image from the image's place in the global batch and every image contributes the
+/// same number of sampled anchors and proposals, so the ranks' mean losses average to the
+/// global batch's; the evaluation gathers every rank's detections.
+#[test]
+fn detection_over_two_ranks_trains_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    detection_folder(&data, 32, 4, 96, 80);
+    let cfg = detection_config(tmp.path(), &data, 1, "");
+    let t = two_ranks_and_one(tmp.path(), cfg.to_str().unwrap(), 1, &[], &[]);
+    assert_eq!(t.log.matches("epoch 1/1:").count(), 1, "{}", t.log);
+    assert_eq!(relative_l2(&t.dist_ckpt, &t.r0, is_weight), 0.0);
+    let err = relative_l2(&t.r0, &t.single_ckpt, is_weight);
+    assert!(err < 1e-4, "2 ranks vs 1 process: relative L2 {err}");
+    let line = |dir: &Path| -> serde_json::Value {
+        let text = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let (d, s) = (line(&t.dist_out), line(&t.single_out));
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap();
+    for k in [
+        "train_loss",
+        "train_loss_objectness",
+        "train_loss_rpn_box_reg",
+        "train_loss_classifier",
+        "train_loss_box_reg",
+    ] {
+        assert!(
+            (f(&d, k) - f(&s, k)).abs() < 1e-4 * f(&s, k).abs().max(1.0),
+            "{k}: {d} vs {s}"
+        );
+    }
+    assert!(
+        (f(&d, "val_map") - f(&s, "val_map")).abs() < 0.5,
+        "{d} vs {s}"
+    );
+}
+
 #[test]
 fn airbench94_recipe_over_two_ranks_trains_like_one_process() {
     let tmp = tempfile::tempdir().unwrap();

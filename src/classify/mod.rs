@@ -280,8 +280,8 @@ impl Evaluation for EvalResult {
     fn headline(&self) -> f64 {
         self.top1
     }
-    fn loss(&self) -> f64 {
-        self.loss
+    fn loss(&self) -> Option<f64> {
+        Some(self.loss)
     }
 }
 

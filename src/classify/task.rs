@@ -7,7 +7,9 @@ use super::{
 use crate::config::Config;
 use crate::data::{self, Batch, Batches, Dataset, Loader, Resident, Shard};
 use crate::device::{to_device_input, upload};
-use crate::engine::{Opened, Run, RunTotals, StepContext, StepOutput, Task, TaskBatch};
+use crate::engine::{
+    BackboneLr, Opened, Run, RunTotals, StepContext, StepOutput, Task, TaskBatch, TrainFigures,
+};
 use crate::model::{self, Classifier};
 use crate::train::loss::{top1_hits, Criterion};
 use crate::train::mixup::Mixup;
@@ -148,9 +150,12 @@ impl Task for Classification {
         Ok(())
     }
 
-    fn backbone_lr_mult(&self, _run: &Run) -> Option<(&'static str, f64)> {
+    fn backbone_lr_mult(&self, _run: &Run) -> Option<BackboneLr> {
         let f = &self.cfg.finetune;
-        (!f.from.is_empty() && f.backbone_lr_mult != 1.0).then_some(("fc.", f.backbone_lr_mult))
+        (!f.from.is_empty() && f.backbone_lr_mult != 1.0).then_some(BackboneLr {
+            is_backbone: |name| !name.starts_with("fc."),
+            mult: f.backbone_lr_mult,
+        })
     }
 
     /// airbench94's whitening conv is set from the data at the start of a run (a resumed run has
@@ -258,6 +263,7 @@ impl Task for Classification {
             hits: top1_hits(&logits, &y),
             samples: b,
             counted: b as usize,
+            parts: Vec::new(),
         })
     }
 
@@ -302,9 +308,9 @@ impl Task for Classification {
         Ok(())
     }
 
-    fn epoch_fields(&self, train_top1: f64, eval: Option<&EvalResult>) -> ClassificationEpoch {
+    fn epoch_fields(&self, train: &TrainFigures, eval: Option<&EvalResult>) -> ClassificationEpoch {
         ClassificationEpoch {
-            train_top1,
+            train_top1: train.accuracy,
             val_top1: eval.map(|e| e.top1),
             val_top5: eval.map(|e| e.top5),
         }

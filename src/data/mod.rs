@@ -173,6 +173,10 @@ fn detect_layout(cfg: &DataConfig) -> Result<Layout> {
                 })?,
             ))
         }
+        DataFormat::Coco | DataFormat::Voc | DataFormat::Yolo => bail!(
+            "key `data.format`: {:?} is an annotation format of detection (set task = \"detection\")",
+            cfg.format
+        ),
         DataFormat::Auto => {
             if root.join("train").is_dir() {
                 return Ok(Layout::ImageFolder { root });

@@ -33,6 +33,7 @@
 //! (COCO's loaders do the same), counted in [`DetDataset::dropped`]. Crowd objects are kept with
 //! `iscrowd = true`.
 
+use crate::config::DataFormat;
 use crate::data::imagefolder::{list_images, load_image};
 use crate::data::Image;
 use anyhow::{anyhow, bail, Context, Result};
@@ -84,6 +85,29 @@ impl Format {
             Format::Voc => "voc",
             Format::Yolo => "yolo",
         }
+    }
+}
+
+impl Format {
+    /// The format of `data.format`; "auto" tells the three apart by their files in `root`:
+    /// `annotations/` (COCO), `Annotations/` (VOC) or `labels/` (YOLO).
+    pub fn of(format: DataFormat, root: &Path) -> Result<Format> {
+        Ok(match format {
+            DataFormat::Coco => Format::Coco,
+            DataFormat::Voc => Format::Voc,
+            DataFormat::Yolo => Format::Yolo,
+            DataFormat::Auto if root.join("annotations").is_dir() => Format::Coco,
+            DataFormat::Auto if root.join("Annotations").is_dir() => Format::Voc,
+            DataFormat::Auto if root.join("labels").is_dir() => Format::Yolo,
+            DataFormat::Auto => bail!(
+                "{}: no annotations/ (COCO), Annotations/ (VOC) or labels/ (YOLO) folder; set \
+                 `data.format` or check `data.dir`",
+                root.display()
+            ),
+            other => {
+                bail!("key `data.format`: {other:?} is not a detection format (coco, voc or yolo)")
+            }
+        })
     }
 }
 

@@ -13,6 +13,7 @@
 //! augmentation, the last batch kept.
 
 use super::dataset::{DetDataset, Object};
+pub use super::model::Target;
 use super::transforms::{hflip, random_crop, to_tensor, CropOptions};
 use crate::data::loader::thread_pool;
 use crate::data::{Image, Mode, Pass, Plan, Shard};
@@ -30,15 +31,6 @@ use tch::Tensor;
 
 /// Batches made ahead of the trainer.
 const PREFETCH: usize = 2;
-
-/// The training target of one image (torchvision's `targets[i]`).
-#[derive(Debug)]
-pub struct Target {
-    /// `[n, 4]` f32, `x1, y1, x2, y2` in the pixels of the batch's image.
-    pub boxes: Tensor,
-    /// `[n]` i64, 1..=K.
-    pub labels: Tensor,
-}
 
 impl Target {
     /// The target of `objects`: crowd (and VOC difficult) objects and boxes of zero width or

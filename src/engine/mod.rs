@@ -52,9 +52,8 @@ pub trait Task: Sized {
     fn init_weights(&mut self, _vs: &nn::VarStore, _run: &Run) -> Result<()> {
         Ok(())
     }
-    /// The prefix of the task's head and the learning-rate multiplier of every other parameter
-    /// (the backbone), when it is not 1.
-    fn backbone_lr_mult(&self, _run: &Run) -> Option<(&'static str, f64)> {
+    /// The backbone's learning-rate multiplier, when it is not 1.
+    fn backbone_lr_mult(&self, _run: &Run) -> Option<BackboneLr> {
         None
     }
     /// A run that starts from scratch, on rank 0, once the optimizer exists: initialisation that
@@ -85,9 +84,9 @@ pub trait Task: Sized {
     fn warm_up_evaluation(&self, _run: &Run) -> Result<()> {
         Ok(())
     }
-    /// The task's fields of an epoch's metrics line: its training accuracy (correct among
-    /// counted, %) and its evaluation, if the epoch had one.
-    fn epoch_fields(&self, train_accuracy: f64, eval: Option<&Self::Eval>) -> Self::EpochFields;
+    /// The task's fields of an epoch's metrics line, from the epoch's training figures and its
+    /// evaluation, if the epoch had one.
+    fn epoch_fields(&self, train: &TrainFigures, eval: Option<&Self::Eval>) -> Self::EpochFields;
     /// The task's fields of `summary.json` from the run's totals and its last evaluation.
     fn summary_fields(
         &self,
@@ -95,10 +94,19 @@ pub trait Task: Sized {
         totals: &RunTotals,
         last: &Self::Eval,
     ) -> Self::SummaryFields;
-    /// The unit of the training accuracy in progress messages ("acc", "pixel acc").
+    /// The unit of the training accuracy in progress messages ("acc", "pixel acc"; "" for a
+    /// task without one).
     fn train_accuracy_name(&self) -> &'static str {
         "acc"
     }
+}
+
+/// A learning-rate multiplier for a task's backbone.
+#[derive(Debug, Clone, Copy)]
+pub struct BackboneLr {
+    /// Whether a parameter (by name) is the backbone's.
+    pub is_backbone: fn(&str) -> bool,
+    pub mult: f64,
 }
 
 /// A task with its data open, and what the engine keeps of that data.
@@ -144,8 +152,9 @@ pub trait TaskBatch {
 pub trait Evaluation {
     /// The headline metric, which picks the best checkpoint (top-1, mIoU).
     fn headline(&self) -> f64;
-    /// The mean validation loss.
-    fn loss(&self) -> f64;
+    /// The mean validation loss (`None` for a task whose evaluation computes none, as
+    /// detection's, where the model in evaluation mode returns detections, not losses).
+    fn loss(&self) -> Option<f64>;
 }
 
 /// Where a training step runs.
@@ -165,6 +174,18 @@ pub struct StepOutput {
     pub samples: i64,
     /// What `hits` counts among: the samples, or the labelled pixels in segmentation.
     pub counted: usize,
+    /// The loss's terms, each a mean over the batch like `loss` (detection's four), summed per
+    /// epoch into [`TrainFigures::loss_parts`]; empty for a loss of one term.
+    pub parts: Vec<Tensor>,
+}
+
+/// What an epoch of training measured, for the task's metrics line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainFigures {
+    /// Correct among counted (%): top-1, or pixel accuracy in segmentation.
+    pub accuracy: f64,
+    /// The epoch's mean of each of [`StepOutput::parts`].
+    pub loss_parts: Vec<f64>,
 }
 
 /// What a run adds up to, for the task's summary.

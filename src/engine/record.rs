@@ -50,6 +50,7 @@ impl<T: EpochFields> MetricsLine<T> {
     pub fn describe(&self, epochs: usize) -> String {
         let val = match (self.val_loss, self.task.describe_eval()) {
             (Some(l), Some(e)) => format!(" | val loss {l:.4} {e}"),
+            (None, Some(e)) => format!(" | val {e}"),
             _ => String::new(),
         };
         let ips = self.images_per_second;
@@ -94,7 +95,9 @@ pub struct Summary<T> {
     pub task: T,
     /// The epoch of the best evaluation by the task's headline metric.
     pub best_epoch: usize,
-    pub final_val_loss: f64,
+    /// The last evaluation's mean loss (absent for detection, whose evaluation has none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_val_loss: Option<f64>,
     /// Training time summed over resumes (evaluation excluded).
     pub train_seconds: f64,
     pub images_per_second: f64,

@@ -128,12 +128,15 @@ const GPU_READ_EVERY: usize = 25;
 pub(crate) struct EpochSums {
     pub(crate) loss: f64,
     pub(crate) correct: i64,
+    /// The loss's terms, summed like `loss` ([`crate::engine::StepOutput::parts`]).
+    pub(crate) parts: Vec<f64>,
     /// Non-finite losses are expected (an f16 loss scaler skips those steps), not an error.
     loss_may_be_inf: bool,
     /// Where the error for a non-finite loss finds the last good checkpoint.
     ckpt_dir: PathBuf,
     pending_loss: Tensor,
     pending_correct: Tensor,
+    pending_parts: Vec<Tensor>,
     /// Global steps whose sums are pending: from `pending_from`, `pending_steps` of them.
     pending_from: usize,
     pending_steps: usize,
@@ -155,6 +158,7 @@ impl EpochSums {
     pub(crate) fn new(
         loss: f64,
         correct: i64,
+        parts: Vec<f64>,
         device: Device,
         read_every: usize,
         loss_may_be_inf: bool,
@@ -163,6 +167,11 @@ impl EpochSums {
         EpochSums {
             loss,
             correct,
+            pending_parts: parts
+                .iter()
+                .map(|_| Tensor::zeros([], (Kind::Double, device)))
+                .collect(),
+            parts,
             loss_may_be_inf,
             ckpt_dir: ckpt_dir.to_path_buf(),
             pending_loss: Tensor::zeros([], (Kind::Double, device)),
@@ -186,6 +195,7 @@ impl EpochSums {
         &mut self,
         loss: &Tensor,
         hits: &Tensor,
+        parts: &[Tensor],
         batch: i64,
         global_step: usize,
     ) -> Result<bool> {
@@ -194,6 +204,15 @@ impl EpochSums {
         }
         self.pending_loss += loss.to_kind(Kind::Double) * batch as f64;
         self.pending_correct += hits;
+        if self.pending_parts.len() < parts.len() {
+            let device = self.pending_loss.device();
+            self.pending_parts
+                .resize_with(parts.len(), || Tensor::zeros([], (Kind::Double, device)));
+            self.parts.resize(parts.len(), 0.0);
+        }
+        for (sum, part) in self.pending_parts.iter_mut().zip(parts) {
+            *sum += part.detach().to_kind(Kind::Double) * batch as f64;
+        }
         self.pending_steps += 1;
         if self.pending_steps < self.read_every {
             return Ok(false);
@@ -223,6 +242,10 @@ impl EpochSums {
         }
         self.loss += loss;
         self.correct += self.pending_correct.int64_value(&[]);
+        for (sum, pending) in self.parts.iter_mut().zip(&mut self.pending_parts) {
+            *sum += f64::try_from(&*pending)?;
+            let _ = pending.zero_();
+        }
         let _ = self.pending_loss.zero_();
         let _ = self.pending_correct.zero_();
         self.pending_steps = 0;
@@ -292,16 +315,16 @@ mod tests {
     #[test]
     fn epoch_sums_are_read_every_n_steps_and_carry_what_came_before() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = EpochSums::new(10.0, 7, Device::Cpu, 3, false, dir.path());
+        let mut s = EpochSums::new(10.0, 7, Vec::new(), Device::Cpu, 3, false, dir.path());
         let hits = Tensor::from(2i64);
-        assert!(!s.add(&scalar(1.5), &hits, 4, 0).unwrap());
-        assert!(!s.add(&scalar(0.5), &hits, 4, 1).unwrap());
+        assert!(!s.add(&scalar(1.5), &hits, &[], 4, 0).unwrap());
+        assert!(!s.add(&scalar(0.5), &hits, &[], 4, 1).unwrap());
         // Nothing read yet: the running figures are still those carried in.
         assert_eq!((s.loss, s.correct), (10.0, 7));
-        assert!(s.add(&scalar(1.0), &hits, 2, 2).unwrap());
+        assert!(s.add(&scalar(1.0), &hits, &[], 2, 2).unwrap());
         assert_eq!((s.loss, s.correct), (10.0 + 6.0 + 2.0 + 2.0, 7 + 6));
         // A partial window is read at the epoch's end.
-        assert!(!s.add(&scalar(0.25), &hits, 4, 3).unwrap());
+        assert!(!s.add(&scalar(0.25), &hits, &[], 4, 3).unwrap());
         s.read().unwrap();
         assert_eq!((s.loss, s.correct), (21.0, 15));
         s.read().unwrap(); // nothing pending: unchanged
@@ -312,21 +335,24 @@ mod tests {
     fn a_non_finite_loss_is_an_error_naming_its_steps_unless_a_scaler_skips_them() {
         let dir = tempfile::tempdir().unwrap();
         let hits = Tensor::from(0i64);
-        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 4, false, dir.path());
+        let mut s = EpochSums::new(0.0, 0, Vec::new(), Device::Cpu, 4, false, dir.path());
         for (step, v) in [(10, 1.0), (11, f32::NAN), (12, 1.0)] {
-            assert!(!s.add(&scalar(v), &hits, 2, step).unwrap());
+            assert!(!s.add(&scalar(v), &hits, &[], 2, step).unwrap());
         }
-        let e = s.add(&scalar(1.0), &hits, 2, 13).unwrap_err().to_string();
+        let e = s
+            .add(&scalar(1.0), &hits, &[], 2, 13)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("loss became NaN within global steps 11–14"),
             "{e}"
         );
         assert!(e.contains("last good checkpoint is none yet"), "{e}");
         // With f16 loss scaling a NaN step is skipped by the scaler, not fatal.
-        let mut s = EpochSums::new(0.0, 0, Device::Cpu, 1, true, dir.path());
-        assert!(s.add(&scalar(f32::INFINITY), &hits, 2, 0).unwrap());
-        let e = EpochSums::new(0.0, 0, Device::Cpu, 1, false, dir.path())
-            .add(&scalar(f32::INFINITY), &hits, 2, 4)
+        let mut s = EpochSums::new(0.0, 0, Vec::new(), Device::Cpu, 1, true, dir.path());
+        assert!(s.add(&scalar(f32::INFINITY), &hits, &[], 2, 0).unwrap());
+        let e = EpochSums::new(0.0, 0, Vec::new(), Device::Cpu, 1, false, dir.path())
+            .add(&scalar(f32::INFINITY), &hits, &[], 2, 4)
             .unwrap_err()
             .to_string();
         assert!(e.contains("loss became inf at global step 5"), "{e}");

@@ -5,7 +5,9 @@
 use super::record::{MetricsLine, Summary};
 use super::run::{progress_bar, save_weights, training_checkpoint, Run};
 use super::step::{optimizer_step, EpochSums, StepPosition};
-use super::{BatchStream, Evaluation, RunTotals, StepContext, StepOutput, Task, TaskBatch};
+use super::{
+    BatchStream, Evaluation, RunTotals, StepContext, StepOutput, Task, TaskBatch, TrainFigures,
+};
 use crate::checkpoint::{self, EpochProgress, TrainState};
 use crate::config::Precision;
 use crate::device::weights_to_channels_last;
@@ -85,8 +87,8 @@ impl<'r, T: Task> Trainer<'r, T> {
         if cfg.optim.lookahead {
             opt.set_lookahead(Lookahead::new(&vs, &cfg.optim, epochs * iters_per_epoch));
         }
-        if let Some((head, mult)) = task.backbone_lr_mult(run) {
-            opt.set_lr_scale(|name| !name.starts_with(head), mult);
+        if let Some(b) = task.backbone_lr_mult(run) {
+            opt.set_lr_scale(b.is_backbone, b.mult);
         }
         let mut state = TrainState {
             loss_scale: 1.0,
@@ -263,6 +265,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         let mut sums = EpochSums::new(
             p.loss_sum,
             p.correct,
+            p.parts_sum.clone(),
             run.device,
             self.read_every,
             self.scaler.enabled,
@@ -297,11 +300,16 @@ impl<'r, T: Task> Trainer<'r, T> {
             p.counted += out.counted;
             if current {
                 let ips = (p.seen - seen_before) as f64 / train_start.elapsed().as_secs_f64();
+                let accuracy = match task.train_accuracy_name() {
+                    "" => String::new(),
+                    name => format!(
+                        " {name} {:.2}%",
+                        100.0 * sums.correct as f64 / p.counted.max(1) as f64
+                    ),
+                };
                 bar.set_message(format!(
-                    "loss {:.4} {} {:.2}% lr {:.4} {ips:.1} img/s",
+                    "loss {:.4}{accuracy} lr {:.4} {ips:.1} img/s",
                     sums.loss / p.seen as f64,
-                    task.train_accuracy_name(),
-                    100.0 * sums.correct as f64 / p.counted.max(1) as f64,
                     lr,
                 ));
                 logged = self.log_steps(logged, (sums.loss, p.seen), lr);
@@ -320,7 +328,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         }
         bar.finish_and_clear();
         sums.read()?;
-        (p.loss_sum, p.correct) = (sums.loss, sums.correct);
+        (p.loss_sum, p.correct, p.parts_sum) = (sums.loss, sums.correct, sums.parts);
         let p = self.over_all_ranks(p)?;
         if p.seen == 0 {
             bail!("epoch {epoch}: no usable training images (every image of the epoch failed to load)");
@@ -374,7 +382,13 @@ impl<'r, T: Task> Trainer<'r, T> {
             run.stop_requested(),
             sums.reads_every_step(),
         )?;
-        let current = sums.add(&step.loss, &out.hits, out.samples, at.global_step)?;
+        let current = sums.add(
+            &step.loss,
+            &out.hits,
+            &out.parts,
+            out.samples,
+            at.global_step,
+        )?;
         self.state.global_step += 1;
         if let Some(la) = self.opt.lookahead_mut() {
             la.after_step(self.state.global_step);
@@ -406,19 +420,22 @@ impl<'r, T: Task> Trainer<'r, T> {
     /// An epoch's sums over every rank of a data-parallel run.
     fn over_all_ranks(&self, p: EpochProgress) -> Result<EpochProgress> {
         let Some(dp) = &self.dp else { return Ok(p) };
-        let v = dp.sum(&[
+        let mut v = vec![
             p.loss_sum,
             p.correct as f64,
             p.seen as f64,
             p.skipped as f64,
             p.counted as f64,
-        ])?;
+        ];
+        v.extend(&p.parts_sum);
+        let v = dp.sum(&v)?;
         Ok(EpochProgress {
             loss_sum: v[0],
             correct: v[1] as i64,
             seen: v[2] as usize,
             skipped: v[3] as usize,
             counted: v[4] as usize,
+            parts_sum: v[5..].to_vec(),
         })
     }
 
@@ -483,13 +500,16 @@ impl<'r, T: Task> Trainer<'r, T> {
             }
         }
         let p = &trained.sums;
-        let train_accuracy = 100.0 * p.correct as f64 / p.counted.max(1) as f64;
+        let train = TrainFigures {
+            accuracy: 100.0 * p.correct as f64 / p.counted.max(1) as f64,
+            loss_parts: p.parts_sum.iter().map(|s| s / p.seen as f64).collect(),
+        };
         let m = MetricsLine {
             epoch,
             lr: trained.lr,
             train_loss: p.loss_sum / p.seen as f64,
-            task: task.epoch_fields(train_accuracy, eval.as_ref().map(|e| &e.0)),
-            val_loss: eval.as_ref().map(|e| e.0.loss()),
+            task: task.epoch_fields(&train, eval.as_ref().map(|e| &e.0)),
+            val_loss: eval.as_ref().and_then(|e| e.0.loss()),
             images_per_second: self.throughput.2,
             seconds: trained.started.elapsed().as_secs_f64(),
             skipped_images: p.skipped,

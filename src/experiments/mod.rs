@@ -419,6 +419,9 @@ fn run_job(job: &Job, name: &str, opts: &AblateOptions, single: bool) -> Outcome
                 Task::Segmentation => {
                     crate::segment::train(&job.cfg, &ro).map(|s| RunOutcome::from(&s))
                 }
+                Task::Detection => {
+                    crate::detect::train(&job.cfg, &ro).map(|s| RunOutcome::from(&s))
+                }
             }))
             .unwrap_or_else(|p| Err(anyhow::anyhow!("training panicked: {}", panic_text(&p))))
         });

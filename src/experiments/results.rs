@@ -5,6 +5,7 @@ use super::stats::{self, Delta};
 use super::study::{Manifest, Mode};
 use crate::classify::{EpochMetrics, RunSummary};
 use crate::config::Task;
+use crate::detect::{DetEpochMetrics, DetSummary};
 use crate::segment::{SegEpochMetrics, SegSummary};
 use anyhow::{Context, Result};
 use serde::Serialize;
@@ -45,7 +46,7 @@ pub struct RunOutcome {
     pub final_second: f64,
     pub best_metric: f64,
     pub best_epoch: usize,
-    pub final_val_loss: f64,
+    pub final_val_loss: Option<f64>,
     pub train_seconds: f64,
     pub images_per_second: f64,
     pub stopped_early: bool,
@@ -63,6 +64,33 @@ impl From<&RunSummary> for RunOutcome {
             train_seconds: s.train_seconds,
             images_per_second: s.images_per_second,
             stopped_early: s.stopped_early,
+        }
+    }
+}
+
+impl From<&DetSummary> for RunOutcome {
+    fn from(s: &DetSummary) -> RunOutcome {
+        RunOutcome {
+            epochs: s.epochs,
+            final_metric: s.final_map,
+            final_second: s.final_ap50,
+            best_metric: s.best_map,
+            best_epoch: s.best_epoch,
+            final_val_loss: s.final_val_loss,
+            train_seconds: s.train_seconds,
+            images_per_second: s.images_per_second,
+            stopped_early: s.stopped_early,
+        }
+    }
+}
+
+impl From<DetEpochMetrics> for EpochPoint {
+    fn from(m: DetEpochMetrics) -> EpochPoint {
+        EpochPoint {
+            epoch: m.epoch,
+            lr: m.lr,
+            train_loss: m.train_loss,
+            val_metric: m.val_map,
         }
     }
 }
@@ -190,6 +218,13 @@ pub fn metric_names(task: Task) -> MetricNames {
             second_key: "pixel_acc",
             sentence: "mIoU and pixel accuracy (%) are measured on the validation split",
         },
+        Task::Detection => MetricNames {
+            headline: "mAP",
+            second: "AP50",
+            headline_key: "map",
+            second_key: "ap50",
+            sentence: "mAP (COCO's AP@[.5:.95]) and AP50 (%) are measured on the validation split",
+        },
     }
 }
 
@@ -247,6 +282,9 @@ pub fn read_summary(task: Task, path: &Path) -> Result<RunOutcome> {
         Task::Segmentation => {
             RunOutcome::from(&serde_json::from_str::<SegSummary>(&text).with_context(not_summary)?)
         }
+        Task::Detection => {
+            RunOutcome::from(&serde_json::from_str::<DetSummary>(&text).with_context(not_summary)?)
+        }
     })
 }
 
@@ -261,6 +299,10 @@ pub fn read_metrics(task: Task, path: &Path) -> Result<Vec<EpochPoint>> {
             .map(EpochPoint::from)
             .collect(),
         Task::Segmentation => crate::metrics::read::<SegEpochMetrics>(path)?
+            .into_iter()
+            .map(EpochPoint::from)
+            .collect(),
+        Task::Detection => crate::metrics::read::<DetEpochMetrics>(path)?
             .into_iter()
             .map(EpochPoint::from)
             .collect(),

@@ -34,6 +34,7 @@ pub fn checkpoint_task(path: &Path) -> Task {
         let table: toml::Table = toml::from_str(text).ok()?;
         match table.get("task").and_then(|t| t.as_str()) {
             Some("segmentation") => Some(Task::Segmentation),
+            Some("detection") => Some(Task::Detection),
             _ => Some(Task::Classification),
         }
     };

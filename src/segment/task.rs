@@ -15,8 +15,8 @@ use crate::config::{Config, Precision, Task as TaskKind};
 use crate::data::Shard;
 use crate::device::{to_device_input, upload};
 use crate::engine::{
-    self, EpochFields, Evaluation, MetricsLine, Opened, Run, RunOptions, RunTotals, StepContext,
-    StepOutput, Summary, Task, TaskBatch,
+    self, BackboneLr, EpochFields, Evaluation, MetricsLine, Opened, Run, RunOptions, RunTotals,
+    StepContext, StepOutput, Summary, Task, TaskBatch, TrainFigures,
 };
 use crate::metrics;
 use crate::train::derive_seed;
@@ -88,8 +88,8 @@ impl Evaluation for SegEval {
     fn headline(&self) -> f64 {
         self.miou
     }
-    fn loss(&self) -> f64 {
-        self.loss
+    fn loss(&self) -> Option<f64> {
+        Some(self.loss)
     }
 }
 
@@ -268,9 +268,12 @@ impl Task for Segmentation {
         Ok(())
     }
 
-    fn backbone_lr_mult(&self, _run: &Run) -> Option<(&'static str, f64)> {
+    fn backbone_lr_mult(&self, _run: &Run) -> Option<BackboneLr> {
         let mult = self.cfg.segment.backbone_lr_mult;
-        (mult != 1.0).then_some((HEAD_PREFIX, mult))
+        (mult != 1.0).then_some(BackboneLr {
+            is_backbone: |name| !name.starts_with(HEAD_PREFIX),
+            mult,
+        })
     }
 
     fn on_fresh_start(&mut self, vs: &nn::VarStore, _opt: &mut Sgd, run: &Run) -> Result<()> {
@@ -326,6 +329,7 @@ impl Task for Segmentation {
             hits,
             samples: batch.len() as i64,
             counted: n_labelled as usize,
+            parts: Vec::new(),
         })
     }
 
@@ -339,9 +343,9 @@ impl Task for Segmentation {
             .result(self.net().num_classes as usize)
     }
 
-    fn epoch_fields(&self, train_pixel_acc: f64, eval: Option<&SegEval>) -> SegmentationEpoch {
+    fn epoch_fields(&self, train: &TrainFigures, eval: Option<&SegEval>) -> SegmentationEpoch {
         SegmentationEpoch {
-            train_pixel_acc,
+            train_pixel_acc: train.accuracy,
             val_pixel_acc: eval.map(|e| e.pixel_acc),
             val_miou: eval.map(|e| e.miou),
         }

@@ -235,3 +235,102 @@ pub fn skip_reference(what: &str, why: &str) {
     }
     eprintln!("SKIP {what}: {why} (scripts/setup.sh --with-timm installs the references)");
 }
+
+/// Writes a COCO-layout detection dataset (`annotations/instances_{train,val}.json`,
+/// `images/{train,val}/*.png`): `w`×`h` grey images with 1–3 filled rectangles each, class 1
+/// ("red") red and class 2 ("blue") blue, whose boxes are the annotations. Returns the number of
+/// objects per split.
+pub fn detection_folder(root: &Path, train: usize, val: usize, w: u32, h: u32) -> [usize; 2] {
+    let mut counts = [0; 2];
+    for (s, (split, n)) in [("train", train), ("val", val)].into_iter().enumerate() {
+        let dir = root.join("images").join(split);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (mut images, mut annotations) = (Vec::new(), Vec::new());
+        for i in 0..n as u32 {
+            let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([110, 110, 110]));
+            for k in 0..1 + i % 3 {
+                // Deterministic boxes: position and size from the image and object index.
+                let (bw, bh) = (
+                    w / 4 + (i * 7 + k * 5) % (w / 4),
+                    h / 4 + (i * 5 + k * 3) % (h / 4),
+                );
+                let x = (i * 13 + k * 29) % (w - bw);
+                let y = (i * 11 + k * 17) % (h - bh);
+                let class = 1 + (i + k) % 2;
+                let colour = if class == 1 {
+                    [220, 30, 30]
+                } else {
+                    [30, 30, 220]
+                };
+                for yy in y..y + bh {
+                    for xx in x..x + bw {
+                        img.put_pixel(xx, yy, image::Rgb(colour));
+                    }
+                }
+                annotations.push(serde_json::json!({
+                    "id": annotations.len() + 1, "image_id": i + 1, "category_id": class,
+                    "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0,
+                }));
+            }
+            let name = format!("{i:04}.png");
+            img.save(dir.join(&name)).unwrap();
+            images
+                .push(serde_json::json!({"id": i + 1, "file_name": name, "width": w, "height": h}));
+        }
+        counts[s] = annotations.len();
+        let doc = serde_json::json!({
+            "images": images, "annotations": annotations,
+            "categories": [{"id": 1, "name": "red"}, {"id": 2, "name": "blue"}],
+        });
+        std::fs::create_dir_all(root.join("annotations")).unwrap();
+        std::fs::write(
+            root.join("annotations")
+                .join(format!("instances_{split}.json")),
+            serde_json::to_string(&doc).unwrap(),
+        )
+        .unwrap();
+    }
+    counts
+}
+
+/// A tiny detection config on a [`detection_folder`] dataset: Faster R-CNN + FPN on a
+/// ResNet-18-D at 64–80 px with small RPN/RoI sample counts, deterministic threads.
+pub fn detection_config(dir: &Path, data: &Path, epochs: usize, extra: &str) -> PathBuf {
+    let text = format!(
+        r#"seed = 5
+task = "detection"
+[model]
+name = "resnet18"
+variant = "d"
+[data]
+dir = "{}"
+format = "coco"
+flip = true
+workers = 2
+[train]
+epochs = {epochs}
+batch_size = 2
+threads = 1
+[optim]
+lr = 0.01
+linear_scaling = false
+weight_decay = 1e-4
+[detect]
+min_size = [64, 80]
+max_size = 96
+rpn_pre_nms_top_n_train = 200
+rpn_post_nms_top_n_train = 100
+rpn_pre_nms_top_n_test = 100
+rpn_post_nms_top_n_test = 50
+rpn_batch_size_per_image = 64
+box_batch_size_per_image = 32
+box_score_thresh = 0.01
+eval_batch_size = 2
+trainable_layers = 5
+{extra}"#,
+        data.display()
+    );
+    let path = dir.join("detect.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}

@@ -325,10 +325,10 @@ impl FasterRcnn {
 
     /// Training: the four losses of a batch. `images` are `[3, H, W]` f32 in [0, 1] on the
     /// model's device, each resized to the shorter side `min_sizes[i]` (multi-scale training:
-    /// the caller draws it); `targets` in the images' pixel coordinates. The samplers draw from
-    /// `rng` (a generator the caller derives from seed, epoch and step, so that a resumed run
-    /// replays the same draws), on the host. Batch norm runs in training mode unless
-    /// `frozen_bn`.
+    /// the caller draws it); `targets` in the images' pixel coordinates. The samplers of image i
+    /// draw from `rngs[i]` on the host (generators the caller derives from the seed, the step and
+    /// the image's place in the global batch, so that a resumed run and a data-parallel one
+    /// replay the same draws). Batch norm runs in training mode unless `frozen_bn`.
     ///
     /// # Panics
     /// On mismatched lengths, boxes not `[n, 4]`, labels not `[n]`, or a box with no positive
@@ -338,8 +338,13 @@ impl FasterRcnn {
         images: &[Tensor],
         min_sizes: &[i64],
         targets: &[Target],
-        rng: &mut ChaCha8Rng,
+        rngs: &mut [ChaCha8Rng],
     ) -> Losses {
+        assert_eq!(
+            (images.len(), targets.len()),
+            (rngs.len(), rngs.len()),
+            "one target and one generator per image"
+        );
         assert_eq!(
             images.len(),
             targets.len(),
@@ -361,13 +366,13 @@ impl FasterRcnn {
             .backbone
             .forward(&image_list.tensors, !self.opts.frozen_bn);
         let (proposals, predictions) = self.rpn.forward(&image_list, &features, true);
-        let (objectness, rpn_box_reg) = self.rpn.losses(&predictions, &targets, rng);
+        let (objectness, rpn_box_reg) = self.rpn.losses(&predictions, &targets, rngs);
         let (classifier, box_reg) = self.roi_heads.losses(
             &features[..POOLED_LEVELS],
             &proposals,
             &image_list.image_sizes,
             &targets,
-            rng,
+            rngs,
         );
         Losses {
             objectness,

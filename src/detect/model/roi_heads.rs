@@ -121,7 +121,7 @@ impl RoiHeads {
     }
 
     /// The Fast R-CNN losses `(classifier, box_reg)`: the ground-truth boxes join each image's
-    /// proposals, the matcher labels them, the sampler draws from `rng`, then torchvision's
+    /// proposals, the matcher labels them, the sampler draws from the image's `rngs[i]`, then torchvision's
     /// `fastrcnn_loss`. `features` are the pooled levels; `targets` in resized coordinates.
     pub fn losses(
         &self,
@@ -129,10 +129,10 @@ impl RoiHeads {
         proposals: &[Tensor],
         image_shapes: &[(i64, i64)],
         targets: &[Target],
-        rng: &mut ChaCha8Rng,
+        rngs: &mut [ChaCha8Rng],
     ) -> (Tensor, Tensor) {
         let (proposals, labels, regression_targets) =
-            self.select_training_samples(proposals, targets, rng);
+            self.select_training_samples(proposals, targets, rngs);
         let (class_logits, box_regression) = self.predict(features, &proposals, image_shapes);
         fastrcnn_loss(&class_logits, &box_regression, &labels, &regression_targets)
     }
@@ -144,12 +144,12 @@ impl RoiHeads {
         &self,
         proposals: &[Tensor],
         targets: &[Target],
-        rng: &mut ChaCha8Rng,
+        rngs: &mut [ChaCha8Rng],
     ) -> (Vec<Tensor>, Tensor, Tensor) {
         let mut sampled_proposals = Vec::new();
         let mut labels = Vec::new();
         let mut matched_gt_boxes = Vec::new();
-        for (proposals_in_image, target) in proposals.iter().zip(targets) {
+        for ((proposals_in_image, target), rng) in proposals.iter().zip(targets).zip(rngs) {
             let gt_boxes = target.boxes.to_kind(proposals_in_image.kind());
             let proposals_in_image = Tensor::cat(&[proposals_in_image, &gt_boxes], 0);
             let (matched_idxs, labels_in_image) =

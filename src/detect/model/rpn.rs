@@ -242,14 +242,14 @@ impl RegionProposalNetwork {
         &self,
         predictions: &RpnPredictions,
         targets: &[Target],
-        rng: &mut ChaCha8Rng,
+        rngs: &mut [ChaCha8Rng],
     ) -> (Tensor, Tensor) {
         let anchors = &predictions.anchors;
         let mut labels = Vec::new();
         let mut regression_targets = Vec::new();
         let mut sampled_pos = Vec::new();
         let mut sampled_neg = Vec::new();
-        for target in targets {
+        for (target, rng) in targets.iter().zip(rngs.iter_mut()) {
             let (labels_per_image, matched_gt_boxes) =
                 self.assign_targets_to_anchors(anchors, target);
             regression_targets.push(self.box_coder.encode(&matched_gt_boxes, anchors));

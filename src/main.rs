@@ -458,12 +458,8 @@ fn cmd_train(a: TrainArgs) -> Result<i32> {
             return Ok(signals.exit_code(stopped));
         }
     }
-    if cfg.task == tricks::config::Task::Segmentation {
-        let stopped = train_segmentation(&cfg, &opts)?;
-        return Ok(signals.exit_code(stopped));
-    }
-    if cfg.task == tricks::config::Task::Detection {
-        let stopped = train_detection(&cfg, &opts)?;
+    if cfg.task != tricks::config::Task::Classification {
+        let stopped = train_dense(&cfg, &opts)?;
         return Ok(signals.exit_code(stopped));
     }
     eprintln!(
@@ -550,14 +546,28 @@ fn check(cfg: &Config, device: tch::Device) -> Result<()> {
     Ok(())
 }
 
-/// Trains a segmentation run; returns whether it stopped early.
-fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
+/// Trains a segmentation or detection run, saying what it trains and how it ended; returns
+/// whether it stopped early.
+fn train_dense(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
+    use tricks::config::Task;
+    use tricks::experiments::{results::metric_names, RunOutcome};
     let out = opts.out_dir.display();
+    let model = match cfg.task {
+        Task::Detection => "Faster R-CNN + FPN",
+        _ => "FCN",
+    };
     eprintln!(
-        "training FCN on {} (variant {}), segmentation of {} → {out}",
-        cfg.model.name, cfg.model.variant, cfg.data.dir
+        "training {model} on {} (variant {}), {} on {} → {out}",
+        cfg.model.name,
+        cfg.model.variant,
+        format!("{:?}", cfg.task).to_lowercase(),
+        cfg.data.dir
     );
-    let s = tricks::segment::train(cfg, opts)?;
+    let s = match cfg.task {
+        Task::Detection => RunOutcome::from(&tricks::detect::train(cfg, opts)?),
+        _ => RunOutcome::from(&tricks::segment::train(cfg, opts)?),
+    };
+    let n = metric_names(cfg.task);
     if s.stopped_early {
         eprintln!(
             "stopped early after {} epoch(s); outputs in {out}",
@@ -565,30 +575,8 @@ fn train_segmentation(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
         );
     } else {
         println!(
-            "done: {} epochs, final mIoU {:.2}% pixel accuracy {:.2}%, best mIoU {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
-            s.epochs, s.final_miou, s.final_pixel_acc, s.best_miou, s.best_epoch, s.images_per_second, s.train_seconds
-        );
-    }
-    Ok(s.stopped_early)
-}
-
-/// Trains a detection run; returns whether it stopped early.
-fn train_detection(cfg: &Config, opts: &engine::RunOptions) -> Result<bool> {
-    let out = opts.out_dir.display();
-    eprintln!(
-        "training Faster R-CNN + FPN on {} (variant {}), detection on {} → {out}",
-        cfg.model.name, cfg.model.variant, cfg.data.dir
-    );
-    let s = tricks::detect::train(cfg, opts)?;
-    if s.stopped_early {
-        eprintln!(
-            "stopped early after {} epoch(s); outputs in {out}",
-            s.epochs
-        );
-    } else {
-        println!(
-            "done: {} epochs, final mAP {:.2}% AP50 {:.2}%, best mAP {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
-            s.epochs, s.final_map, s.final_ap50, s.best_map, s.best_epoch, s.images_per_second, s.train_seconds
+            "done: {} epochs, final {} {:.2}% {} {:.2}%, best {} {:.2}% (epoch {}), {:.1} img/s, {:.0}s training; outputs in {out}",
+            s.epochs, n.headline, s.final_metric, n.second, s.final_second, n.headline, s.best_metric, s.best_epoch, s.images_per_second, s.train_seconds
         );
     }
     Ok(s.stopped_early)

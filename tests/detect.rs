@@ -136,16 +136,7 @@ fn resume_after_kill_9_is_bit_identical_to_a_straight_run() {
     let killed = tmp.path().join("killed");
     common::kill_after_first_epoch(c, &killed, std::time::Duration::from_millis(100));
     common::resume(c, &killed);
-    let last = |out: &Path| {
-        tricks::checkpoint::load(&out.join("checkpoints/epoch-0003.safetensors"))
-            .unwrap()
-            .tensors
-    };
-    let (a, b) = (last(&straight), last(&killed));
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
-    for (k, t) in &a {
-        assert!(t.equal(&b[k]), "tensor {k} differs after resume");
-    }
+    common::assert_same_weights(&straight, &killed, 3);
     let ma = detect::read_metrics(&straight.join("metrics.jsonl")).unwrap();
     let mb = detect::read_metrics(&killed.join("metrics.jsonl")).unwrap();
     assert_eq!(ma.len(), 3);

@@ -218,6 +218,23 @@ pub fn resume(config: &str, out: &Path) {
     assert!(stderr(&o).contains("resuming from"), "{}", stderr(&o));
 }
 
+/// The checkpoints of `epoch` in the run folders `a` and `b` hold the same tensors, bit for bit.
+pub fn assert_same_weights(a: &Path, b: &Path, epoch: usize) {
+    let load = |out: &Path| {
+        tricks::checkpoint::load(&tricks::checkpoint::epoch_checkpoint_path(
+            &out.join("checkpoints"),
+            epoch,
+        ))
+        .unwrap()
+        .tensors
+    };
+    let (a, b) = (load(a), load(b));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, t) in &a {
+        assert!(t.equal(&b[k]), "tensor {k} differs after resume");
+    }
+}
+
 /// The interpreter of the Python references (PyTorch, timm, SciPy, tensorboard): `TRICKS_PYTHON`,
 /// else the project's `.venv/bin/python` that `scripts/setup.sh --with-timm` fills.
 pub fn python() -> PathBuf {

@@ -151,6 +151,8 @@ struct EvalArgs {
     data: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Images per batch (classification and segmentation; a detection checkpoint is evaluated
+    /// in batches of its `detect.eval_batch_size`, which its figures depend on).
     #[arg(long, default_value_t = 256)]
     batch_size: usize,
     /// fp32, bf16 or fp16 (autocast). With the training's precision and layout, the figures are
@@ -830,12 +832,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 a.checkpoint.display()
             );
         }
-        let (e, _) = tricks::detect::predict::evaluate_checkpoint(
-            &a.checkpoint,
-            a.data.as_deref(),
-            device,
-            a.batch_size.min(8),
-        )?;
+        let (e, _) =
+            tricks::detect::predict::evaluate_checkpoint(&a.checkpoint, a.data.as_deref(), device)?;
         println!(
             "{}: mAP {:.2}%  AP50 {:.2}%  AP75 {:.2}%  ({} images, {} detections)\n{}AP per class (%): {}",
             a.checkpoint.display(),

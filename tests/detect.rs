@@ -92,7 +92,7 @@ fn tiny_detector_trains_evaluates_and_predicts() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let picture = image::open(&drawn).unwrap().to_rgb8();
-    assert_eq!(picture.dimensions(), (96, 80));
+    assert_eq!(picture.dimensions(), (112, 80));
     let o = run(&[
         "predict",
         "--checkpoint",
@@ -105,7 +105,7 @@ fn tiny_detector_trains_evaluates_and_predicts() {
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
     assert_eq!(
         (v["width"].as_u64(), v["height"].as_u64()),
-        (Some(96), Some(80))
+        (Some(112), Some(80))
     );
     let dets = v["detections"].as_array().unwrap();
     assert!(dets.len() <= 100);
@@ -117,7 +117,7 @@ fn tiny_detector_trains_evaluates_and_predicts() {
         assert!(score <= last_score && score >= 0.01);
         last_score = score;
         let b: Vec<f64> = serde_json::from_value(d["bbox"].clone()).unwrap();
-        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 96.0 && b[3] <= 80.0 && b[0] <= b[2]);
+        assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 112.0 && b[3] <= 80.0 && b[0] <= b[2]);
     }
     assert!(val_objects > 0);
 }

@@ -101,12 +101,14 @@ impl Detector {
 }
 
 /// Evaluates a detection checkpoint on its dataset's validation split (or on the dataset at
-/// `data`, in the checkpoint's format and split names), with COCO's protocol.
+/// `data`, in the checkpoint's format and split names), with COCO's protocol, in batches of its
+/// config's `detect.eval_batch_size`: images are padded to the largest of their batch, which
+/// moves the features near the edges of the smaller ones (as in torchvision), so the figures
+/// are the training run's own only with its batches.
 pub fn evaluate_checkpoint(
     path: &Path,
     data: Option<&str>,
     device: Device,
-    batch_size: usize,
 ) -> Result<(DetEval, Config)> {
     let d = Detector::load(path, device)?;
     let mut cfg = d.cfg.clone();
@@ -123,7 +125,7 @@ pub fn evaluate_checkpoint(
         );
     }
     let opts = loader::LoaderOptions {
-        batch_size,
+        batch_size: cfg.detect.eval_batch_size,
         workers: cfg.data.workers,
         hflip_prob: 0.0,
         min_sizes: cfg.detect.min_size.clone(),

@@ -254,7 +254,8 @@ pub fn skip_reference(what: &str, why: &str) {
 }
 
 /// Writes a COCO-layout detection dataset (`annotations/instances_{train,val}.json`,
-/// `images/{train,val}/*.png`): `w`×`h` grey images with 1–3 filled rectangles each, class 1
+/// `images/{train,val}/*.png`): grey images of `w`×`h` (even indices) and `w + 16`×`h` (odd:
+/// a batch pads them, as real data) with 1–3 filled rectangles each, class 1
 /// ("red") red and class 2 ("blue") blue, whose boxes are the annotations. Returns the number of
 /// objects per split.
 pub fn detection_folder(root: &Path, train: usize, val: usize, w: u32, h: u32) -> [usize; 2] {
@@ -264,6 +265,7 @@ pub fn detection_folder(root: &Path, train: usize, val: usize, w: u32, h: u32) -
         std::fs::create_dir_all(&dir).unwrap();
         let (mut images, mut annotations) = (Vec::new(), Vec::new());
         for i in 0..n as u32 {
+            let w = w + 16 * (i % 2);
             let mut img = image::RgbImage::from_pixel(w, h, image::Rgb([110, 110, 110]));
             for k in 0..1 + i % 3 {
                 // Deterministic boxes: position and size from the image and object index.

@@ -6,23 +6,9 @@
 
 mod common;
 
-use common::{detection_config, detection_folder, run, stderr, stdout};
+use common::{detection_config, detection_folder, run, stderr, stdout, train};
 use std::path::Path;
 use tricks::detect;
-
-/// Trains `config` into `out`; panics with the run's stderr if it fails.
-fn train(config: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    args.extend(extra);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
-}
 
 #[test]
 fn tiny_detector_trains_evaluates_and_predicts() {

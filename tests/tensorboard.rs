@@ -111,19 +111,13 @@ fn check_epoch_scalars(out: &Path, events: &Value, epochs: u64) {
     }
 }
 
+/// Trains with the per-step points on (`train.log_every = 1`).
 fn train(config: &Path, out: &Path, extra: &[&str]) {
-    let mut args = vec![
-        "train",
-        "--config",
-        config.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--set",
-        "train.log_every=1",
-    ];
-    args.extend_from_slice(extra);
-    let o = run(&args);
-    assert!(o.status.success(), "{}", stderr(&o));
+    common::train(
+        config,
+        out,
+        &[&["--set", "train.log_every=1"], extra].concat(),
+    );
 }
 
 #[test]

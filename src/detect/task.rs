@@ -519,9 +519,7 @@ impl Task for Detection {
     }
 
     fn summary_fields(&self, run: &Run, t: &RunTotals, last: &DetEval) -> DetectionSummary {
-        let best_ap50 = read_metrics(&run.metrics_path)
-            .ok()
-            .and_then(|ms| ms.into_iter().find(|m| m.epoch == t.best_epoch))
+        let best_ap50 = engine::epoch_fields_at::<DetectionEpoch>(&run.metrics_path, t.best_epoch)
             .and_then(|m| m.val_ap50)
             .unwrap_or(last.ap50());
         DetectionSummary {

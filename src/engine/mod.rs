@@ -18,7 +18,7 @@ mod run;
 mod step;
 mod trainer;
 
-pub use record::{EpochFields, MetricsLine, Summary};
+pub use record::{epoch_fields_at, EpochFields, MetricsLine, Summary};
 pub use run::{save_weights, Run, RunOptions, LOCK_FILE};
 pub use step::StepPosition;
 pub use trainer::Trainer;

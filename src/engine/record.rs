@@ -72,6 +72,16 @@ impl<T: EpochFields> MetricsLine<T> {
     }
 }
 
+/// The task's fields of epoch `epoch`'s line in the `metrics.jsonl` at `path` (`None` when the
+/// file or the line cannot be read): a summary's figures at the best epoch.
+pub fn epoch_fields_at<T: EpochFields>(path: &std::path::Path, epoch: usize) -> Option<T> {
+    crate::metrics::read::<MetricsLine<T>>(path)
+        .ok()?
+        .into_iter()
+        .find(|m| m.epoch == epoch)
+        .map(|m| m.task)
+}
+
 impl<T> Deref for MetricsLine<T> {
     type Target = T;
     fn deref(&self) -> &T {

@@ -352,11 +352,10 @@ impl Task for Segmentation {
     }
 
     fn summary_fields(&self, run: &Run, t: &RunTotals, last: &SegEval) -> SegmentationSummary {
-        let best_pixel_acc = read_metrics(&run.metrics_path)
-            .ok()
-            .and_then(|ms| ms.into_iter().find(|m| m.epoch == t.best_epoch))
-            .and_then(|m| m.val_pixel_acc)
-            .unwrap_or(last.pixel_acc);
+        let best_pixel_acc =
+            engine::epoch_fields_at::<SegmentationEpoch>(&run.metrics_path, t.best_epoch)
+                .and_then(|m| m.val_pixel_acc)
+                .unwrap_or(last.pixel_acc);
         SegmentationSummary {
             best_miou: t.best,
             best_pixel_acc,

@@ -152,6 +152,20 @@ label_smoothing = 0.18
     path
 }
 
+/// `tricks train --config config --out out extra…`; panics with the run's stderr if it fails.
+pub fn train(config: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "train",
+        "--config",
+        config.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 pub fn tricks() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tricks"))
 }

@@ -3,10 +3,11 @@
 # used by the parity test and the PyTorch benchmark.
 #
 #   scripts/setup.sh              .venv with torch==2.11.0 (libtorch for the tch build)
-#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors, scipy, tensorboard and
-#                                 pycocotools (tests/parity.rs, scripts/parity.py,
-#                                 bench/pytorch_bench.py, tests/stats_scipy.rs, tests/tensorboard.rs,
-#                                 tests/detect_*.rs)
+#   scripts/setup.sh --with-timm  ... plus timm, torchvision, safetensors, scipy, tensorboard,
+#                                 pycocotools, onnx and onnxruntime (tests/parity.rs,
+#                                 scripts/parity.py, bench/pytorch_bench.py, tests/stats_scipy.rs,
+#                                 tests/tensorboard.rs, tests/detect_*.rs, tests/export.rs,
+#                                 scripts/to_onnx.py)
 #
 # Idempotent: creates .venv in the repo root only if missing and installs a package only when
 # it does not import or is at another version. Environment: PYTHON (interpreter that creates
@@ -20,6 +21,8 @@ SAFETENSORS_VERSION=0.8.0
 SCIPY_VERSION=1.17.1 # the reference of the study statistics (tests/stats_scipy.rs)
 TENSORBOARD_VERSION=2.20.0 # reads back the runs' event files (tests/tensorboard.rs)
 PYCOCOTOOLS_VERSION=2.0.11 # the reference of the detection mAP (tests/detect_eval.rs)
+ONNX_VERSION=1.23.2          # scripts/to_onnx.py writes ONNX from an exported TorchScript module
+ONNXRUNTIME_VERSION=1.32.0   # ... and runs it beside the TorchScript module to check it
 
 with_timm=0
 for arg in "$@"; do
@@ -56,7 +59,9 @@ if [[ "$with_timm" == 1 ]]; then
         "timm timm $TIMM_VERSION"
         "scipy scipy $SCIPY_VERSION"
         "tensorboard tensorboard $TENSORBOARD_VERSION"
-        "pycocotools pycocotools $PYCOCOTOOLS_VERSION")
+        "pycocotools pycocotools $PYCOCOTOOLS_VERSION"
+        "onnx onnx $ONNX_VERSION"
+        "onnxruntime onnxruntime $ONNXRUNTIME_VERSION")
 fi
 
 # One python process imports every wanted module and prints "module version" (without the

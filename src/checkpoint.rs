@@ -5,12 +5,12 @@
 //! checkpoints only), and metadata: the resolved config, the class names, the training state and
 //! a SHA-256 over every tensor, checked on load so a torn or corrupted file is detected.
 
-use crate::config::Config;
+use crate::config::{Config, Task};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use tch::{nn, Kind, Tensor};
 
@@ -234,6 +234,32 @@ pub fn save(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(views, &Some(meta))?;
     write_atomic(path, &bytes).with_context(|| format!("cannot save checkpoint {}", path.display()))
+}
+
+/// The task of a checkpoint, from its embedded config (only the safetensors header is read).
+/// Anything unreadable, or without a config, is reported as classification, so that the
+/// classification loader gives its own error.
+pub fn task_of(path: &Path) -> Task {
+    let read = || -> Option<Task> {
+        let mut f = std::fs::File::open(path).ok()?;
+        let mut len = [0u8; 8];
+        f.read_exact(&mut len).ok()?;
+        let n = u64::from_le_bytes(len);
+        if n > 100 << 20 {
+            return None;
+        }
+        let mut header = vec![0u8; n as usize];
+        f.read_exact(&mut header).ok()?;
+        let json: serde_json::Value = serde_json::from_slice(&header).ok()?;
+        let text = json.get("__metadata__")?.get("config")?.as_str()?;
+        let table: toml::Table = toml::from_str(text).ok()?;
+        match table.get("task").and_then(|t| t.as_str()) {
+            Some("segmentation") => Some(Task::Segmentation),
+            Some("detection") => Some(Task::Detection),
+            _ => Some(Task::Classification),
+        }
+    };
+    read().unwrap_or(Task::Classification)
 }
 
 /// Reads and verifies a checkpoint (or any safetensors file, e.g. converted timm weights).

@@ -16,6 +16,7 @@ pub mod distributed;
 pub mod draw;
 pub mod engine;
 pub mod experiments;
+pub mod export;
 pub mod ffi;
 pub mod metrics;
 pub mod model;

@@ -41,6 +41,10 @@ enum Command {
     /// Classify images with a classification checkpoint (top classes and probabilities), or
     /// segment one image with a segmentation checkpoint (writes the colourised mask, PNG).
     Predict(PredictArgs),
+    /// Write a classification or segmentation checkpoint as a TorchScript module (PyTorch's
+    /// `torch.jit.load`, libtorch's `torch::jit::load`) and a JSON of its input, preprocessing,
+    /// output and class names beside it.
+    Export(ExportArgs),
     /// Print versions, threads and CUDA/cuDNN availability.
     Info,
     /// Download the official CIFAR-10/100 binary archive.
@@ -108,6 +112,9 @@ struct AblateArgs {
     /// own overrides still apply), e.g. --set train.precision=bf16 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
+    /// Seeds of every variant in place of the study's `seeds`, e.g. --seeds 1,2,3.
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
+    seeds: Option<Vec<u64>>,
 }
 
 #[derive(Args)]
@@ -170,6 +177,29 @@ struct EvalArgs {
     /// shifted one pixel up-left and down-right. Default: the checkpoint's `train.eval_translate`.
     #[arg(long)]
     translate: Option<bool>,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// A classification or segmentation checkpoint written by `tricks train`.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The TorchScript file to write (the JSON goes beside it, with `.json`).
+    #[arg(long)]
+    out: PathBuf,
+    /// Input size, N or WIDTHxHEIGHT (default: the checkpoint's evaluation size; segmentation:
+    /// its training crop). The module is traced for this size.
+    #[arg(long, value_parser = tricks::export::parse_size)]
+    size: Option<(i64, i64)>,
+    /// Batch size of the traced input.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(i64).range(1..))]
+    batch: i64,
+    /// fp32 or bf16 (weights and activations; the logits stay float32).
+    #[arg(long, default_value = "fp32")]
+    precision: String,
+    /// Where to trace (the module's weights live there): cpu, cuda, cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
 }
 
 #[derive(Args)]
@@ -288,6 +318,7 @@ fn main() {
         }
         Command::Eval(a) => cmd_eval(a).map(|()| 0),
         Command::Predict(a) => cmd_predict(a),
+        Command::Export(a) => cmd_export(a).map(|()| 0),
         Command::Info => cmd_info().map(|()| 0),
         Command::Download { dataset, out } => {
             data::download::download_cifar(&dataset, &out).map(|dir| {
@@ -647,9 +678,35 @@ fn predict_detection(a: &PredictArgs, device: tch::Device) -> Result<i32> {
 
 /// `tricks predict`: a segmentation checkpoint's mask of one image, or a classification
 /// checkpoint's top classes of every image given (exit status 1 when some could not be read).
+fn cmd_export(a: ExportArgs) -> Result<()> {
+    let opts = tricks::export::ExportOptions {
+        size: a.size,
+        batch: a.batch,
+        precision: a.precision.parse().context("--precision")?,
+        device: device::parse_device(&a.device)?,
+    };
+    let info = tricks::export::export(&a.checkpoint, &a.out, &opts)?;
+    println!(
+        "wrote {} (TorchScript, {} {} {}: input {:?} float32 RGB in [0, 1], normalised inside; output {} {:?}) and {}",
+        a.out.display(),
+        info.task,
+        info.model,
+        info.precision,
+        info.input.shape,
+        if info.task == "segmentation" { "per-pixel logits" } else { "logits" },
+        info.output.shape,
+        tricks::export::info_path(&a.out).display()
+    );
+    println!(
+        "checked: loaded back through libtorch, max |difference| from tricks' forward pass {:.3e}",
+        info.check_max_abs_diff
+    );
+    Ok(())
+}
+
 fn cmd_predict(a: PredictArgs) -> Result<i32> {
     let device = device::parse_device(&a.device)?;
-    match tricks::segment::checkpoint_task(&a.checkpoint) {
+    match tricks::checkpoint::task_of(&a.checkpoint) {
         tricks::config::Task::Segmentation => return predict_segmentation(&a, device).map(|()| 0),
         tricks::config::Task::Detection => return predict_detection(&a, device),
         tricks::config::Task::Classification => {}
@@ -824,7 +881,7 @@ fn predict_segmentation(a: &PredictArgs, device: tch::Device) -> Result<()> {
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     let device = device::parse_device(&a.device)?;
     let precision: tricks::config::Precision = a.precision.parse()?;
-    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Detection {
+    if tricks::checkpoint::task_of(&a.checkpoint) == tricks::config::Task::Detection {
         if precision != tricks::config::Precision::Fp32 || a.channels_last {
             anyhow::bail!(
                 "{}: --precision and --channels-last apply to classification checkpoints; a \
@@ -851,7 +908,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         );
         return Ok(());
     }
-    if tricks::segment::checkpoint_task(&a.checkpoint) == tricks::config::Task::Segmentation {
+    if tricks::checkpoint::task_of(&a.checkpoint) == tricks::config::Task::Segmentation {
         if precision != tricks::config::Precision::Fp32 || a.channels_last {
             anyhow::bail!(
                 "{}: --precision and --channels-last apply to classification checkpoints; a \
@@ -938,6 +995,7 @@ fn cmd_ablate(a: AblateArgs) -> Result<i32> {
     let mut opts = tricks::experiments::AblateOptions::new(a.jobs.max(1), device);
     opts.progress = a.jobs <= 1 && std::io::IsTerminal::is_terminal(&std::io::stderr());
     opts.overrides = a.overrides.clone();
+    opts.seeds = a.seeds.clone();
     let signals = Signals::install(true)?;
     opts.stop = signals.stop.clone();
     let report = tricks::experiments::ablate_with(&a.study, &a.out, &opts)?;

@@ -106,6 +106,17 @@ fn tiny_detector_trains_evaluates_and_predicts() {
         assert!(b[0] >= 0.0 && b[1] >= 0.0 && b[2] <= 112.0 && b[3] <= 80.0 && b[0] <= b[2]);
     }
     assert!(val_objects > 0);
+    // A detector is not exported (its NMS does not trace), and saying so writes nothing.
+    let module = tmp.path().join("detector.pt");
+    let o = run(&[
+        "export",
+        "--checkpoint",
+        last.to_str().unwrap(),
+        "--out",
+        module.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success() && stderr(&o).contains("a detection checkpoint"));
+    assert!(!module.exists() && !tmp.path().join("detector.json").exists());
 }
 
 /// kill -9 after the first epoch's checkpoint, then `--resume`: the run ends bit-identical to a

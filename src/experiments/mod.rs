@@ -51,6 +51,8 @@ pub struct AblateOptions {
     pub log: Arc<dyn Fn(&str) + Send + Sync>,
     /// `key=value` overrides for every variant (`ablate --set`), after the study's own.
     pub overrides: Vec<String>,
+    /// Seeds for every variant in place of the study's `seeds` (`ablate --seeds`).
+    pub seeds: Option<Vec<u64>>,
 }
 
 impl AblateOptions {
@@ -62,6 +64,7 @@ impl AblateOptions {
             stop: Arc::new(AtomicBool::new(false)),
             log: Arc::new(|m: &str| eprintln!("{m}")),
             overrides: Vec::new(),
+            seeds: None,
         }
     }
 }
@@ -137,7 +140,7 @@ enum Outcome {
 
 /// [`ablate`] with every option (stop flag, log sink).
 pub fn ablate_with(study_path: &Path, out: &Path, opts: &AblateOptions) -> Result<StudyReport> {
-    let study = Study::load_with(study_path, &opts.overrides)?;
+    let study = Study::load_with(study_path, &opts.overrides, opts.seeds.as_deref())?;
     study
         .check_inputs()
         .with_context(|| format!("study {}", study_path.display()))?;

@@ -124,18 +124,26 @@ pub struct ManifestVariant {
 impl Study {
     /// Reads and resolves a study file; see [`Study::from_toml_str`].
     pub fn load(path: &Path) -> Result<Study> {
-        Study::load_with(path, &[])
+        Study::load_with(path, &[], None)
     }
 
     /// [`Study::load`] with `key=value` overrides from the command line (`ablate --set`), applied
-    /// after the study's own top-level `overrides`, before each variant's.
-    pub fn load_with(path: &Path, sets: &[String]) -> Result<Study> {
+    /// after the study's own top-level `overrides`, before each variant's, and seeds in place of
+    /// the study's (`ablate --seeds`).
+    pub fn load_with(path: &Path, sets: &[String], seeds: Option<&[u64]>) -> Result<Study> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read study file {}", path.display()))?;
         let mut text = text;
-        if !sets.is_empty() {
+        if !sets.is_empty() || seeds.is_some() {
             let mut doc: toml::Table = toml::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("invalid study {}: {e}", path.display()))?;
+            if let Some(seeds) = seeds {
+                let list = seeds
+                    .iter()
+                    .map(|&s| toml::Value::Integer(s as i64))
+                    .collect();
+                doc.insert("seeds".into(), toml::Value::Array(list));
+            }
             let mut over = match doc.remove("overrides") {
                 Some(toml::Value::Table(t)) => t,
                 _ => toml::Table::new(),
@@ -587,12 +595,18 @@ mod tests {
         )
         .unwrap();
         let sets = ["train.epochs=2".to_string(), "optim.lr=0.05".to_string()];
-        let s = Study::load_with(&path, &sets).unwrap();
+        let s = Study::load_with(&path, &sets, None).unwrap();
         let (a, b) = (&s.variants[0].config, &s.variants[1].config);
         assert_eq!((a.optim.lr, a.train.epochs), (0.05, 2));
         assert_eq!((b.optim.lr, b.train.epochs), (0.05, 7));
         let plain = Study::load(&path).unwrap();
         assert_eq!(plain.variants[0].config.optim.lr, 0.3);
-        assert!(Study::load_with(&path, &["nokey".to_string()]).is_err());
+        assert!(Study::load_with(&path, &["nokey".to_string()], None).is_err());
+        assert_eq!(plain.seeds, vec![1]);
+        let reseeded = Study::load_with(&path, &[], Some(&[4, 5])).unwrap();
+        assert_eq!(reseeded.seeds, vec![4, 5]);
+        assert_eq!(reseeded.variants[0].config.optim.lr, 0.3);
+        let err = Study::load_with(&path, &[], Some(&[4, 4])).unwrap_err();
+        assert!(format!("{err:#}").contains("seed 4 twice"), "{err:#}");
     }
 }

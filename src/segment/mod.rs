@@ -28,9 +28,7 @@ pub use dataset::{Mask, SegDataset};
 pub use loader::{SegBatch, SegLoader};
 pub use metrics::ConfusionMatrix;
 pub use model::{load_backbone, FcnHead, SegModel};
-pub use predict::{
-    checkpoint_task, evaluate_checkpoint, load_model, palette, predict_image, Prediction,
-};
+pub use predict::{evaluate_checkpoint, load_model, palette, predict_image, Prediction};
 pub use task::{
     evaluate, read_metrics, train, SegEpochMetrics, SegEval, SegSummary, Segmentation,
     SegmentationEpoch, SegmentationSummary,

@@ -1,4 +1,4 @@
-//! Using a trained segmentation checkpoint: which task a checkpoint is, rebuilding its model,
+//! Using a trained segmentation checkpoint: rebuilding its model,
 //! evaluating it on a dataset, and colourised predictions of single images.
 
 use super::dataset::open_split;
@@ -10,36 +10,9 @@ use crate::config::{Config, Precision, Task};
 use crate::data::imagefolder::load_image;
 use crate::data::Split;
 use anyhow::{bail, Context, Result};
-use std::io::Read;
 use std::path::Path;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-
-/// The task of a checkpoint, from its embedded config (only the safetensors header is read).
-/// Anything unreadable, or without a config, is reported as classification, so that the
-/// classification loader gives its own error.
-pub fn checkpoint_task(path: &Path) -> Task {
-    let read = || -> Option<Task> {
-        let mut f = std::fs::File::open(path).ok()?;
-        let mut len = [0u8; 8];
-        f.read_exact(&mut len).ok()?;
-        let n = u64::from_le_bytes(len);
-        if n > 100 << 20 {
-            return None;
-        }
-        let mut header = vec![0u8; n as usize];
-        f.read_exact(&mut header).ok()?;
-        let json: serde_json::Value = serde_json::from_slice(&header).ok()?;
-        let text = json.get("__metadata__")?.get("config")?.as_str()?;
-        let table: toml::Table = toml::from_str(text).ok()?;
-        match table.get("task").and_then(|t| t.as_str()) {
-            Some("segmentation") => Some(Task::Segmentation),
-            Some("detection") => Some(Task::Detection),
-            _ => Some(Task::Classification),
-        }
-    };
-    read().unwrap_or(Task::Classification)
-}
 
 /// Rebuilds a segmentation model from its checkpoint (embedded config) and loads its weights.
 pub fn load_model(path: &Path, device: Device) -> Result<(SegModel, nn::VarStore, Config)> {

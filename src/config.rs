@@ -24,6 +24,7 @@ pub struct Config {
     pub optim: OptimConfig,
     pub loss: LossConfig,
     pub mixup: MixupConfig,
+    pub cutmix: CutmixConfig,
     pub distill: DistillConfig,
     pub finetune: FinetuneConfig,
     /// Semantic segmentation (`task = "segmentation"`); ignored otherwise.
@@ -49,6 +50,7 @@ impl Default for Config {
             optim: OptimConfig::default(),
             loss: LossConfig::default(),
             mixup: MixupConfig::default(),
+            cutmix: CutmixConfig::default(),
             distill: DistillConfig::default(),
             finetune: FinetuneConfig::default(),
             segment: SegmentConfig::default(),
@@ -623,13 +625,39 @@ pub struct LossConfig {
     pub label_smoothing: f64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MixupConfig {
     /// Mixup α (paper §5.4: 0.2); 0 = off.
     pub alpha: f64,
-    /// Train the last N epochs without mixup.
+    /// Train the last N epochs without mixup (and without CutMix).
     pub off_epochs: usize,
+    /// Probability that a batch is mixed at all, by mixup or CutMix (timm's `mixup_prob`).
+    pub prob: f64,
+    /// With both mixup and CutMix on: probability that a batch uses CutMix (timm's
+    /// `mixup_switch_prob`).
+    pub switch_prob: f64,
+}
+
+impl Default for MixupConfig {
+    fn default() -> Self {
+        MixupConfig {
+            alpha: 0.0,
+            off_epochs: 0,
+            prob: 1.0,
+            switch_prob: 0.5,
+        }
+    }
+}
+
+/// CutMix (Yun et al. 2019; timm's `Mixup` with `cutmix_alpha`): paste a box of another image of
+/// the batch, the targets weighted by the box's area. `mixup.prob`, `mixup.switch_prob` and
+/// `mixup.off_epochs` also govern it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct CutmixConfig {
+    /// CutMix α: λ ~ Beta(α, α) before the box correction (timm's recipes: 1.0); 0 = off.
+    pub alpha: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -820,6 +848,9 @@ impl Config {
             0.999,
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
+        in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        in_range("mixup.prob", self.mixup.prob, 0.0, 1.0)?;
+        in_range("mixup.switch_prob", self.mixup.switch_prob, 0.0, 1.0)?;
         positive("optim.bn_bias_lr_scale", self.optim.bn_bias_lr_scale)?;
         positive("optim.lookahead_every", self.optim.lookahead_every as f64)?;
         in_range(
@@ -920,6 +951,15 @@ impl Config {
                 "key `mixup.off_epochs` ({}) covers all of `train.epochs` ({epochs}): mixup (`mixup.alpha` = {}) is never on",
                 self.mixup.off_epochs, self.mixup.alpha
             ));
+        }
+        if self.cutmix.alpha > 0.0 && self.mixup.off_epochs >= epochs {
+            out.push(format!(
+                "key `mixup.off_epochs` ({}) covers all of `train.epochs` ({epochs}): CutMix (`cutmix.alpha` = {}) is never on",
+                self.mixup.off_epochs, self.cutmix.alpha
+            ));
+        }
+        if (self.mixup.alpha > 0.0 || self.cutmix.alpha > 0.0) && self.mixup.prob == 0.0 {
+            out.push("key `mixup.prob` is 0: no batch is ever mixed".to_string());
         }
         if self.optim.warmup_epochs > 0.0 && self.optim.warmup_epochs >= epochs as f64 {
             out.push(format!(

@@ -241,6 +241,9 @@ struct PredictArgs {
     /// No progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// libtorch threads for the forward passes (0: every core; images decode on every core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
 }
 
 #[derive(Args)]
@@ -728,6 +731,7 @@ fn cmd_predict(a: PredictArgs) -> Result<i32> {
         topk: a.topk,
         flip: a.flip,
         translate: a.translate,
+        threads: a.threads,
     };
     let predictor = classify::predict::Predictor::load(&a.checkpoint, &opts)?;
     let inputs = classify::predict::gather_inputs(&a.image, a.list.as_deref())?;

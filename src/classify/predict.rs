@@ -93,6 +93,9 @@ pub struct PredictOptions {
     pub flip: Option<bool>,
     /// Test-time translation (default: the checkpoint's `train.eval_translate`).
     pub translate: Option<bool>,
+    /// libtorch intra-op threads (0: every core of the machine, not the training run's
+    /// `train.threads`, which was chosen for training beside other work).
+    pub threads: usize,
 }
 
 /// A classification model loaded from its checkpoint, with its evaluation transform.
@@ -116,11 +119,7 @@ impl Predictor {
             let n = model_classes(&model, &config, opts.device);
             classes = (0..n).map(|i| i.to_string()).collect();
         }
-        crate::device::configure(
-            config.train.threads,
-            opts.device,
-            config.train.cudnn_benchmark,
-        );
+        crate::device::configure(opts.threads, opts.device, config.train.cudnn_benchmark);
         let settings = EvalSettings {
             device: opts.device,
             precision: Precision::Fp32,

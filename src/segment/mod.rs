@@ -91,6 +91,11 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
         );
     }
     // Classification-only tricks: refuse rather than silently ignore.
+    if cfg.cutmix.alpha > 0.0 {
+        bail!(
+            "key `cutmix.alpha`: CutMix is not supported for task = \"segmentation\"; set it to 0"
+        );
+    }
     if cfg.mixup.alpha > 0.0 {
         bail!("key `mixup.alpha`: mixup is not supported for task = \"segmentation\"; set it to 0");
     }

@@ -1,28 +1,63 @@
-//! Mixup training (paper §5.4, Zhang et al. 2018): train on convex blends of random pairs.
+//! Mixup training (paper §5.4, Zhang et al. 2018): train on convex blends of random pairs; and
+//! CutMix (Yun et al. 2019), which pastes a box of the partner image instead of blending, the
+//! target weights corrected to the box's true area. Both as timm's `Mixup` combines them: a batch
+//! is mixed with probability `mixup.prob`, and when both are on it uses CutMix with probability
+//! `mixup.switch_prob`.
 
 use super::derive_seed;
 use crate::config::Config;
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Beta, Distribution};
 use tch::Tensor;
 
-/// Mixup as the run uses it, built once from the config (`mixup.alpha`, `mixup.off_epochs`):
-/// its draws for a batch are a function of (seed, epoch, step), so a resumed run replays them.
+/// Mixup and CutMix as the run uses them, built once from the config (`mixup.alpha`,
+/// `cutmix.alpha`, `mixup.prob`, `mixup.switch_prob`, `mixup.off_epochs`): the draws for a batch
+/// are a function of (seed, epoch, step), so a resumed run replays them.
 #[derive(Debug, Clone, Copy)]
 pub struct Mixup {
     alpha: f64,
-    /// The last epoch that mixes (mixup is off for the final `mixup.off_epochs`).
+    cutmix_alpha: f64,
+    prob: f64,
+    switch_prob: f64,
+    /// The last epoch that mixes (mixing is off for the final `mixup.off_epochs`).
     last_epoch: usize,
     seed: u64,
 }
 
+/// How one batch is mixed: the weight λ of each example's own target, its partner, and for
+/// CutMix the pasted box.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MixDraw {
+    pub lambda: f64,
+    pub perm: Vec<i64>,
+    pub cut: Option<CutBox>,
+}
+
+/// A CutMix box: rows `y0..y1`, columns `x0..x1` (possibly empty).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CutBox {
+    pub y0: i64,
+    pub y1: i64,
+    pub x0: i64,
+    pub x1: i64,
+}
+
+impl CutBox {
+    fn area(&self) -> i64 {
+        (self.y1 - self.y0) * (self.x1 - self.x0)
+    }
+}
+
 impl Mixup {
-    /// `None` when `mixup.alpha` is 0.
+    /// `None` when both `mixup.alpha` and `cutmix.alpha` are 0.
     pub fn from_config(cfg: &Config) -> Option<Mixup> {
-        (cfg.mixup.alpha > 0.0).then(|| Mixup {
+        (cfg.mixup.alpha > 0.0 || cfg.cutmix.alpha > 0.0).then(|| Mixup {
             alpha: cfg.mixup.alpha,
+            cutmix_alpha: cfg.cutmix.alpha,
+            prob: cfg.mixup.prob,
+            switch_prob: cfg.mixup.switch_prob,
             last_epoch: cfg.train.epochs.saturating_sub(cfg.mixup.off_epochs),
             seed: cfg.seed,
         })
@@ -33,8 +68,53 @@ impl Mixup {
         epoch <= self.last_epoch
     }
 
-    /// The batch at (`epoch`, `step`) blended with a permutation of itself, inputs and target
-    /// distributions alike, λ and the permutation drawn for that step.
+    /// The draws of the batch at (`epoch`, `step`) of `n` images of `height`×`width`; `None`
+    /// when this batch is not mixed (`mixup.prob`). With mixup alone and `prob` 1 the draws are
+    /// λ then the permutation, as before CutMix existed, so such runs are unchanged.
+    pub fn draw(
+        &self,
+        epoch: usize,
+        step: usize,
+        n: usize,
+        height: i64,
+        width: i64,
+    ) -> Option<MixDraw> {
+        let stream = derive_seed(self.seed, "mixup", epoch as u64, step as u64);
+        let mut rng = ChaCha8Rng::seed_from_u64(stream);
+        if self.prob < 1.0 && rng.gen::<f64>() >= self.prob {
+            return None;
+        }
+        let use_cutmix = match (self.alpha > 0.0, self.cutmix_alpha > 0.0) {
+            (true, true) => rng.gen::<f64>() < self.switch_prob,
+            (false, true) => true,
+            _ => false,
+        };
+        let alpha = if use_cutmix {
+            self.cutmix_alpha
+        } else {
+            self.alpha
+        };
+        let lambda = sample_lambda(&mut rng, alpha);
+        let perm = permutation(&mut rng, n);
+        if !use_cutmix {
+            return Some(MixDraw {
+                lambda,
+                perm,
+                cut: None,
+            });
+        }
+        let cy = rng.gen_range(0..height);
+        let cx = rng.gen_range(0..width);
+        let (cut, lambda) = cutmix_box(height, width, lambda, cy, cx);
+        Some(MixDraw {
+            lambda,
+            perm,
+            cut: Some(cut),
+        })
+    }
+
+    /// The batch at (`epoch`, `step`) mixed with a permutation of itself, inputs and target
+    /// distributions alike (unchanged when the batch is not mixed).
     pub fn apply(
         &self,
         epoch: usize,
@@ -42,12 +122,64 @@ impl Mixup {
         x: &Tensor,
         targets: &Tensor,
     ) -> (Tensor, Tensor) {
-        let stream = derive_seed(self.seed, "mixup", epoch as u64, step as u64);
-        let mut rng = ChaCha8Rng::seed_from_u64(stream);
-        let lambda = sample_lambda(&mut rng, self.alpha);
-        let perm = permutation(&mut rng, x.size()[0] as usize);
-        mixup(x, targets, lambda, &perm)
+        let size = x.size();
+        let (h, w) = (size[size.len() - 2], size[size.len() - 1]);
+        match self.draw(epoch, step, size[0] as usize, h, w) {
+            None => (x.shallow_clone(), targets.shallow_clone()),
+            Some(MixDraw {
+                lambda,
+                perm,
+                cut: None,
+            }) => mixup(x, targets, lambda, &perm),
+            Some(MixDraw {
+                lambda,
+                perm,
+                cut: Some(b),
+            }) => cutmix(x, targets, lambda, &perm, b),
+        }
     }
+}
+
+/// timm's `rand_bbox` + `cutmix_bbox_and_lam` (with `correct_lam`) for a box centred at
+/// (`cy`, `cx`): sides `int(h·√(1-λ))` × `int(w·√(1-λ))` (timm 1.0's rounding: the extra
+/// pixel of an odd side below and right of the centre), clipped to the image, and λ corrected
+/// to `1 - area / (h·w)`, the share of each example that stays its own.
+pub fn cutmix_box(height: i64, width: i64, lambda: f64, cy: i64, cx: i64) -> (CutBox, f64) {
+    let ratio = (1.0 - lambda).max(0.0).sqrt();
+    let (cut_h, cut_w) = (
+        (height as f64 * ratio) as i64,
+        (width as f64 * ratio) as i64,
+    );
+    let b = CutBox {
+        y0: (cy - cut_h / 2).clamp(0, height),
+        y1: (cy + (cut_h + 1) / 2).clamp(0, height),
+        x0: (cx - cut_w / 2).clamp(0, width),
+        x1: (cx + (cut_w + 1) / 2).clamp(0, width),
+    };
+    let lambda = 1.0 - b.area() as f64 / (height * width) as f64;
+    (b, lambda)
+}
+
+/// Pastes each partner's `b` region into each example (`x'[i] = x[i]` outside the box,
+/// `x[perm[i]]` inside) and blends the targets with `lambda` (the box-corrected weight):
+/// `y' = λ y + (1-λ) y[perm]`. No gradient is tracked.
+pub fn cutmix(
+    images: &Tensor,
+    target_probs: &Tensor,
+    lambda: f64,
+    perm: &[i64],
+    b: CutBox,
+) -> (Tensor, Tensor) {
+    tch::no_grad(|| {
+        let idx = crate::device::upload(&Tensor::from_slice(perm), images.device());
+        let out = images.copy();
+        if b.area() > 0 {
+            let region = |t: &Tensor| t.narrow(2, b.y0, b.y1 - b.y0).narrow(3, b.x0, b.x1 - b.x0);
+            region(&out).copy_(&region(&images.index_select(0, &idx)));
+        }
+        let y = target_probs * lambda + target_probs.index_select(0, &idx) * (1.0 - lambda);
+        (out, y)
+    })
 }
 
 /// Draws the blend weight λ ~ Beta(α, α) from `rng` (seeded, so runs are reproducible).

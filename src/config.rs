@@ -25,6 +25,7 @@ pub struct Config {
     pub loss: LossConfig,
     pub mixup: MixupConfig,
     pub cutmix: CutmixConfig,
+    pub ema: EmaConfig,
     pub distill: DistillConfig,
     pub finetune: FinetuneConfig,
     /// Semantic segmentation (`task = "segmentation"`); ignored otherwise.
@@ -51,6 +52,7 @@ impl Default for Config {
             loss: LossConfig::default(),
             mixup: MixupConfig::default(),
             cutmix: CutmixConfig::default(),
+            ema: EmaConfig::default(),
             distill: DistillConfig::default(),
             finetune: FinetuneConfig::default(),
             segment: SegmentConfig::default(),
@@ -650,6 +652,46 @@ impl Default for MixupConfig {
     }
 }
 
+/// Model EMA (timm's `ModelEmaV3`): an exponential moving average of the weights (parameters and
+/// batch-norm statistics), evaluated beside the live weights each epoch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmaConfig {
+    /// The average's decay per update (timm's recipes: 0.9998 per step); 0 = off.
+    pub decay: f64,
+    /// Optimiser steps between updates (torchvision's `model_ema_steps`).
+    pub every: usize,
+    /// Warm the decay up: `min(decay, 1 − (1 + u/γ)^(−p))` at update u (timm's `use_warmup`).
+    pub warmup: bool,
+    /// γ of the warm-up (timm's `warmup_gamma`).
+    pub warmup_gamma: f64,
+    /// p of the warm-up (timm's `warmup_power`).
+    pub warmup_power: f64,
+    /// The average is the run's result: it picks and fills `best.safetensors` and gives the
+    /// summary's figures (as timm's train.py does); false: the live weights do, and the average is
+    /// only reported.
+    pub use_for_best: bool,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        EmaConfig {
+            decay: 0.0,
+            every: 1,
+            warmup: true,
+            warmup_gamma: 1.0,
+            warmup_power: 2.0 / 3.0,
+            use_for_best: true,
+        }
+    }
+}
+
+impl EmaConfig {
+    pub fn is_on(&self) -> bool {
+        self.decay > 0.0
+    }
+}
+
 /// CutMix (Yun et al. 2019; timm's `Mixup` with `cutmix_alpha`): paste a box of another image of
 /// the batch, the targets weighted by the box's area. `mixup.prob`, `mixup.switch_prob` and
 /// `mixup.off_epochs` also govern it.
@@ -849,6 +891,15 @@ impl Config {
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        if !(0.0..1.0).contains(&self.ema.decay) {
+            bail!(
+                "key `ema.decay` must be in [0, 1) (0 = off), got {}",
+                self.ema.decay
+            );
+        }
+        positive("ema.every", self.ema.every as f64)?;
+        positive("ema.warmup_gamma", self.ema.warmup_gamma)?;
+        positive("ema.warmup_power", self.ema.warmup_power)?;
         in_range("mixup.prob", self.mixup.prob, 0.0, 1.0)?;
         in_range("mixup.switch_prob", self.mixup.switch_prob, 0.0, 1.0)?;
         positive("optim.bn_bias_lr_scale", self.optim.bn_bias_lr_scale)?;

@@ -233,3 +233,181 @@ fn a_run_with_cutmix_and_mixup_trains_and_repeats_exactly() {
     common::train(&cfg, &again, &[]);
     common::assert_same_weights(&out, &again, 2);
 }
+
+/// timm's `ModelEmaV3` (warm-up on, decay 0.99) over a conv + batch-norm model whose weights and
+/// statistics take a random walk: the live state before each update and the average after it.
+const TIMM_EMA: &str = r#"
+import sys, torch
+from safetensors.torch import save_file
+from timm.utils.model_ema import ModelEmaV3
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
+ema = ModelEmaV3(model, decay=0.99, use_warmup=True, warmup_gamma=1.0, warmup_power=2 / 3)
+out = {}
+for step in range(1, 41):
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                v.add_(torch.randn_like(v) * 0.1)
+    ema.update(model, step=step)
+    for k, v in model.state_dict().items():
+        if v.is_floating_point():
+            out[f"live{step}.{k}"] = v.clone()
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            out[f"ema{step}.{k}"] = v.clone()
+save_file(out, sys.argv[1])
+"#;
+
+#[test]
+fn ema_follows_timms_model_ema_v3_update_by_update() {
+    use tricks::config::EmaConfig;
+    use tricks::train::ema::{Ema, PREFIX};
+    let py = python();
+    if !py.exists() {
+        skip_reference("EMA against timm", "no Python venv");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("ema.safetensors");
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(TIMM_EMA)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("No module named") {
+        skip_reference("EMA against timm", &err);
+        return;
+    }
+    assert!(o.status.success(), "{err}");
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let names = [
+        "0.weight",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+    ];
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    for n in names {
+        let (layer, var) = n.split_once('.').unwrap();
+        let _ = (vs.root() / layer).zeros(var, &t[&format!("live1.{n}")].size());
+    }
+    let vars = vs.variables();
+    let cfg = EmaConfig {
+        decay: 0.99,
+        ..EmaConfig::default()
+    };
+    let mut ema = Ema::new(&vs, &cfg);
+    let mut worst = 0f64;
+    for step in 1..=40 {
+        tch::no_grad(|| {
+            for n in names {
+                vars[n]
+                    .shallow_clone()
+                    .copy_(&t[&format!("live{step}.{n}")]);
+            }
+        });
+        ema.after_step(step);
+        let state: std::collections::HashMap<String, Tensor> =
+            ema.state_tensors().into_iter().collect();
+        for n in names {
+            let d = max_diff(
+                &state[&format!("{PREFIX}{n}")],
+                &t[&format!("ema{step}.{n}")],
+            );
+            worst = worst.max(d);
+        }
+    }
+    assert!(worst <= 1e-7, "EMA differs from timm's by {worst}");
+    // The warm-up: 0 at the first update (the average starts at the live weights), then
+    // 1 − (1 + u)^(−2/3) up to the decay.
+    assert_eq!(ema.decay_at(1), 0.0);
+    assert!((ema.decay_at(2) - (1.0 - 2f64.powf(-2.0 / 3.0))).abs() < 1e-15);
+    assert_eq!(ema.decay_at(100_000), 0.99);
+    // `ema.every = 2`: the same updates, on every second step, counted in updates.
+    let mut every2 = Ema::new(
+        &vs,
+        &EmaConfig {
+            every: 2,
+            ..cfg.clone()
+        },
+    );
+    let mut by_hand = Ema::new(&vs, &cfg);
+    for step in 1..=6 {
+        every2.after_step(step);
+        if step % 2 == 0 {
+            by_hand.after_step(step / 2);
+        }
+    }
+    for ((_, a), (_, b)) in every2.state_tensors().iter().zip(by_hand.state_tensors()) {
+        assert!(a.equal(&b));
+    }
+}
+
+#[test]
+fn a_run_with_ema_reports_both_evaluations_and_resumes_bit_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    common::image_folder(&data, 3, 8, 2, 16);
+    let cfg = common::tiny_config(tmp.path(), &data, 3, "[ema]\ndecay = 0.9\n");
+    let straight = tmp.path().join("straight");
+    common::train(&cfg, &straight, &["--set", "train.keep_checkpoints=3"]);
+    let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    for l in &lines {
+        let e = &l["ema"];
+        for key in ["val_top1", "val_top5", "val_loss"] {
+            assert!(e[key].as_f64().is_some(), "{key} missing: {l}");
+        }
+        assert!(l["val_top1"].as_f64().is_some());
+    }
+    // The averaged weights differ from the live ones, and best.safetensors holds the average of
+    // its epoch (ema.use_for_best): its evaluation gives the EMA's top-1 of that epoch.
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(straight.join("summary.json")).unwrap())
+            .unwrap();
+    let best_epoch = summary["best_epoch"].as_u64().unwrap() as usize;
+    let best_ema = lines[best_epoch - 1]["ema"]["val_top1"].as_f64().unwrap();
+    assert_eq!(
+        summary["best_top1"].as_f64().unwrap(),
+        best_ema,
+        "{summary}"
+    );
+    let o = common::run(&[
+        "eval",
+        "--checkpoint",
+        straight.join("best.safetensors").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(
+        common::stdout(&o).contains(&format!("{best_ema:.2}")),
+        "eval of best.safetensors: {} (EMA top-1 {best_ema})",
+        common::stdout(&o)
+    );
+    let ckpt = tricks::checkpoint::load(&tricks::checkpoint::epoch_checkpoint_path(
+        &straight.join("checkpoints"),
+        best_epoch,
+    ))
+    .unwrap();
+    let best = tricks::checkpoint::load(&straight.join("best.safetensors")).unwrap();
+    let avg = &ckpt.tensors["optim.ema.fc.weight"];
+    assert!(!avg.equal(&ckpt.tensors["fc.weight"]));
+    assert!(best.tensors["fc.weight"].equal(avg));
+    assert!(!best.tensors.keys().any(|k| k.starts_with("optim.")));
+    // Stopped mid-way through epoch 2 (after 4 steps of 3 per epoch), then resumed: the same
+    // weights and average at the end, bit for bit.
+    let resumed = tmp.path().join("resumed");
+    common::train(&cfg, &resumed, &["--set", "train.max_steps=4"]);
+    common::resume(cfg.to_str().unwrap(), &resumed);
+    common::assert_same_weights(&straight, &resumed, 3);
+}

@@ -5,6 +5,7 @@
 use crate::metrics::EpochRecord;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::ops::Deref;
 
 /// One line of `metrics.jsonl`.
@@ -20,6 +21,10 @@ pub struct MetricsLine<T> {
     pub task: T,
     /// Mean validation loss, on evaluated epochs.
     pub val_loss: Option<f64>,
+    /// With `ema.decay`, on evaluated epochs: the moving average's evaluation, by the names of
+    /// the live weights' (`val_top1`, `val_loss`, …).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ema: BTreeMap<String, f64>,
     /// Training throughput of this epoch (loading + augmentation + training, no evaluation).
     pub images_per_second: f64,
     /// Wall time of the epoch, evaluation included.

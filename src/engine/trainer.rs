@@ -2,7 +2,7 @@
 //! epoch of training, its end (best, metrics line, checkpoint), the untimed warm-up and the
 //! summary.
 
-use super::record::{MetricsLine, Summary};
+use super::record::{EpochFields, MetricsLine, Summary};
 use super::run::{progress_bar, save_weights, training_checkpoint, Run};
 use super::step::{optimizer_step, EpochSums, StepPosition};
 use super::{
@@ -14,12 +14,14 @@ use crate::device::weights_to_channels_last;
 use crate::metrics;
 use crate::tensorboard::{self, RunEvents};
 use crate::train::data_parallel::{dump_rank_weights, sync_from_rank0};
+use crate::train::ema::Ema;
 use crate::train::lookahead::Lookahead;
 use crate::train::optim::Sgd;
 use crate::train::precision::LossScaler;
 use crate::train::schedule::{peak_lr, LrSchedule};
 use crate::train::{DataParallel, MODEL_INIT_LOCK};
 use anyhow::{bail, Result};
+use std::collections::BTreeMap;
 use std::time::Instant;
 use tch::{nn, Device, Tensor};
 
@@ -86,6 +88,9 @@ impl<'r, T: Task> Trainer<'r, T> {
         let epochs = cfg.train.epochs;
         if cfg.optim.lookahead {
             opt.set_lookahead(Lookahead::new(&vs, &cfg.optim, epochs * iters_per_epoch));
+        }
+        if cfg.ema.is_on() {
+            opt.set_ema(Ema::new(&vs, &cfg.ema));
         }
         if let Some(b) = task.backbone_lr_mult(run) {
             opt.set_lr_scale(b.is_backbone, b.mult);
@@ -216,6 +221,9 @@ impl<'r, T: Task> Trainer<'r, T> {
             )?;
             if let Some(la) = self.opt.lookahead_mut() {
                 la.warm_up();
+            }
+            if let Some(ema) = self.opt.ema_mut() {
+                ema.update(0.5);
             }
         }
         self.opt.zero_grad();
@@ -393,6 +401,9 @@ impl<'r, T: Task> Trainer<'r, T> {
         if let Some(la) = self.opt.lookahead_mut() {
             la.after_step(self.state.global_step);
         }
+        if let Some(ema) = self.opt.ema_mut() {
+            ema.after_step(self.state.global_step);
+        }
         Ok((out, current, step.stop))
     }
 
@@ -472,11 +483,36 @@ impl<'r, T: Task> Trainer<'r, T> {
             || self.stopped_early
     }
 
-    /// The task's evaluation and its seconds.
-    pub fn timed_evaluation(&self, task: &T) -> Result<(T::Eval, f64)> {
+    /// The task's evaluation of the live weights and, with `ema.decay`, of their average; and
+    /// the seconds of both.
+    pub fn timed_evaluation(&mut self, task: &T) -> Result<Evaluated<T::Eval>> {
         let t = Instant::now();
-        let eval = task.evaluate(self.run, self.dp.as_ref())?;
-        Ok((eval, t.elapsed().as_secs_f64()))
+        let live = task.evaluate(self.run, self.dp.as_ref())?;
+        let ema = self.evaluate_average(task)?;
+        Ok(Evaluated {
+            live,
+            ema,
+            seconds: t.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// The evaluation of the weights' moving average (`None` without `ema.decay`): the average
+    /// goes into the model for the pass and the live weights come back after it, also on error.
+    fn evaluate_average(&mut self, task: &T) -> Result<Option<T::Eval>> {
+        let Some(ema) = self.opt.ema_mut() else {
+            return Ok(None);
+        };
+        ema.swap();
+        let eval = task.evaluate(self.run, self.dp.as_ref());
+        if let Some(ema) = self.opt.ema_mut() {
+            ema.swap();
+        }
+        eval.map(Some)
+    }
+
+    /// Whether the run's result (best checkpoint, summary) is the moving average's.
+    fn result_is_average(&self) -> bool {
+        self.run.cfg.ema.is_on() && self.run.cfg.ema.use_for_best
     }
 
     /// The end of an epoch: the best weights, the metrics line, the epoch checkpoint. Returns
@@ -485,17 +521,22 @@ impl<'r, T: Task> Trainer<'r, T> {
         &mut self,
         task: &T,
         trained: TrainedEpoch,
-        eval: Option<(T::Eval, f64)>,
+        eval: Option<Evaluated<T::Eval>>,
     ) -> Result<bool> {
         let (run, cfg) = (self.run, self.run.cfg);
         let epoch = trained.epoch;
-        if let Some((e, _)) = &eval {
-            if e.headline() > self.state.best_metric || self.state.best_epoch == 0 {
-                self.state.best_metric = e.headline();
+        let average = self.result_is_average();
+        if let Some(e) = &eval {
+            let result = match (&e.ema, average) {
+                (Some(avg), true) => avg,
+                _ => &e.live,
+            };
+            if result.headline() > self.state.best_metric || self.state.best_epoch == 0 {
+                self.state.best_metric = result.headline();
                 self.state.best_epoch = epoch;
                 if run.rank0 {
                     let best = run.out_dir().join("best.safetensors");
-                    save_weights(&self.writer, &best, &self.vs, cfg, &self.classes)?;
+                    self.save_result_weights(&best, average)?;
                 }
             }
         }
@@ -504,32 +545,72 @@ impl<'r, T: Task> Trainer<'r, T> {
             accuracy: 100.0 * p.correct as f64 / p.counted.max(1) as f64,
             loss_parts: p.parts_sum.iter().map(|s| s / p.seen as f64).collect(),
         };
+        let ema = match eval.as_ref().and_then(|e| e.ema.as_ref()) {
+            Some(avg) => average_fields(task, &train, avg)?,
+            None => BTreeMap::new(),
+        };
         let m = MetricsLine {
             epoch,
             lr: trained.lr,
             train_loss: p.loss_sum / p.seen as f64,
-            task: task.epoch_fields(&train, eval.as_ref().map(|e| &e.0)),
-            val_loss: eval.as_ref().and_then(|e| e.0.loss()),
+            task: task.epoch_fields(&train, eval.as_ref().map(|e| &e.live)),
+            val_loss: eval.as_ref().and_then(|e| e.live.loss()),
+            ema,
             images_per_second: self.throughput.2,
             seconds: trained.started.elapsed().as_secs_f64(),
             skipped_images: p.skipped,
             data_wait_seconds: trained.data_wait,
-            eval_seconds: eval.as_ref().map_or(0.0, |e| e.1),
+            eval_seconds: eval.as_ref().map_or(0.0, |e| e.seconds),
         };
         self.state.epochs_done = epoch;
         self.scaler.record(&mut self.state);
         if run.rank0 {
             metrics::append(&run.metrics_path, &m)?;
-            let scalars = tensorboard::scalars_of(&serde_json::to_value(&m)?, &["epoch"]);
+            let mut scalars = tensorboard::scalars_of(&serde_json::to_value(&m)?, &["epoch"]);
+            scalars.extend(m.ema.iter().map(|(k, v)| {
+                (
+                    format!("ema/{}", k.strip_prefix("val_").unwrap_or(k)),
+                    *v as f32,
+                )
+            }));
             self.tb.scalars(epoch as u64, &scalars, &|m| run.log(m));
             self.tb.flush(&|m| run.log(m));
-            run.log(&m.describe(cfg.train.epochs));
+            let mut line = m.describe(cfg.train.epochs);
+            if let Some(avg) = eval.as_ref().and_then(|e| e.ema.as_ref()) {
+                let figures = task.epoch_fields(&train, Some(avg)).describe_eval();
+                let loss = avg
+                    .loss()
+                    .map(|l| format!(" loss {l:.4}"))
+                    .unwrap_or_default();
+                line.push_str(&format!(" | EMA{loss} {}", figures.unwrap_or_default()));
+            }
+            run.log(&line);
             self.save_epoch_checkpoint(epoch)?;
         }
-        if let Some((e, _)) = eval {
-            self.last_eval = Some(e);
+        if let Some(e) = eval {
+            self.last_eval = Some(match (e.ema, average) {
+                (Some(avg), true) => avg,
+                (_, _) => e.live,
+            });
         }
         Ok(!self.stopped_early)
+    }
+
+    /// Saves the run's result weights to `path`: the live weights, or their moving average
+    /// (swapped into the model for the copy that [`save_weights`] takes, then swapped back).
+    fn save_result_weights(&mut self, path: &std::path::Path, average: bool) -> Result<()> {
+        let (cfg, classes) = (self.run.cfg, &self.classes);
+        match self.opt.ema_mut().filter(|_| average) {
+            Some(ema) => {
+                ema.swap();
+                let saved = save_weights(&self.writer, path, &self.vs, cfg, classes);
+                if let Some(ema) = self.opt.ema_mut() {
+                    ema.swap();
+                }
+                saved
+            }
+            None => save_weights(&self.writer, path, &self.vs, cfg, classes),
+        }
     }
 
     /// The checkpoint of a finished epoch; once it is written, older ones beyond
@@ -560,7 +641,13 @@ impl<'r, T: Task> Trainer<'r, T> {
         let run = self.run;
         let last = match self.last_eval.take() {
             Some(e) => e,
-            None => task.evaluate(run, self.dp.as_ref())?,
+            None => {
+                let average = self.result_is_average();
+                match self.evaluate_average(task)? {
+                    Some(avg) if average => avg,
+                    _ => task.evaluate(run, self.dp.as_ref())?,
+                }
+            }
         };
         if let Some(dp) = &self.dp {
             dump_rank_weights(dp.rank(), &self.vs)?;
@@ -596,4 +683,33 @@ impl<'r, T: Task> Trainer<'r, T> {
         }
         Ok(summary)
     }
+}
+
+/// An epoch's evaluation: of the live weights and, with `ema.decay`, of their moving average.
+pub struct Evaluated<E> {
+    pub live: E,
+    pub ema: Option<E>,
+    /// Wall time of both passes.
+    pub seconds: f64,
+}
+
+/// The moving average's figures for a metrics line: the task's evaluation fields (`val_…`)
+/// and its loss, by the names the live figures have.
+fn average_fields<T: Task>(
+    task: &T,
+    train: &TrainFigures,
+    avg: &T::Eval,
+) -> Result<BTreeMap<String, f64>> {
+    let fields = serde_json::to_value(task.epoch_fields(train, Some(avg)))?;
+    let mut out: BTreeMap<String, f64> = fields
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.starts_with("val_"))
+        .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+        .collect();
+    if let Some(loss) = avg.loss() {
+        out.insert("val_loss".into(), loss);
+    }
+    Ok(out)
 }

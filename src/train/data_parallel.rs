@@ -149,6 +149,11 @@ pub fn sync_from_rank0(
             group.broadcast_into(&t).context(ctx)?;
         }
     }
+    if let Some(ema) = opt.ema_mut() {
+        for (_, t) in ema.state_tensors() {
+            group.broadcast_into(&t).context(ctx)?;
+        }
+    }
     let json = serde_json::to_vec(state)?;
     let json = group.broadcast_bytes(&json).context(ctx)?;
     *state = serde_json::from_slice(&json).context("rank 0's training state")?;

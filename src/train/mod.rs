@@ -9,6 +9,7 @@
 
 pub mod clip;
 pub(crate) mod data_parallel;
+pub mod ema;
 pub mod lookahead;
 pub mod loss;
 pub mod mixup;

@@ -1,6 +1,7 @@
 //! Nesterov SGD with state this project owns (so momentum buffers go into checkpoints and resume
 //! is exact), and per-parameter weight decay for the "no bias decay" trick.
 
+use super::ema::Ema;
 use super::lookahead::Lookahead;
 use crate::config::OptimConfig;
 use anyhow::{bail, Result};
@@ -39,6 +40,8 @@ pub struct Sgd {
     flat: Option<Flat>,
     /// `optim.lookahead`: slow weights, saved and restored with the momentum buffers.
     lookahead: Option<Lookahead>,
+    /// `ema.decay`: the weights' moving average, saved and restored with the momentum buffers.
+    ema: Option<Ema>,
 }
 
 /// Elements per step of the flat update on a CPU (1 MiB of f32).
@@ -71,6 +74,7 @@ struct Flat {
 pub struct Snapshot {
     momentum: Vec<Option<Tensor>>,
     lookahead: Option<Vec<Tensor>>,
+    ema: Option<Vec<Tensor>>,
 }
 
 /// Whether a parameter is decayed: with `no_bias_decay`, biases and BN γ/β (all 1-D tensors) are not.
@@ -119,6 +123,7 @@ impl Sgd {
             weight_decay: cfg.weight_decay,
             flat: None,
             lookahead: None,
+            ema: None,
         }
     }
 
@@ -133,6 +138,9 @@ impl Sgd {
     pub fn flatten(&mut self) {
         if let Some(la) = &mut self.lookahead {
             la.match_layouts();
+        }
+        if let Some(ema) = &mut self.ema {
+            ema.match_layouts();
         }
         if self.flat.is_some() || self.params.is_empty() {
             return;
@@ -385,6 +393,16 @@ impl Sgd {
         self.lookahead.as_mut()
     }
 
+    /// Adds the weights' moving average (`ema.decay`): it goes into [`Sgd::state_tensors`] and
+    /// comes back with [`Sgd::load_state`].
+    pub fn set_ema(&mut self, ema: Ema) {
+        self.ema = Some(ema);
+    }
+
+    pub fn ema_mut(&mut self) -> Option<&mut Ema> {
+        self.ema.as_mut()
+    }
+
     /// Copies of the optimiser's state (momentum buffers, lookahead's slow weights), for steps
     /// that must leave no trace: [`Sgd::restore`] puts it back.
     pub fn snapshot(&self) -> Snapshot {
@@ -395,6 +413,7 @@ impl Sgd {
                 .map(|p| p.momentum.as_ref().map(Tensor::copy))
                 .collect(),
             lookahead: self.lookahead.as_ref().map(Lookahead::snapshot),
+            ema: self.ema.as_ref().map(Ema::snapshot),
         })
     }
 
@@ -411,6 +430,9 @@ impl Sgd {
         });
         if let (Some(la), Some(slow)) = (&mut self.lookahead, snapshot.lookahead) {
             la.restore(slow);
+        }
+        if let (Some(ema), Some(avg)) = (&mut self.ema, snapshot.ema) {
+            ema.restore(avg);
         }
     }
 
@@ -430,6 +452,9 @@ impl Sgd {
             .collect();
         if let Some(la) = &self.lookahead {
             v.extend(la.state_tensors());
+        }
+        if let Some(ema) = &self.ema {
+            v.extend(ema.state_tensors());
         }
         v
     }
@@ -456,6 +481,9 @@ impl Sgd {
         }
         if let Some(la) = &mut self.lookahead {
             la.load_state(tensors)?;
+        }
+        if let Some(ema) = &mut self.ema {
+            ema.load_state(tensors)?;
         }
         Ok(())
     }

@@ -625,6 +625,22 @@ impl Default for OptimConfig {
 pub struct LossConfig {
     /// Label smoothing ε (paper §5.2, the paper's form: 1-ε on the true class, ε/(K-1) elsewhere).
     pub label_smoothing: f64,
+    /// The training loss: cross entropy ("ce"), or binary cross entropy over the classes ("bce",
+    /// timm's `BinaryCrossEntropy`; the evaluation's loss stays cross entropy, as timm's).
+    pub name: LossName,
+    /// BCE only: targets above this become 1, the others 0 (timm's `bce_target_thresh`; absent:
+    /// the soft targets as they are).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bce_target_threshold: Option<f64>,
+}
+
+/// [`LossConfig::name`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LossName {
+    #[default]
+    Ce,
+    Bce,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -891,6 +907,15 @@ impl Config {
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        if let Some(t) = self.loss.bce_target_threshold {
+            if self.loss.name != LossName::Bce {
+                bail!("key `loss.bce_target_threshold` applies only with loss.name = \"bce\"");
+            }
+            in_range("loss.bce_target_threshold", t, 0.0, 0.999)?;
+        }
+        if self.loss.name == LossName::Bce && !self.distill.teacher.is_empty() {
+            bail!("key `loss.name` = \"bce\" with `distill.teacher`: the distillation loss is a cross entropy; use one or the other");
+        }
         if !(0.0..1.0).contains(&self.ema.decay) {
             bail!(
                 "key `ema.decay` must be in [0, 1) (0 = off), got {}",

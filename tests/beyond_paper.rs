@@ -205,7 +205,7 @@ fn cutmix_keys_are_validated_by_name() {
 }
 
 #[test]
-fn a_run_with_cutmix_and_mixup_trains_and_repeats_exactly() {
+fn a_run_with_cutmix_mixup_and_bce_trains_and_repeats_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     common::image_folder(&data, 3, 8, 2, 16);
@@ -213,7 +213,8 @@ fn a_run_with_cutmix_and_mixup_trains_and_repeats_exactly() {
         tmp.path(),
         &data,
         2,
-        "[mixup]\nalpha = 0.2\nprob = 0.9\nswitch_prob = 0.5\n[cutmix]\nalpha = 1.0\n",
+        "[mixup]\nalpha = 0.2\nprob = 0.9\nswitch_prob = 0.5\n[cutmix]\nalpha = 1.0\n\
+         [loss]\nname = \"bce\"\nbce_target_threshold = 0.2\n",
     );
     let out = tmp.path().join("run");
     common::train(&cfg, &out, &[]);
@@ -410,4 +411,89 @@ fn a_run_with_ema_reports_both_evaluations_and_resumes_bit_identically() {
     common::train(&cfg, &resumed, &["--set", "train.max_steps=4"]);
     common::resume(cfg.to_str().unwrap(), &resumed);
     common::assert_same_weights(&straight, &resumed, 3);
+}
+
+/// timm's `BinaryCrossEntropy` on soft targets (with and without its target threshold) and on
+/// hard labels, for fixed logits.
+const TIMM_BCE: &str = r#"
+import json, sys, torch
+from safetensors.torch import save_file
+from timm.loss import BinaryCrossEntropy
+torch.manual_seed(0)
+x = torch.randn(5, 7) * 3
+q = torch.softmax(torch.randn(5, 7) * 2, dim=1)
+y = torch.randint(0, 7, (5,))
+save_file({"x": x, "q": q, "y": y}, sys.argv[1] + ".safetensors")
+json.dump({
+    "soft": BinaryCrossEntropy(smoothing=0.0)(x, q).item(),
+    "threshold": BinaryCrossEntropy(smoothing=0.0, target_threshold=0.2)(x, q).item(),
+    "hard": BinaryCrossEntropy(smoothing=0.0)(x, y).item(),
+}, open(sys.argv[1] + ".json", "w"))
+"#;
+
+#[test]
+fn bce_equals_timms_binary_cross_entropy() {
+    use tricks::config::{Config, LossName};
+    use tricks::train::loss::Criterion;
+    let py = python();
+    if !py.exists() {
+        skip_reference("BCE against timm", "no Python venv");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("bce");
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(TIMM_BCE)
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("No module named") {
+        skip_reference("BCE against timm", &err);
+        return;
+    }
+    assert!(o.status.success(), "{err}");
+    let t: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(out.with_extension("safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.with_extension("json")).unwrap())
+            .unwrap();
+    let (x, q, y) = (&t["x"], &t["q"], &t["y"]);
+    let mut cfg = Config::default();
+    cfg.loss.name = LossName::Bce;
+    let loss = |cfg: &Config, targets: Option<&Tensor>| {
+        f64::try_from(Criterion::from_config(cfg, 7).loss(x, y, targets, None)).unwrap()
+    };
+    let close = |got: f64, key: &str| {
+        let w = want[key].as_f64().unwrap();
+        assert!((got - w).abs() < 1e-6, "{key}: {got} against timm's {w}");
+    };
+    close(loss(&cfg, Some(q)), "soft");
+    let hard = Criterion::from_config(&cfg, 7).targets(y, false);
+    assert!(
+        hard.is_some(),
+        "BCE needs dense targets also without mixing"
+    );
+    close(loss(&cfg, hard.as_ref()), "hard");
+    cfg.loss.bce_target_threshold = Some(0.2);
+    close(loss(&cfg, Some(q)), "threshold");
+    // Keys: the threshold only with BCE, never with a teacher.
+    for (toml, key) in [
+        (
+            "[loss]\nbce_target_threshold = 0.2\n",
+            "bce_target_threshold",
+        ),
+        (
+            "[loss]\nname = \"bce\"\n[distill]\nteacher = \"t.safetensors\"\n",
+            "distill.teacher",
+        ),
+        ("[loss]\nname = \"focal\"\n", "focal"),
+    ] {
+        let err = format!("{:#}", Config::from_toml_str(toml, &[]).unwrap_err());
+        assert!(err.contains(key), "{toml}: {err}");
+    }
 }

@@ -142,6 +142,9 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
         );
     }
     // Classification-only tricks: refuse rather than silently ignore.
+    if cfg.loss.name != crate::config::LossName::Ce {
+        bail!("key `loss.name`: only \"ce\" is supported for task = \"detection\"");
+    }
     if cfg.cutmix.alpha > 0.0 {
         bail!("key `cutmix.alpha`: CutMix is not supported for task = \"detection\"; set it to 0");
     }

@@ -91,6 +91,9 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
         );
     }
     // Classification-only tricks: refuse rather than silently ignore.
+    if cfg.loss.name != crate::config::LossName::Ce {
+        bail!("key `loss.name`: only \"ce\" is supported for task = \"segmentation\"");
+    }
     if cfg.cutmix.alpha > 0.0 {
         bail!(
             "key `cutmix.alpha`: CutMix is not supported for task = \"segmentation\"; set it to 0"

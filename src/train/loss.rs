@@ -1,5 +1,7 @@
 //! Losses on soft targets: label smoothing (paper §5.2), soft-target cross entropy (needed by
-//! label smoothing and mixup, §5.4), knowledge distillation (§5.3), and top-k accuracy counts.
+//! label smoothing and mixup, §5.4), knowledge distillation (§5.3), binary cross entropy over the
+//! classes (`loss.name = "bce"`, timm's `BinaryCrossEntropy` of "ResNet strikes back"), and top-k
+//! accuracy counts.
 
 use crate::config::Config;
 use tch::{Kind, Tensor};
@@ -14,6 +16,8 @@ pub struct Criterion {
     eps: f64,
     /// `distill.*` when a teacher is set: (temperature, hard weight, soft weight).
     distill: Option<(f64, f64, f64)>,
+    /// `loss.name = "bce"`: binary cross entropy, with `loss.bce_target_threshold` when set.
+    bce: Option<Option<f64>>,
 }
 
 impl Criterion {
@@ -27,6 +31,8 @@ impl Criterion {
                 d.hard_weight,
                 d.soft_weight,
             )),
+            bce: (cfg.loss.name == crate::config::LossName::Bce)
+                .then_some(cfg.loss.bce_target_threshold),
         }
     }
 
@@ -34,7 +40,7 @@ impl Criterion {
     /// blends them, distillation takes them. `None` otherwise: hard labels go to the fused cross
     /// entropy.
     pub fn targets(&self, labels: &Tensor, mixing: bool) -> Option<Tensor> {
-        (mixing || self.distill.is_some())
+        (mixing || self.distill.is_some() || self.bce.is_some())
             .then(|| smooth_targets(labels, self.num_classes, self.eps))
     }
 
@@ -47,6 +53,9 @@ impl Criterion {
         targets: Option<&Tensor>,
         teacher: Option<&Tensor>,
     ) -> Tensor {
+        if let (Some(threshold), Some(q)) = (self.bce, targets) {
+            return binary_cross_entropy(logits, q, threshold);
+        }
         match (self.distill, targets, teacher) {
             (Some((t, hard, soft)), Some(q), Some(r)) => {
                 distillation_loss(logits, r, q, t, hard, soft)
@@ -56,6 +65,19 @@ impl Criterion {
             _ => panic!("distillation needs target distributions and the teacher's logits"),
         }
     }
+}
+
+/// timm's `BinaryCrossEntropy` on dense targets: each class an independent binary problem,
+/// `mean(BCE-with-logits(logits, q))` over the batch and the classes, the targets first turned
+/// into 0/1 by `q > threshold` when a threshold is given (timm's `target_threshold`, 0.2 in
+/// "ResNet strikes back" A3, so that a mixed-in class counts as present).
+pub fn binary_cross_entropy(logits: &Tensor, targets: &Tensor, threshold: Option<f64>) -> Tensor {
+    let logits = logits.to_kind(Kind::Float);
+    let q = match threshold {
+        Some(t) => targets.gt(t).to_kind(Kind::Float),
+        None => targets.to_kind(Kind::Float),
+    };
+    logits.binary_cross_entropy_with_logits::<Tensor>(&q, None, None, tch::Reduction::Mean)
 }
 
 /// Label smoothing in the paper's form (§5.2): `1 - eps` on the true class and `eps / (K - 1)`

@@ -557,6 +557,16 @@ pub enum Schedule {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct OptimConfig {
+    /// The update rule: "sgd" (the paper's Nesterov SGD), "adamw" (`torch.optim.AdamW`) or
+    /// "lamb" (timm's `Lamb`, "ResNet strikes back" A2/A3). `momentum` and `nesterov` are SGD's;
+    /// `betas` and `eps` Adam's and LAMB's; `weight_decay` and `no_bias_decay` apply to all.
+    pub name: OptimName,
+    /// AdamW / LAMB: (β1, β2).
+    pub betas: [f64; 2],
+    /// AdamW / LAMB: ε of the denominator (absent: 1e-8 for AdamW, 1e-6 for LAMB, the references'
+    /// defaults).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eps: Option<f64>,
     /// Learning rate (for a batch of `lr_reference_batch` when `linear_scaling` is on).
     pub lr: f64,
     /// Linear scaling (paper §3.1): lr = optim.lr × batch_size / lr_reference_batch.
@@ -597,6 +607,9 @@ pub struct OptimConfig {
 impl Default for OptimConfig {
     fn default() -> Self {
         OptimConfig {
+            name: OptimName::Sgd,
+            betas: [0.9, 0.999],
+            eps: None,
             lr: 0.1,
             linear_scaling: false,
             lr_reference_batch: 256,
@@ -632,6 +645,16 @@ pub struct LossConfig {
     /// the soft targets as they are).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bce_target_threshold: Option<f64>,
+}
+
+/// [`OptimConfig::name`].
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimName {
+    #[default]
+    Sgd,
+    AdamW,
+    Lamb,
 }
 
 /// [`LossConfig::name`].
@@ -912,6 +935,14 @@ impl Config {
                 bail!("key `loss.bce_target_threshold` applies only with loss.name = \"bce\"");
             }
             in_range("loss.bce_target_threshold", t, 0.0, 0.999)?;
+        }
+        for (i, b) in self.optim.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                bail!("key `optim.betas`: β{} must be in [0, 1), got {b}", i + 1);
+            }
+        }
+        if let Some(e) = self.optim.eps {
+            positive("optim.eps", e)?;
         }
         if self.loss.name == LossName::Bce && !self.distill.teacher.is_empty() {
             bail!("key `loss.name` = \"bce\" with `distill.teacher`: the distillation loss is a cross entropy; use one or the other");

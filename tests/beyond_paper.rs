@@ -205,7 +205,7 @@ fn cutmix_keys_are_validated_by_name() {
 }
 
 #[test]
-fn a_run_with_cutmix_mixup_and_bce_trains_and_repeats_exactly() {
+fn a_run_with_lamb_cutmix_mixup_and_bce_trains_and_repeats_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     common::image_folder(&data, 3, 8, 2, 16);
@@ -213,7 +213,8 @@ fn a_run_with_cutmix_mixup_and_bce_trains_and_repeats_exactly() {
         tmp.path(),
         &data,
         2,
-        "[mixup]\nalpha = 0.2\nprob = 0.9\nswitch_prob = 0.5\n[cutmix]\nalpha = 1.0\n\
+        "name = \"lamb\"\nweight_decay = 0.02\n\
+         [mixup]\nalpha = 0.2\nprob = 0.9\nswitch_prob = 0.5\n[cutmix]\nalpha = 1.0\n\
          [loss]\nname = \"bce\"\nbce_target_threshold = 0.2\n",
     );
     let out = tmp.path().join("run");
@@ -352,13 +353,23 @@ fn ema_follows_timms_model_ema_v3_update_by_update() {
 }
 
 #[test]
-fn a_run_with_ema_reports_both_evaluations_and_resumes_bit_identically() {
+fn a_run_with_ema_and_adamw_reports_both_evaluations_and_resumes_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     common::image_folder(&data, 3, 8, 2, 16);
-    let cfg = common::tiny_config(tmp.path(), &data, 3, "[ema]\ndecay = 0.9\n");
+    let cfg = common::tiny_config(
+        tmp.path(),
+        &data,
+        3,
+        "name = \"adamw\"\nweight_decay = 0.05\n[ema]\ndecay = 0.9\n",
+    );
     let straight = tmp.path().join("straight");
-    common::train(&cfg, &straight, &["--set", "train.keep_checkpoints=3"]);
+    let lr = ["--set", "optim.lr=0.002"];
+    common::train(
+        &cfg,
+        &straight,
+        &["--set", "train.keep_checkpoints=3", lr[0], lr[1]],
+    );
     let metrics = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
@@ -408,8 +419,26 @@ fn a_run_with_ema_reports_both_evaluations_and_resumes_bit_identically() {
     // Stopped mid-way through epoch 2 (after 4 steps of 3 per epoch), then resumed: the same
     // weights and average at the end, bit for bit.
     let resumed = tmp.path().join("resumed");
-    common::train(&cfg, &resumed, &["--set", "train.max_steps=4"]);
-    common::resume(cfg.to_str().unwrap(), &resumed);
+    common::train(
+        &cfg,
+        &resumed,
+        &["--set", "train.max_steps=4", lr[0], lr[1]],
+    );
+    let o = common::run(&[
+        "train",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        resumed.to_str().unwrap(),
+        "--resume",
+        lr[0],
+        lr[1],
+    ]);
+    assert!(
+        o.status.success() && common::stderr(&o).contains("resuming from"),
+        "{}",
+        common::stderr(&o)
+    );
     common::assert_same_weights(&straight, &resumed, 3);
 }
 
@@ -495,5 +524,109 @@ fn bce_equals_timms_binary_cross_entropy() {
     ] {
         let err = format!("{:#}", Config::from_toml_str(toml, &[]).unwrap_err());
         assert!(err.contains(key), "{toml}: {err}");
+    }
+}
+
+/// `torch.optim.AdamW` and timm's `Lamb`, three steps each on fixed gradients, with the no-bias-
+/// decay grouping (1-D tensors without weight decay); LAMB's gradients are large enough for its
+/// global-norm clip to act.
+const TORCH_OPTIMISERS: &str = r#"
+import sys, torch
+from safetensors.torch import save_file
+from timm.optim import Lamb
+torch.manual_seed(0)
+shapes = {"conv.weight": (4, 3, 3, 3), "bn.weight": (4,), "bn.bias": (4,), "fc.weight": (5, 4)}
+init = {k: torch.randn(s) * 0.5 for k, s in shapes.items()}
+grads = [{k: torch.randn(s) for k, s in shapes.items()} for _ in range(3)]
+out = {f"init.{k}": v for k, v in init.items()}
+for step, g in enumerate(grads):
+    out.update({f"grad{step}.{k}": v for k, v in g.items()})
+for name in ("adamw", "lamb"):
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in init.items()}
+    groups = [
+        {"params": [p for k, p in params.items() if p.dim() > 1], "weight_decay": 0.05},
+        {"params": [p for k, p in params.items() if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW(groups, lr=0.01) if name == "adamw" else Lamb(groups, lr=0.01)
+    for g in grads:
+        for k, p in params.items():
+            p.grad = g[k].clone() * (1.0 if name == "adamw" else 3.0)
+        opt.step()
+    out.update({f"{name}.{k}": p.detach().clone() for k, p in params.items()})
+save_file(out, sys.argv[1])
+"#;
+
+#[test]
+fn adamw_and_lamb_step_as_torch_and_timm() {
+    use tricks::config::{OptimConfig, OptimName};
+    use tricks::train::optim::Sgd;
+    let py = python();
+    if !py.exists() {
+        skip_reference("AdamW / LAMB against PyTorch and timm", "no Python venv");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("opt.safetensors");
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(TORCH_OPTIMISERS)
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("No module named") {
+        skip_reference("AdamW / LAMB against PyTorch and timm", &err);
+        return;
+    }
+    assert!(o.status.success(), "{err}");
+    let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let names = ["conv.weight", "bn.weight", "bn.bias", "fc.weight"];
+    for (name, rule, grad_scale) in [
+        ("adamw", OptimName::AdamW, 1.0),
+        ("lamb", OptimName::Lamb, 3.0),
+    ] {
+        let vs = tch::nn::VarStore::new(Device::Cpu);
+        for n in names {
+            let (layer, var) = n.split_once('.').unwrap();
+            let _ = (vs.root() / layer).var_copy(var, &t[&format!("init.{n}")]);
+        }
+        let cfg = OptimConfig {
+            name: rule,
+            weight_decay: 0.05,
+            no_bias_decay: true,
+            ..OptimConfig::default()
+        };
+        let mut opt = Sgd::new(&vs, &cfg);
+        opt.flatten();
+        let vars = vs.variables();
+        for step in 0..3 {
+            opt.zero_grad();
+            let loss = names
+                .iter()
+                .map(|n| {
+                    (&vars[*n] * (&t[&format!("grad{step}.{n}")] * grad_scale)).sum(Kind::Float)
+                })
+                .fold(Tensor::zeros([], (Kind::Float, Device::Cpu)), |a, b| a + b);
+            loss.backward();
+            opt.step(0.01);
+        }
+        assert_eq!(opt.adam_steps(), Some(3));
+        for n in names {
+            let d = max_diff(&vars[n], &t[&format!("{name}.{n}")]);
+            assert!(d < 1e-6, "{name} {n}: differs from the reference by {d}");
+        }
+        // The state round-trips through a checkpoint's tensors.
+        let state: std::collections::BTreeMap<String, Tensor> =
+            opt.state_tensors().into_iter().collect();
+        assert!(
+            state.contains_key("optim.exp_avg_sq.fc.weight")
+                && state.contains_key("optim.adam_steps")
+        );
+        let mut again = Sgd::new(&vs, &cfg);
+        again.load_state(&state).unwrap();
+        assert_eq!(again.adam_steps(), Some(3));
     }
 }

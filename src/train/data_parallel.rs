@@ -144,6 +144,22 @@ pub fn sync_from_rank0(
             .shallow_clone();
         group.broadcast_into(&buf).context(ctx)?;
     }
+    if let Some(steps) = opt.adam_steps() {
+        for (p, &h) in opt.params.iter_mut().zip(&has) {
+            if h == 0 {
+                p.second = None;
+                continue;
+            }
+            let buf = p
+                .second
+                .get_or_insert_with(|| p.tensor.detach().zeros_like())
+                .shallow_clone();
+            group.broadcast_into(&buf).context(ctx)?;
+        }
+        let steps = group.broadcast_bytes(&steps.to_le_bytes()).context(ctx)?;
+        let steps = <[u8; 8]>::try_from(steps.as_slice()).context("rank 0's Adam steps")?;
+        opt.set_adam_steps(u64::from_le_bytes(steps));
+    }
     if let Some(la) = opt.lookahead_mut() {
         for (_, t) in la.state_tensors() {
             group.broadcast_into(&t).context(ctx)?;

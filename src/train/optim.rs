@@ -1,9 +1,11 @@
-//! Nesterov SGD with state this project owns (so momentum buffers go into checkpoints and resume
-//! is exact), and per-parameter weight decay for the "no bias decay" trick.
+//! The optimisers, with state this project owns (so their buffers go into checkpoints and resume
+//! is exact) and per-parameter weight decay for the "no bias decay" trick: the paper's Nesterov
+//! SGD (one flat buffer per state, see [`Sgd::flatten`]), and AdamW (`torch.optim.AdamW`) and
+//! LAMB (timm's `Lamb`) of the later recipes, which step tensor by tensor.
 
 use super::ema::Ema;
 use super::lookahead::Lookahead;
-use crate::config::OptimConfig;
+use crate::config::{OptimConfig, OptimName};
 use anyhow::{bail, Result};
 use std::collections::BTreeMap;
 use tch::{nn, Tensor};
@@ -19,7 +21,30 @@ pub struct Param {
     /// Multiplier of the weight decay for this tensor (1.0 unless set: `optim.bn_bias_lr_scale`
     /// divides it by the lr multiplier, so that lr × wd stays the same).
     pub decay_scale: f64,
+    /// SGD's momentum buffer, or Adam's first moment.
     pub(crate) momentum: Option<Tensor>,
+    /// Adam's second moment (AdamW, LAMB).
+    pub(crate) second: Option<Tensor>,
+}
+
+/// Checkpoint key prefix of Adam's second moments.
+pub const SECOND_MOMENT_PREFIX: &str = "optim.exp_avg_sq.";
+/// Checkpoint key of Adam's step count (bias correction).
+pub const ADAM_STEPS_KEY: &str = "optim.adam_steps";
+/// timm's `Lamb` clips the global gradient norm to this before its moments (`max_grad_norm`).
+const LAMB_MAX_GRAD_NORM: f64 = 1.0;
+
+/// The update rule (`optim.name`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Rule {
+    Sgd,
+    /// AdamW (`lamb: false`) or LAMB: (β1, β2), ε.
+    Adam {
+        beta1: f64,
+        beta2: f64,
+        eps: f64,
+        lamb: bool,
+    },
 }
 
 impl Param {
@@ -42,6 +67,9 @@ pub struct Sgd {
     lookahead: Option<Lookahead>,
     /// `ema.decay`: the weights' moving average, saved and restored with the momentum buffers.
     ema: Option<Ema>,
+    rule: Rule,
+    /// Adam's steps taken (its bias correction), 0 for SGD.
+    steps: u64,
 }
 
 /// Elements per step of the flat update on a CPU (1 MiB of f32).
@@ -73,6 +101,8 @@ struct Flat {
 /// The optimiser's state at one moment ([`Sgd::snapshot`]).
 pub struct Snapshot {
     momentum: Vec<Option<Tensor>>,
+    second: Vec<Option<Tensor>>,
+    steps: u64,
     lookahead: Option<Vec<Tensor>>,
     ema: Option<Vec<Tensor>>,
 }
@@ -113,6 +143,7 @@ impl Sgd {
                     lr_scale: bn_scale,
                     decay_scale: 1.0 / bn_scale,
                     momentum: None,
+                    second: None,
                 }
             })
             .collect();
@@ -124,6 +155,18 @@ impl Sgd {
             flat: None,
             lookahead: None,
             ema: None,
+            rule: match cfg.name {
+                OptimName::Sgd => Rule::Sgd,
+                name => Rule::Adam {
+                    beta1: cfg.betas[0],
+                    beta2: cfg.betas[1],
+                    lamb: name == OptimName::Lamb,
+                    eps: cfg
+                        .eps
+                        .unwrap_or(if name == OptimName::Lamb { 1e-6 } else { 1e-8 }),
+                },
+            },
+            steps: 0,
         }
     }
 
@@ -142,7 +185,8 @@ impl Sgd {
         if let Some(ema) = &mut self.ema {
             ema.match_layouts();
         }
-        if self.flat.is_some() || self.params.is_empty() {
+        // AdamW and LAMB step tensor by tensor (LAMB's trust ratio is per tensor).
+        if self.rule != Rule::Sgd || self.flat.is_some() || self.params.is_empty() {
             return;
         }
         let first = &self.params[0].tensor;
@@ -302,6 +346,21 @@ impl Sgd {
     /// does not wait for the flag (the parameters and momentum keep their values where skipped;
     /// where not, they get the very values of `step`); the per-tensor path reads it.
     pub fn step_unless(&mut self, lr: f64, skip: Option<&Tensor>) {
+        if let Rule::Adam {
+            beta1,
+            beta2,
+            eps,
+            lamb,
+        } = self.rule
+        {
+            if let Some(flag) = skip {
+                if f64::try_from(flag).map_or(true, |v| v != 0.0) {
+                    return;
+                }
+            }
+            self.adam_step(lr, beta1, beta2, eps, lamb);
+            return;
+        }
         let (mu, wd, nesterov) = (self.momentum, self.weight_decay, self.nesterov);
         if let (Some(flag), None) = (skip, &self.flat) {
             if f64::try_from(flag).map_or(true, |v| v != 0.0) {
@@ -383,6 +442,73 @@ impl Sgd {
         });
     }
 
+    /// Adam's steps taken (AdamW, LAMB), `None` for SGD.
+    pub fn adam_steps(&self) -> Option<u64> {
+        (self.rule != Rule::Sgd).then_some(self.steps)
+    }
+
+    /// Sets Adam's step count (a data-parallel replica takes rank 0's).
+    pub fn set_adam_steps(&mut self, steps: u64) {
+        self.steps = steps;
+    }
+
+    /// One AdamW step as `torch.optim.AdamW` takes it (decoupled weight decay, bias-corrected
+    /// moments), or one LAMB step as timm's `Lamb` with its defaults (the global gradient norm
+    /// clipped to 1, bias correction, weight decay added to the update, and each tensor's update
+    /// scaled by the trust ratio ‖w‖/‖update‖ where it is decayed). Parameters without a
+    /// gradient, or frozen (lr multiplier 0), are left alone.
+    fn adam_step(&mut self, lr: f64, beta1: f64, beta2: f64, eps: f64, lamb: bool) {
+        self.steps += 1;
+        let t = self.steps as i32;
+        let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let wd = self.weight_decay;
+        tch::no_grad(|| {
+            let active = |p: &Param| p.lr_scale != 0.0 && p.tensor.grad().defined();
+            // LAMB: every gradient divided by max(‖g‖ / max_norm, 1), ‖g‖ over all of them.
+            let clip = lamb.then(|| {
+                let norms: Vec<Tensor> = (self.params.iter())
+                    .filter(|p| active(p))
+                    .map(|p| p.tensor.grad().to_kind(tch::Kind::Float).norm())
+                    .collect();
+                let total = Tensor::stack(&norms, 0).norm();
+                (total / LAMB_MAX_GRAD_NORM).clamp_min(1.0)
+            });
+            for p in self.params.iter_mut().filter(|p| active(p)) {
+                let grad = match &clip {
+                    Some(c) => p.tensor.grad() / c,
+                    None => p.tensor.grad(),
+                };
+                let m = p.momentum.get_or_insert_with(|| p.tensor.zeros_like());
+                let v = p.second.get_or_insert_with(|| p.tensor.zeros_like());
+                let _ = m.lerp_(&grad, 1.0 - beta1);
+                let _ = v
+                    .g_mul_scalar_(beta2)
+                    .addcmul_(&grad, &grad.g_mul_scalar(1.0 - beta2));
+                let denom = v.sqrt() / bc2.sqrt() + eps;
+                let plr = lr * p.lr_scale;
+                let decay = if p.decay { wd * p.decay_scale } else { 0.0 };
+                if !lamb {
+                    if decay != 0.0 {
+                        let _ = p.tensor.g_mul_scalar_(1.0 - plr * decay);
+                    }
+                    let _ = p.tensor.addcdiv_(&(&*m * (-plr / bc1)), &denom);
+                    continue;
+                }
+                let mut update = &*m / bc1 / denom;
+                if decay != 0.0 {
+                    update = update + &p.tensor * decay;
+                    let (w_norm, u_norm) = (p.tensor.norm(), update.norm());
+                    let one = w_norm.ones_like();
+                    let ratio = (&w_norm / &u_norm)
+                        .where_self(&u_norm.gt(0.0), &one)
+                        .where_self(&w_norm.gt(0.0), &one);
+                    update = update * ratio;
+                }
+                let _ = p.tensor.g_add_(&(update * -plr));
+            }
+        });
+    }
+
     /// Adds lookahead (`optim.lookahead`) to this optimiser: its slow weights go into
     /// [`Sgd::state_tensors`] and come back with [`Sgd::load_state`].
     pub fn set_lookahead(&mut self, lookahead: Lookahead) {
@@ -412,6 +538,10 @@ impl Sgd {
                 .iter()
                 .map(|p| p.momentum.as_ref().map(Tensor::copy))
                 .collect(),
+            second: (self.params.iter())
+                .map(|p| p.second.as_ref().map(Tensor::copy))
+                .collect(),
+            steps: self.steps,
             lookahead: self.lookahead.as_ref().map(Lookahead::snapshot),
             ema: self.ema.as_ref().map(Ema::snapshot),
         })
@@ -427,7 +557,11 @@ impl Sgd {
                     (live, saved) => *live = saved,
                 }
             }
+            for (p, saved) in self.params.iter_mut().zip(snapshot.second) {
+                p.second = saved;
+            }
         });
+        self.steps = snapshot.steps;
         if let (Some(la), Some(slow)) = (&mut self.lookahead, snapshot.lookahead) {
             la.restore(slow);
         }
@@ -450,6 +584,17 @@ impl Sgd {
                 })
             })
             .collect();
+        for p in &self.params {
+            if let Some(s) = &p.second {
+                v.push((
+                    format!("{SECOND_MOMENT_PREFIX}{}", p.name),
+                    s.shallow_clone(),
+                ));
+            }
+        }
+        if self.rule != Rule::Sgd {
+            v.push((ADAM_STEPS_KEY.to_string(), Tensor::from(self.steps as i64)));
+        }
         if let Some(la) = &self.lookahead {
             v.extend(la.state_tensors());
         }
@@ -478,6 +623,30 @@ impl Sgd {
                     _ => p.momentum = Some(t.contiguous()),
                 }
             }
+        }
+        for p in &mut self.params {
+            let key = format!("{SECOND_MOMENT_PREFIX}{}", p.name);
+            if let Some(t) = tensors.get(&key) {
+                if t.size() != p.tensor.size() {
+                    bail!(
+                        "optimizer state `{key}` has shape {:?}, parameter has {:?}",
+                        t.size(),
+                        p.tensor.size()
+                    );
+                }
+                p.second = Some(
+                    t.to_kind(p.tensor.kind())
+                        .to_device(p.tensor.device())
+                        .contiguous(),
+                );
+            }
+        }
+        if self.rule != Rule::Sgd {
+            self.steps = match tensors.get(ADAM_STEPS_KEY) {
+                Some(t) => i64::try_from(t)? as u64,
+                None if self.params.iter().all(|p| p.momentum.is_none()) => 0,
+                None => bail!("the checkpoint has Adam moments but no `{ADAM_STEPS_KEY}`"),
+            };
         }
         if let Some(la) = &mut self.lookahead {
             la.load_state(tensors)?;

@@ -496,13 +496,13 @@ impl Sgd {
                 }
                 let mut update = &*m / bc1 / denom;
                 if decay != 0.0 {
-                    update = update + &p.tensor * decay;
+                    update += &p.tensor * decay;
                     let (w_norm, u_norm) = (p.tensor.norm(), update.norm());
                     let one = w_norm.ones_like();
                     let ratio = (&w_norm / &u_norm)
                         .where_self(&u_norm.gt(0.0), &one)
                         .where_self(&w_norm.gt(0.0), &one);
-                    update = update * ratio;
+                    update *= ratio;
                 }
                 let _ = p.tensor.g_add_(&(update * -plr));
             }

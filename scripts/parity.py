@@ -6,7 +6,8 @@ Usage: scripts/parity.py OUTDIR [--seed N] [--models a,b,...]
 For every reference model (timm / torchvision, random seeded weights) this writes
 
   OUTDIR/<name>.safetensors     the state_dict (contiguous tensors, num_batches_tracked kept)
-  OUTDIR/<name>.io.safetensors  tensors `input` [2,3,224,224] f32 (225 px for *_odd) and
+  OUTDIR/<name>.io.safetensors  tensors `input` [2,3,S,S] f32 (S: the entry's size, 224 for most,
+                                225 for *_odd, 112 for the ResNeXt/SE entries) and
                                 `logits` [2,1000] f32
   OUTDIR/manifest.json          [{name, tricks_model, variant, num_classes, source, weights,
                                   io, seed, versions, ...}, ...]
@@ -27,6 +28,10 @@ Key layout checked here (and relied on by the Rust model):
          layerX.0.downsample.0 = AvgPool2d(2, s, ceil_mode=True, count_include_pad=False)
                                  or Identity when s == 1 (no params),
          layerX.0.downsample.1 (conv 1x1 stride 1), .2 (BN)            (D)
+  se     layerX.Y.se.fc1.{weight,bias}, layerX.Y.se.fc2.{weight,bias}   (SE: timm's SEModule with its
+                                                      defaults, after the last BN of the block)
+  groups layerX.Y.conv2 in `cardinality` groups, floor(planes * base_width / 64) * cardinality wide
+                                                      (ResNeXt)
   head   fc.weight, fc.bias
 """
 
@@ -53,6 +58,17 @@ REFERENCE = [
     # and the D shortcut's AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) all see an
     # odd input.
     ("resnet50d_odd", "timm", "resnet50", "d", 225),
+    # ResNeXt and squeeze-and-excitation (timm's `cardinality`, `base_width`, `attn_layer='se'`).
+    # timm's resnext50_32x4d, seresnet50 and seresnext50_32x4d are ResNet-B like its resnet50;
+    # seresnext26d_32x4d is the D variant (deep stem of 32, 32, 64 and average-pool shortcut) of
+    # a 26-layer (2, 2, 2, 2) bottleneck network; seresnet18 has SE in basic blocks. 112 px keeps
+    # the test's time down (model building and loading dominate it, not the forward) and gives
+    # layer4 an odd input (maps 56/28/14/7/4), where the D shortcut's ceil-mode pool pads.
+    ("resnext50_32x4d", "timm", "resnext50_32x4d", "b", 112),
+    ("seresnet50", "timm", "seresnet50", "b", 112),
+    ("seresnext50_32x4d", "timm", "seresnext50_32x4d", "b", 112),
+    ("seresnext26d_32x4d", "timm", "seresnext26_32x4d", "d", 112),
+    ("seresnet18", "timm", "seresnet18", "b", 112),
     # airbench94's network (transcribed below from airbench 0.1.8's lib_airbench94.py), its
     # state_dict renamed to this project's names; 32 px, as it is built for.
     ("airbench94", "airbench", "airbench94", "a", 32),
@@ -219,6 +235,21 @@ def check_keys(name: str, variant: str, model, keys: list[str]) -> list[str]:
         else:
             assert f"{p}.0.weight" in ks and f"{p}.1.weight" in ks and f"{p}.2.weight" not in ks
             assert ds[0].stride == (stride, stride), ds[0]
+    se = [m for m in model.modules() if type(m).__name__ == "SEModule"]
+    if se:
+        for m in se:
+            assert isinstance(m.bn, nn.Identity) and isinstance(m.act, nn.ReLU), m
+            assert type(m.gate).__name__ == "Sigmoid" and not m.add_maxpool, m  # timm's or torch's
+            assert m.fc1.bias is not None and m.fc2.bias is not None, m
+        blocks = [b for li in range(1, 5) for b in getattr(model, f"layer{li}")]
+        assert all(b.se is not None for b in blocks), name
+        for layer in (model.layer1, model.layer4):
+            c = layer[0].se.fc1.in_channels
+            notes.append(f"se {c}->{layer[0].se.fc1.out_channels}->{c}")
+    groups = {b.conv2.groups for li in range(1, 5) for b in getattr(model, f"layer{li}")}
+    assert len(groups) == 1, groups
+    if groups != {1}:
+        notes.append(f"conv2 groups {groups.pop()}, layer1 width {model.layer1[0].conv2.in_channels}")
     if variant == "d":
         notes.append("shortcut downsample.0=AvgPool2d(2,2,ceil_mode=True,count_include_pad=False)|Identity(s=1), .1 conv1x1/1, .2 BN")
     else:
@@ -292,7 +323,7 @@ def main() -> None:
             }
         )
         print(
-            f"{name:13s} {source:11s} -> {tricks_model} variant {variant} @{size}px: {len(sd)} tensors, "
+            f"{name:18s} {source:11s} -> {tricks_model} variant {variant} @{size}px: {len(sd)} tensors, "
             f"{n_params / 1e6:.2f}M values, |logits|max {logits.abs().max().item():.3f} std {logits.std().item():.3f}; "
             + "; ".join(notes)
         )

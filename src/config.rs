@@ -277,7 +277,12 @@ impl DetectConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
-    /// "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" |
+    /// "resnet18" | "resnet34" | "resnet50" | "resnet101" | "resnet152" (also "resnet26": timm's
+    /// (2, 2, 2, 2) bottleneck ResNet) |
+    /// timm's ResNeXt and squeeze-and-excitation names: "resnext50_32x4d", "resnext101_32x4d"
+    /// (`resnext<depth>_<cardinality>x<base width>d`, bottleneck depths), "seresnet18" ..
+    /// "seresnet152", "seresnext26_32x4d", "seresnext50_32x4d", "seresnext101_32x4d" (`variant`
+    /// applies to them as to the ResNets: timm's `seresnext26d_32x4d` is "seresnext26_32x4d" "d") |
     /// "cifar_resnet20" | "cifar_resnet32" | "cifar_resnet44" | "cifar_resnet56" | "cifar_resnet110" |
     /// "airbench94" (the network of Jordan's airbench94 CIFAR-10 speed record, for time-to-accuracy
     /// runs; `variant`, `zero_gamma` and `cifar_stem` do not apply to it).

@@ -248,7 +248,8 @@ struct PredictArgs {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// A ResNet (resnet18..152, cifar_resnet20/56/110) or airbench94 (32 px, 10 classes).
+    /// A ResNet (resnet18..152, cifar_resnet20/56/110), a ResNeXt or SE-ResNet (resnext50_32x4d,
+    /// seresnet50, seresnext50_32x4d, ...) or airbench94 (32 px, 10 classes).
     #[arg(long, default_value = "cifar_resnet20")]
     model: String,
     #[arg(long, default_value = "a")]

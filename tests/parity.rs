@@ -212,13 +212,13 @@ fn parity_with_timm_and_torchvision() {
         match check_entry(dir.path(), e) {
             Ok(rel) if rel < TOLERANCE => {
                 eprintln!(
-                    "ok   {:14} {} variant {}: max rel err {rel:.2e}",
+                    "ok   {:18} {} variant {}: max rel err {rel:.2e}",
                     e.name, e.tricks_model, e.variant
                 )
             }
             Ok(rel) => {
                 eprintln!(
-                    "FAIL {:14} {} variant {}: max rel err {rel:.2e}",
+                    "FAIL {:18} {} variant {}: max rel err {rel:.2e}",
                     e.name, e.tricks_model, e.variant
                 );
                 failures.push(format!(
@@ -228,7 +228,7 @@ fn parity_with_timm_and_torchvision() {
             }
             Err(err) => {
                 eprintln!(
-                    "FAIL {:14} {} variant {}: {err:#}",
+                    "FAIL {:18} {} variant {}: {err:#}",
                     e.name, e.tricks_model, e.variant
                 );
                 failures.push(format!("{}: {err:#}", e.name));

@@ -80,39 +80,104 @@ pub struct ModelSpec {
     pub block: Block,
     pub tweaks: Tweaks,
     pub zero_gamma: bool,
+    /// ResNeXt (timm's `cardinality`): groups of the bottleneck's 3x3 conv; 1 for a ResNet.
+    pub cardinality: i64,
+    /// ResNeXt (timm's `base_width`): channels per group of the bottleneck's 3x3 conv at the
+    /// first stage; the bottleneck is `floor(planes * base_width / 64) * cardinality` wide. 64
+    /// for a ResNet (width = planes).
+    pub base_width: i64,
+    /// Squeeze-and-excitation (timm's `attn_layer='se'`): every block scales the channels of its
+    /// last BN's output by a gate from their global average before the residual addition.
+    pub se: bool,
+}
+
+/// The ImageNet depths (timm's): the block and the blocks per stage.
+const IMAGENET_DEPTHS: [(usize, Block, [usize; 4]); 6] = [
+    (18, Block::Basic, [2, 2, 2, 2]),
+    (26, Block::Bottleneck, [2, 2, 2, 2]),
+    (34, Block::Basic, [3, 4, 6, 3]),
+    (50, Block::Bottleneck, [3, 4, 6, 3]),
+    (101, Block::Bottleneck, [3, 4, 23, 3]),
+    (152, Block::Bottleneck, [3, 8, 36, 3]),
+];
+
+/// The names `model.name` accepts besides airbench94, for error messages.
+const MODEL_NAMES: &str = "resnet<D> or seresnet<D> (D = 18, 26, 34, 50, 101, 152), \
+    resnext<D>_<C>x<W>d or seresnext<D>_<C>x<W>d (bottleneck depths 26, 50, 101, 152; cardinality C, \
+    base width W; e.g. resnext50_32x4d, seresnext50_32x4d), or cifar_resnet<6n+2> (e.g. cifar_resnet20)";
+
+/// An ImageNet family name as timm spells it: `resnet50`, `seresnet50`, `resnext50_32x4d`,
+/// `seresnext26_32x4d`. Returns (depth, SE, cardinality, base width); `None` if the name is not
+/// of that form (spelled exactly so: the name written back from the parts must be the name).
+fn parse_imagenet_name(name: &str) -> Option<(usize, bool, i64, i64)> {
+    let (se, rest) = match name.strip_prefix("se") {
+        Some(rest) => (true, rest),
+        None => (false, name),
+    };
+    let parsed = if let Some(rest) = rest.strip_prefix("resnext") {
+        let (depth, groups) = rest.split_once('_')?;
+        let (c, w) = groups.strip_suffix('d')?.split_once('x')?;
+        (depth.parse().ok()?, se, c.parse().ok()?, w.parse().ok()?)
+    } else {
+        (rest.strip_prefix("resnet")?.parse().ok()?, se, 1, 64)
+    };
+    (imagenet_name(parsed) == name).then_some(parsed)
+}
+
+/// The name of an ImageNet family member, as [`parse_imagenet_name`] reads it.
+fn imagenet_name((depth, se, cardinality, base_width): (usize, bool, i64, i64)) -> String {
+    let se = if se { "se" } else { "" };
+    if (cardinality, base_width) == (1, 64) {
+        format!("{se}resnet{depth}")
+    } else {
+        format!("{se}resnext{depth}_{cardinality}x{base_width}d")
+    }
 }
 
 impl ModelSpec {
     pub fn from_config(cfg: &ModelConfig) -> Result<ModelSpec> {
         let tweaks = Tweaks::from_variant(&cfg.variant)?;
-        let imagenet = |layers| Layout::ImageNet {
-            layers,
-            full_res_stem: cfg.cifar_stem,
-        };
-        let (layout, block) = match cfg.name.as_str() {
-            "resnet18" => (imagenet([2, 2, 2, 2]), Block::Basic),
-            "resnet34" => (imagenet([3, 4, 6, 3]), Block::Basic),
-            "resnet50" => (imagenet([3, 4, 6, 3]), Block::Bottleneck),
-            "resnet101" => (imagenet([3, 4, 23, 3]), Block::Bottleneck),
-            "resnet152" => (imagenet([3, 8, 36, 3]), Block::Bottleneck),
-            name => match name.strip_prefix("cifar_resnet").and_then(|d| d.parse::<usize>().ok()) {
+        let name = cfg.name.as_str();
+        let (layout, block, se, cardinality, base_width) = if let Some((depth, se, c, w)) =
+            parse_imagenet_name(name)
+        {
+            let Some(&(_, block, layers)) = IMAGENET_DEPTHS.iter().find(|(d, ..)| *d == depth)
+            else {
+                bail!("key `model.name`: unknown model {name:?} (no depth {depth}); expected {MODEL_NAMES}")
+            };
+            if (c, w) != (1, 64) {
+                if block == Block::Basic {
+                    bail!("key `model.name`: {name:?}: ResNeXt needs bottleneck blocks (depth 26, 50, 101 or 152), depth {depth} has basic blocks");
+                }
+                if c < 1 || w < 1 {
+                    bail!("key `model.name`: {name:?}: cardinality and base width must be positive; expected {MODEL_NAMES}");
+                }
+            }
+            let layout = Layout::ImageNet {
+                layers,
+                full_res_stem: cfg.cifar_stem,
+            };
+            (layout, block, se, c, w)
+        } else {
+            match name.strip_prefix("cifar_resnet").and_then(|d| d.parse::<usize>().ok()) {
                 Some(depth) if depth >= 8 && (depth - 2) % 6 == 0 => (
                     Layout::Cifar {
                         blocks_per_stage: (depth - 2) / 6,
                     },
                     Block::Basic,
+                    false,
+                    1,
+                    64,
                 ),
                 Some(depth) => bail!(
                     "key `model.name`: CIFAR ResNet depth must be 6n+2 (20, 32, 44, 56, 110), got {depth}"
                 ),
-                None => bail!(
-                    "key `model.name`: unknown model {name:?}; expected resnet18/34/50/101/152 or cifar_resnet<6n+2> (e.g. cifar_resnet20)"
-                ),
-            },
+                None => bail!("key `model.name`: unknown model {name:?}; expected {MODEL_NAMES}"),
+            }
         };
         if cfg.cifar_stem && matches!(layout, Layout::Cifar { .. }) {
             bail!(
-                "key `model.cifar_stem`: only for the ImageNet ResNets (resnet18..152); {} has a full-resolution stem already",
+                "key `model.cifar_stem`: only for the ImageNet ResNets (resnet18..152, their ResNeXt and SE forms); {} has a full-resolution stem already",
                 cfg.name
             );
         }
@@ -122,7 +187,17 @@ impl ModelSpec {
             block,
             tweaks,
             zero_gamma: cfg.zero_gamma,
+            cardinality,
+            base_width,
+            se,
         })
+    }
+
+    /// The channels of a bottleneck's 3x3 conv in a stage of `planes` base channels (timm's
+    /// `width = int(math.floor(planes * (base_width / 64)) * cardinality)`): `planes` for a
+    /// ResNet, 128 at the first stage of a 32x4d ResNeXt.
+    pub fn bottleneck_width(&self, planes: i64) -> i64 {
+        planes * self.base_width / 64 * self.cardinality
     }
 
     /// The stem's total stride: 4 for an ImageNet stem (stride-2 conv, stride-2 max-pool), 1 for
@@ -234,4 +309,115 @@ pub fn load_model(
     let model = Classifier::new(&vs.root(), &cfg.model, num_classes)?;
     crate::checkpoint::copy_into(&vs, &ckpt.tensors, path, None)?;
     Ok((model, vs, cfg, ckpt.classes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, variant: &str) -> Result<ModelSpec> {
+        ModelSpec::from_config(&ModelConfig {
+            name: name.into(),
+            variant: variant.into(),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn resnext_and_se_names_are_timms() {
+        for (name, depth_layers, block, se, cardinality, base_width) in [
+            ("resnet50", [3, 4, 6, 3], Block::Bottleneck, false, 1, 64),
+            ("resnet26", [2, 2, 2, 2], Block::Bottleneck, false, 1, 64),
+            ("seresnet18", [2, 2, 2, 2], Block::Basic, true, 1, 64),
+            ("seresnet50", [3, 4, 6, 3], Block::Bottleneck, true, 1, 64),
+            (
+                "resnext50_32x4d",
+                [3, 4, 6, 3],
+                Block::Bottleneck,
+                false,
+                32,
+                4,
+            ),
+            (
+                "resnext101_32x8d",
+                [3, 4, 23, 3],
+                Block::Bottleneck,
+                false,
+                32,
+                8,
+            ),
+            (
+                "seresnext50_32x4d",
+                [3, 4, 6, 3],
+                Block::Bottleneck,
+                true,
+                32,
+                4,
+            ),
+            (
+                "seresnext26_32x4d",
+                [2, 2, 2, 2],
+                Block::Bottleneck,
+                true,
+                32,
+                4,
+            ),
+        ] {
+            for variant in ["a", "b", "c", "d"] {
+                let s = spec(name, variant).unwrap();
+                assert_eq!(
+                    s.layout,
+                    Layout::ImageNet {
+                        layers: depth_layers,
+                        full_res_stem: false
+                    },
+                    "{name}"
+                );
+                assert_eq!(
+                    (s.block, s.se, s.cardinality, s.base_width),
+                    (block, se, cardinality, base_width),
+                    "{name}"
+                );
+                assert_eq!(s.tweaks, Tweaks::from_variant(variant).unwrap());
+            }
+        }
+        // timm's width: floor(planes * base_width / 64) * cardinality.
+        let s = spec("resnext50_32x4d", "b").unwrap();
+        assert_eq!(
+            [64, 128, 256, 512].map(|p| s.bottleneck_width(p)),
+            [128, 256, 512, 1024]
+        );
+        let s = spec("resnet50", "b").unwrap();
+        assert_eq!([64, 512].map(|p| s.bottleneck_width(p)), [64, 512]);
+    }
+
+    #[test]
+    fn unknown_names_list_the_valid_ones() {
+        for bad in [
+            "resnext18_32x4d",
+            "resnext50",
+            "resnet50_32x4d",
+            "resnext50_32x4",
+            "resnet51",
+            "seresnet",
+            "resnext50_032x4d",
+            "resnet+50",
+            "se_resnet50",
+            "resnext50_0x4d",
+        ] {
+            let err = spec(bad, "a").unwrap_err().to_string();
+            assert!(err.contains("key `model.name`"), "{bad}: {err}");
+            assert!(
+                err.contains("resnext50_32x4d") || err.contains("bottleneck"),
+                "{bad}: {err}"
+            );
+        }
+        let err = spec("vgg16", "a").unwrap_err().to_string();
+        assert!(
+            err.contains("resnet<D>")
+                && err.contains("seresnext50_32x4d")
+                && err.contains("cifar_resnet"),
+            "{err}"
+        );
+    }
 }

@@ -102,7 +102,7 @@ impl BackboneWithFpn {
     pub fn new(p: &nn::Path, spec: &ModelSpec) -> Result<Self> {
         match spec.layout {
             Layout::Cifar { .. } => bail!(
-                "detection needs an ImageNet ResNet backbone (resnet18..152); {} is a CIFAR ResNet (stages at strides 1, 2 and 4, three of them)",
+                "detection needs an ImageNet ResNet backbone (resnet18..152, or its ResNeXt or SE form); {} is a CIFAR ResNet (stages at strides 1, 2 and 4, three of them)",
                 spec.name
             ),
             Layout::ImageNet {

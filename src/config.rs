@@ -301,6 +301,12 @@ pub struct ModelConfig {
     /// airbench94: the whitening conv's bias trains for this many epochs, then stays fixed
     /// (0 = it trains throughout).
     pub whiten_bias_epochs: usize,
+    /// Stochastic depth (timm's `drop_path_rate`): in training, each residual block's branch is
+    /// dropped per sample with a probability rising linearly from 0 at the first block to this
+    /// at the last (the survivors scaled by 1/keep). ResNet family, classification only.
+    pub drop_path: f64,
+    /// Dropout on the pooled features before the classifier (timm's `drop_rate`).
+    pub drop_rate: f64,
 }
 
 impl Default for ModelConfig {
@@ -312,6 +318,8 @@ impl Default for ModelConfig {
             zero_gamma: false,
             cifar_stem: false,
             whiten_bias_epochs: 0,
+            drop_path: 0.0,
+            drop_rate: 0.0,
         }
     }
 }
@@ -935,6 +943,8 @@ impl Config {
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
+        in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;
         if let Some(t) = self.loss.bce_target_threshold {
             if self.loss.name != LossName::Bce {
                 bail!("key `loss.bce_target_threshold` applies only with loss.name = \"bce\"");

@@ -630,3 +630,92 @@ fn adamw_and_lamb_step_as_torch_and_timm() {
         assert_eq!(again.adam_steps(), Some(3));
     }
 }
+
+#[test]
+fn drop_path_keeps_whole_samples_at_the_keep_rate_and_rescales_them() {
+    use tricks::model::StepDraws;
+    let draws = StepDraws::default();
+    draws.set(7);
+    let x = Tensor::ones([20_000, 2, 3, 3], (Kind::Float, Device::Cpu));
+    let y = draws.drop(&x, 0.3, 4, 18);
+    let per_sample = y.view([20_000, 18]);
+    let first = per_sample.select(1, 0);
+    // Every element of a sample shares its sample's draw.
+    assert_eq!(
+        max_diff(&per_sample, &first.unsqueeze(1).expand([20_000, 18], false)),
+        0.0
+    );
+    let kept = f64::try_from(first.gt(0.0).to_kind(Kind::Double).mean(Kind::Double)).unwrap();
+    assert!((kept - 0.7).abs() < 0.012, "kept {kept}");
+    let scale = f64::try_from(first.max()).unwrap();
+    assert!(
+        (scale - 1.0 / 0.7).abs() < 1e-6,
+        "survivors scaled by {scale}"
+    );
+    // The expectation is unchanged.
+    let mean = f64::try_from(y.mean(Kind::Double)).unwrap();
+    assert!((mean - 1.0).abs() < 0.02, "mean {mean}");
+    // A function of the seed and the site.
+    assert!(y.equal(&draws.drop(&x, 0.3, 4, 18)));
+    assert!(!y.equal(&draws.drop(&x, 0.3, 5, 18)));
+    draws.set(8);
+    assert!(!y.equal(&draws.drop(&x, 0.3, 4, 18)));
+    // Dropout: one draw per element.
+    let d = draws.drop(&x, 0.5, 0, 1).view([-1]);
+    let zeros = f64::try_from(d.eq(0.0).to_kind(Kind::Double).mean(Kind::Double)).unwrap();
+    assert!((zeros - 0.5).abs() < 0.01, "dropped {zeros}");
+}
+
+#[test]
+fn drop_path_rates_rise_as_timms_and_only_training_draws() {
+    use tricks::config::ModelConfig;
+    use tricks::model::{ModelSpec, ResNet};
+    let cfg = ModelConfig {
+        name: "resnet50".into(),
+        variant: "d".into(),
+        drop_path: 0.1,
+        drop_rate: 0.25,
+        ..ModelConfig::default()
+    };
+    tch::manual_seed(0);
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let net = ResNet::new(&vs.root(), &ModelSpec::from_config(&cfg).unwrap(), 10);
+    let rates = net.drop_path_rates();
+    assert_eq!(rates.len(), 16);
+    let py = python();
+    if py.exists() {
+        let o = Command::new(&py)
+            .arg("-c")
+            .arg(
+                "import timm, json\nm = timm.create_model('resnet50d', drop_path_rate=0.1, drop_rate=0.25)\n\
+                 print(json.dumps([b.drop_path.drop_prob if b.drop_path is not None else 0.0 \
+                 for l in (m.layer1, m.layer2, m.layer3, m.layer4) for b in l]))",
+            )
+            .output()
+            .unwrap();
+        if o.status.success() {
+            let timm: Vec<f64> = serde_json::from_slice(&o.stdout).unwrap();
+            assert_eq!(timm.len(), rates.len());
+            for (a, b) in rates.iter().zip(&timm) {
+                assert!((a - b).abs() < 1e-12, "{rates:?} against timm's {timm:?}");
+            }
+        } else {
+            skip_reference(
+                "drop-path rates against timm",
+                &String::from_utf8_lossy(&o.stderr),
+            );
+        }
+    }
+    use tch::nn::ModuleT;
+    let x = Tensor::rand([4, 3, 32, 32], (Kind::Float, Device::Cpu));
+    let eval = tch::no_grad(|| net.forward_t(&x, false));
+    assert!(eval.equal(&tch::no_grad(|| net.forward_t(&x, false))));
+    net.set_draw_seed(1);
+    let a = tch::no_grad(|| net.forward_t(&x, true));
+    net.set_draw_seed(1);
+    let b = tch::no_grad(|| net.forward_t(&x, true));
+    net.set_draw_seed(2);
+    let c = tch::no_grad(|| net.forward_t(&x, true));
+    assert!(a.equal(&b), "the same seed draws the same masks");
+    assert!(!a.equal(&c), "another seed draws other masks");
+}

@@ -111,6 +111,8 @@ fn check_entry(dir: &Path, e: &Entry) -> Result<f64> {
         zero_gamma: false,
         cifar_stem: false,
         whiten_bias_epochs: 0,
+        drop_path: 0.0,
+        drop_rate: 0.0,
     };
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
     let model = Classifier::new(&vs.root(), &cfg, e.num_classes)

@@ -234,6 +234,11 @@ impl Task for Classification {
         let x = to_device_input(&batch.images, s.device, s.channels_last);
         let y = upload(&batch.labels, s.device);
         let b = y.size()[0];
+        // Stochastic depth and dropout draw from (seed, step, rank): a resumed run replays them.
+        let rank = ctx.dp.map_or(0, |dp| dp.rank() as u64);
+        let draws =
+            crate::train::derive_seed(self.cfg.seed, "drop", ctx.at.global_step as u64, rank);
+        self.net().set_draw_seed(draws);
         let mixup = self.mixup.filter(|m| m.active(ctx.at.epoch));
         let mut targets = self.criterion.targets(&y, mixup.is_some());
         let mut inputs = x;

@@ -145,6 +145,9 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
     if cfg.loss.name != crate::config::LossName::Ce {
         bail!("key `loss.name`: only \"ce\" is supported for task = \"detection\"");
     }
+    if cfg.model.drop_path > 0.0 || cfg.model.drop_rate > 0.0 {
+        bail!("keys `model.drop_path` / `model.drop_rate` are not supported for task = \"detection\"; set them to 0");
+    }
     if cfg.cutmix.alpha > 0.0 {
         bail!("key `cutmix.alpha`: CutMix is not supported for task = \"detection\"; set it to 0");
     }

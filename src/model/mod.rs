@@ -10,6 +10,7 @@ pub use resnet::ResNet;
 
 use crate::config::ModelConfig;
 use anyhow::{bail, Result};
+use tch::Tensor;
 
 /// Residual block kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,7 +74,7 @@ pub enum Layout {
 }
 
 /// Everything needed to build a model; derived from `[model]` in the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelSpec {
     pub name: String,
     pub layout: Layout,
@@ -89,6 +90,59 @@ pub struct ModelSpec {
     /// Squeeze-and-excitation (timm's `attn_layer='se'`): every block scales the channels of its
     /// last BN's output by a gate from their global average before the residual addition.
     pub se: bool,
+    /// Stochastic depth at the last block (`model.drop_path`; see [`StepDraws`]).
+    pub drop_path: f64,
+    /// Dropout before the classifier (`model.drop_rate`).
+    pub drop_rate: f64,
+}
+
+/// Where the random draws of stochastic depth and dropout come from: a seed that the training
+/// step sets before each forward pass ([`StepDraws::set`], a function of the run's seed, the step
+/// and the rank), so that the masks are a function of the step (a resumed run draws them again
+/// exactly) and runs sharing a process (`ablate --jobs`) share no generator. Each site (a block,
+/// the classifier) draws from its own stream of that seed.
+#[derive(Debug, Clone, Default)]
+pub struct StepDraws(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl StepDraws {
+    pub fn set(&self, seed: u64) {
+        self.0.store(seed, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn rng(&self, site: u64) -> rand_chacha::ChaCha8Rng {
+        let seed = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        rand::SeedableRng::seed_from_u64(crate::train::derive_seed(seed, "drop", site, 0))
+    }
+
+    /// `x · mask`, the mask `1/keep` with probability `keep = 1 − p` and 0 otherwise, one draw
+    /// per group of `per` consecutive elements (`per` = a sample's elements: timm's `drop_path`
+    /// with `scale_by_keep`; 1: dropout).
+    pub fn drop(&self, x: &Tensor, p: f64, site: u64, per: i64) -> Tensor {
+        use rand::Rng;
+        let keep = 1.0 - p;
+        let n = x.numel() as i64 / per.max(1);
+        let mut rng = self.rng(site);
+        let mask: Vec<f32> = (0..n)
+            .map(|_| {
+                if rng.gen::<f64>() < keep {
+                    (1.0 / keep) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mut shape = vec![n];
+        if per > 1 {
+            shape.extend(std::iter::repeat_n(1, x.dim() - 1));
+        } else {
+            shape = x.size();
+        }
+        let mask = Tensor::from_slice(&mask)
+            .view(shape.as_slice())
+            .to_device(x.device())
+            .to_kind(x.kind());
+        x * mask
+    }
 }
 
 /// The ImageNet depths (timm's): the block and the blocks per stage.
@@ -190,6 +244,8 @@ impl ModelSpec {
             cardinality,
             base_width,
             se,
+            drop_path: cfg.drop_path,
+            drop_rate: cfg.drop_rate,
         })
     }
 
@@ -260,6 +316,13 @@ impl Classifier {
             Classifier::Airbench(m) => m.classify(features),
         }
     }
+
+    /// Seeds stochastic depth and dropout for the next training forward pass ([`StepDraws`]).
+    pub fn set_draw_seed(&self, seed: u64) {
+        if let Classifier::ResNet(m) = self {
+            m.set_draw_seed(seed);
+        }
+    }
 }
 
 impl tch::nn::ModuleT for Classifier {
@@ -271,6 +334,9 @@ impl tch::nn::ModuleT for Classifier {
 fn check_airbench_config(cfg: &ModelConfig) -> Result<()> {
     if cfg.variant != "a" || cfg.zero_gamma || cfg.cifar_stem {
         bail!("keys `model.variant`, `model.zero_gamma` and `model.cifar_stem` are ResNet options; {AIRBENCH94} takes none of them (leave them at \"a\", false, false)");
+    }
+    if cfg.drop_path > 0.0 || cfg.drop_rate > 0.0 {
+        bail!("keys `model.drop_path` and `model.drop_rate` are ResNet options; {AIRBENCH94} has neither");
     }
     Ok(())
 }

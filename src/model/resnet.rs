@@ -4,7 +4,7 @@
 //! weights move between them.
 
 use super::norm::{batch_norm2d, BatchNorm2d};
-use super::{Block, Layout, ModelSpec};
+use super::{Block, Layout, ModelSpec, StepDraws};
 use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
@@ -155,6 +155,10 @@ struct ResBlock {
     /// Squeeze-and-excitation on the last BN's output, before the addition (`se`).
     se: Option<SqueezeExcite>,
     shortcut: Shortcut,
+    /// Stochastic depth: the branch's drop probability in training, its draw site and source.
+    drop_path: f64,
+    site: u64,
+    draws: StepDraws,
 }
 
 impl ResBlock {
@@ -232,6 +236,9 @@ impl ResBlock {
             branch,
             se,
             shortcut,
+            drop_path: 0.0,
+            site: 0,
+            draws: StepDraws::default(),
         }
     }
 }
@@ -245,14 +252,21 @@ impl ModuleT for ResBlock {
         }
         let (c, b) = last;
         let y = y.apply(c);
-        match &self.se {
-            None => b.forward_add_relu(&y, &self.shortcut.forward_t(x, train), train),
-            // SE sits between the batch norm and the addition, so only the batch norm is left to
-            // the norm module (the fused kernel's epilogue cannot hold it).
-            Some(se) => {
-                (se.forward(&y.apply_t(b, train)) + self.shortcut.forward_t(x, train)).relu()
-            }
+        let drop = train && self.drop_path > 0.0;
+        if self.se.is_none() && !drop {
+            return b.forward_add_relu(&y, &self.shortcut.forward_t(x, train), train);
         }
+        // SE and stochastic depth sit between the batch norm and the addition, so only the batch
+        // norm is left to the norm module (the fused kernel's epilogue cannot hold them).
+        let mut y = y.apply_t(b, train);
+        if let Some(se) = &self.se {
+            y = se.forward(&y);
+        }
+        if drop {
+            let per = y.numel() as i64 / y.size()[0];
+            y = self.draws.drop(&y, self.drop_path, self.site, per);
+        }
+        (y + self.shortcut.forward_t(x, train)).relu()
     }
 }
 
@@ -322,6 +336,10 @@ pub struct ResNet {
     /// `None` for a [`ResNet::backbone`] (no classifier variables).
     fc: Option<nn::Linear>,
     num_features: i64,
+    /// Dropout before `fc` in training (`model.drop_rate`).
+    drop_rate: f64,
+    /// The draws of stochastic depth and dropout ([`ResNet::set_draw_seed`]).
+    draws: StepDraws,
 }
 
 impl ResNet {
@@ -379,6 +397,11 @@ impl ResNet {
         let stem = Stem::new(p, spec, stem_width);
         let mut cin = stem_width;
         let mut stages = Vec::new();
+        // Stochastic depth rises linearly over the blocks of the whole network (timm's
+        // `drop_blocks`: `drop_path_rate * index / (blocks - 1)`).
+        let draws = StepDraws::default();
+        let net_blocks: usize = stage_plan.iter().map(|s| s.1).sum();
+        let mut block_index = 0usize;
         // timm's make_blocks: the stride so far (the stem's), the dilation of this and the
         // previous stage.
         let mut net_stride = spec.stem_stride();
@@ -406,6 +429,14 @@ impl ResNet {
                     );
                     prev_dilation = dilation;
                     cin = planes * spec.block.expansion();
+                    let mut block = block;
+                    if spec.drop_path > 0.0 && net_blocks > 1 {
+                        block.drop_path =
+                            spec.drop_path * block_index as f64 / (net_blocks - 1) as f64;
+                        block.site = block_index as u64;
+                        block.draws = draws.clone();
+                    }
+                    block_index += 1;
                     block
                 })
                 .collect();
@@ -424,7 +455,19 @@ impl ResNet {
             stages,
             fc,
             num_features: cin,
+            drop_rate: spec.drop_rate,
+            draws,
         }
+    }
+
+    /// Each block's stochastic-depth probability, in order (timm's `DropPath.drop_prob`).
+    pub fn drop_path_rates(&self) -> Vec<f64> {
+        self.stages.iter().flatten().map(|b| b.drop_path).collect()
+    }
+
+    /// Seeds the draws of stochastic depth and dropout for the next training forward pass.
+    pub fn set_draw_seed(&self, seed: u64) {
+        self.draws.set(seed);
     }
 
     /// Channels of the last feature map (the classifier's input).
@@ -463,20 +506,30 @@ impl ResNet {
 impl ResNet {
     /// The classifier head: global average pooling then `fc`.
     pub fn classify(&self, features: &Tensor) -> Tensor {
+        self.head(features, false)
+    }
+
+    /// Global average pooling, dropout in training (`model.drop_rate`), then `fc`.
+    fn head(&self, features: &Tensor, train: bool) -> Tensor {
         let fc = self
             .fc
             .as_ref()
             .expect("a ResNet::backbone has no classifier");
-        features
-            .adaptive_avg_pool2d([1, 1])
-            .flatten(1, -1)
-            .apply(fc)
+        let pooled = features.adaptive_avg_pool2d([1, 1]).flatten(1, -1);
+        let pooled = if train && self.drop_rate > 0.0 {
+            // The classifier's site follows the blocks'.
+            let site = self.stages.iter().map(Vec::len).sum::<usize>() as u64;
+            self.draws.drop(&pooled, self.drop_rate, site, 1)
+        } else {
+            pooled
+        };
+        pooled.apply(fc)
     }
 }
 
 impl ModuleT for ResNet {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        self.classify(&self.features(x, train))
+        self.head(&self.features(x, train), train)
     }
 }
 
@@ -494,6 +547,8 @@ mod tests {
             zero_gamma,
             cifar_stem: false,
             whiten_bias_epochs: 0,
+            drop_path: 0.0,
+            drop_rate: 0.0,
         })
         .unwrap()
     }

@@ -21,6 +21,7 @@ pub mod ffi;
 pub mod metrics;
 pub mod model;
 pub mod recipe;
+pub mod seed;
 pub mod segment;
 pub mod tensorboard;
 pub mod train;

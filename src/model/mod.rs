@@ -111,7 +111,7 @@ impl StepDraws {
 
     fn rng(&self, site: u64) -> rand_chacha::ChaCha8Rng {
         let seed = self.0.load(std::sync::atomic::Ordering::Relaxed);
-        rand::SeedableRng::seed_from_u64(crate::train::derive_seed(seed, "drop", site, 0))
+        rand::SeedableRng::seed_from_u64(crate::seed::derive_seed(seed, "drop", site, 0))
     }
 
     /// `x · mask`, the mask `1/keep` with probability `keep = 1 − p` and 0 otherwise, one draw

@@ -401,6 +401,13 @@ pub struct DataConfig {
     /// How the CIFAR pipeline pads: "zeros" (He et al. 2016) or "reflect" (mirrored edge pixels,
     /// as airbench translates).
     pub pad_mode: PadMode,
+    /// Random erasing (Zhong et al. 2020, timm's `RandomErasing` in "pixel" mode): with this
+    /// probability a training image gets a rectangle of `erase_area` of its area (a fraction,
+    /// drawn uniformly) and aspect ratio in `erase_aspect` (log-uniform) filled with N(0, 1) noise
+    /// after normalisation; 0 = off (timm's recipes: 0.25).
+    pub erase_prob: f64,
+    pub erase_area: [f64; 2],
+    pub erase_aspect: [f64; 2],
     /// Per-channel normalisation (RGB, on the 0–1 scale).
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -449,6 +456,9 @@ impl Default for DataConfig {
             alternate_flip: false,
             jitter: 0.4,
             hue: 0.4,
+            erase_prob: 0.0,
+            erase_area: [0.02, 1.0 / 3.0],
+            erase_aspect: [0.3, 1.0 / 0.3],
             lighting: 0.1,
             cifar_pad: 4,
             pad_mode: PadMode::Zeros,
@@ -943,6 +953,20 @@ impl Config {
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        in_range("data.erase_prob", self.data.erase_prob, 0.0, 1.0)?;
+        if self.data.erase_prob > 0.0 {
+            let [a0, a1] = self.data.erase_area;
+            let [r0, r1] = self.data.erase_aspect;
+            if !(a0 > 0.0 && a0 <= a1 && a1 < 1.0) {
+                bail!("key `data.erase_area` must satisfy 0 < min <= max < 1, got [{a0}, {a1}]");
+            }
+            if !(r0 > 0.0 && r0 <= r1 && r1.is_finite()) {
+                bail!("key `data.erase_aspect` must satisfy 0 < min <= max, got [{r0}, {r1}]");
+            }
+            if self.data.on_device {
+                bail!("key `data.erase_prob`: random erasing runs in the CPU loader; it is not available with data.on_device");
+            }
+        }
         in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
         in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;
         if let Some(t) = self.loss.bce_target_threshold {

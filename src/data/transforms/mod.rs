@@ -32,6 +32,7 @@
 //! re-exported here.
 
 mod colour;
+mod erasing;
 mod geometry;
 mod pipeline;
 mod resample;
@@ -41,6 +42,7 @@ pub use colour::{
     apply_color_ops, color_affine, draw_color_ops, draw_lighting_alpha, hue_matrix,
     lighting_offset, normalize_into, Affine, ColorOp, GREY, PCA_EIGVAL, PCA_EIGVEC,
 };
+pub use erasing::Erasing;
 pub use geometry::{
     alternating_flip, crop, hflip, hflip_in_place, pad_crop, pad_index, random_pad_crop,
     random_resized_crop_rect, Flip, Rect,

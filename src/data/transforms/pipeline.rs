@@ -79,8 +79,23 @@ impl Transform {
         self.train_flipped_into(img, rng, flip, out)
     }
 
-    /// [`Transform::train_into`] with the flip given.
+    /// [`Transform::train_into`] with the flip given; random erasing last, when `data.erase_prob`
+    /// (its draws follow the others', so runs without it draw as before).
     pub fn train_flipped_into(&self, img: &Image, rng: &mut impl Rng, flip: Flip, out: &mut [f32]) {
+        self.train_geometry_into(img, rng, flip, out);
+        let c = &self.cfg;
+        if c.erase_prob > 0.0 {
+            let s = c.train_size as usize;
+            let erasing = super::Erasing {
+                p: c.erase_prob,
+                area: c.erase_area,
+                aspect: c.erase_aspect,
+            };
+            erasing.apply(out, 3, s, s, rng);
+        }
+    }
+
+    fn train_geometry_into(&self, img: &Image, rng: &mut impl Rng, flip: Flip, out: &mut [f32]) {
         assert_eq!(out.len(), self.train_len());
         let s = self.cfg.train_size;
         match self.cfg.pipeline {

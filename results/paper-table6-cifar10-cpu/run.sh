@@ -19,3 +19,8 @@ common=(--set "data.dir=\"$DATA\"" --set train.epochs=10
 $T ablate --study studies/paper/table6_refinements_cifar10.toml --out runs/paper/table6-cifar10-cpu \
     --jobs 2 --seeds 1,2,3 "${common[@]}" --set data.train_limit=5000 --set train.threads=1 \
     --set train.batch_size=128 --set optim.warmup_epochs=1 --set train.eval_every=5
+# The efficient row with its lr steps inside the 10 epochs (see efficient-step.toml).
+$T ablate --study results/paper-table6-cifar10-cpu/efficient-step.toml \
+    --out runs/paper/table6-cifar10-cpu-efficient-step --jobs 1 "${common[@]}" \
+    --set data.train_limit=5000 --set train.threads=1 --set train.batch_size=128 \
+    --set optim.warmup_epochs=1 --set train.eval_every=5

@@ -8,6 +8,30 @@ use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use tricks::train::mixup::{cutmix, cutmix_box, CutBox, Mixup};
 
+/// Runs a reference `script` from the venv with `out` as its argument (it writes its results
+/// there); `false` when the venv or a package is missing (the comparison `what` is then skipped,
+/// or fails under `TRICKS_REQUIRE_PARITY=1`). Fails on any other error of the script.
+fn reference(what: &str, script: &str, out: &std::path::Path) -> bool {
+    let py = python();
+    if !py.exists() {
+        skip_reference(what, "no Python venv");
+        return false;
+    }
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .arg(out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("No module named") {
+        skip_reference(what, &err);
+        return false;
+    }
+    assert!(o.status.success(), "{what}: {err}");
+    true
+}
+
 /// timm's `Mixup(cutmix_alpha=1.0)` in batch mode on a fixed batch, for several numpy seeds:
 /// the mixed images and targets, and the raw λ and box centre it drew (re-drawn from the same
 /// seed in the order timm draws them), with and without timm's label smoothing.
@@ -49,25 +73,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn cutmix_gives_timms_box_batch_and_targets() {
-    let py = python();
-    if !py.exists() {
-        skip_reference("CutMix against timm", "no Python venv");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("timm");
-    let o = Command::new(&py)
-        .arg("-c")
-        .arg(TIMM_CUTMIX)
-        .arg(&out)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("No module named") {
-        skip_reference("CutMix against timm", &err);
+    if !reference("CutMix against timm", TIMM_CUTMIX, &out) {
         return;
     }
-    assert!(o.status.success(), "{err}");
     let tensors: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(out.with_extension("safetensors"))
             .unwrap()
@@ -266,25 +276,11 @@ save_file(out, sys.argv[1])
 fn ema_follows_timms_model_ema_v3_update_by_update() {
     use tricks::config::EmaConfig;
     use tricks::train::ema::{Ema, PREFIX};
-    let py = python();
-    if !py.exists() {
-        skip_reference("EMA against timm", "no Python venv");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("ema.safetensors");
-    let o = Command::new(&py)
-        .arg("-c")
-        .arg(TIMM_EMA)
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("No module named") {
-        skip_reference("EMA against timm", &err);
+    if !reference("EMA against timm", TIMM_EMA, &path) {
         return;
     }
-    assert!(o.status.success(), "{err}");
     let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()
@@ -465,25 +461,11 @@ json.dump({
 fn bce_equals_timms_binary_cross_entropy() {
     use tricks::config::{Config, LossName};
     use tricks::train::loss::Criterion;
-    let py = python();
-    if !py.exists() {
-        skip_reference("BCE against timm", "no Python venv");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("bce");
-    let o = Command::new(&py)
-        .arg("-c")
-        .arg(TIMM_BCE)
-        .arg(&out)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("No module named") {
-        skip_reference("BCE against timm", &err);
+    if !reference("BCE against timm", TIMM_BCE, &out) {
         return;
     }
-    assert!(o.status.success(), "{err}");
     let t: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(out.with_extension("safetensors"))
             .unwrap()
@@ -561,25 +543,15 @@ save_file(out, sys.argv[1])
 fn adamw_and_lamb_step_as_torch_and_timm() {
     use tricks::config::{OptimConfig, OptimName};
     use tricks::train::optim::Sgd;
-    let py = python();
-    if !py.exists() {
-        skip_reference("AdamW / LAMB against PyTorch and timm", "no Python venv");
-        return;
-    }
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("opt.safetensors");
-    let o = Command::new(&py)
-        .arg("-c")
-        .arg(TORCH_OPTIMISERS)
-        .arg(&path)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("No module named") {
-        skip_reference("AdamW / LAMB against PyTorch and timm", &err);
+    if !reference(
+        "AdamW / LAMB against PyTorch and timm",
+        TORCH_OPTIMISERS,
+        &path,
+    ) {
         return;
     }
-    assert!(o.status.success(), "{err}");
     let t: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(&path)
         .unwrap()
         .into_iter()

@@ -6,8 +6,9 @@
 //! update, so the average starts at the live weights). The engine evaluates the average beside
 //! the live weights each epoch, saves it with the optimiser state and restores it on resume.
 
+use super::shadow::Shadow;
 use crate::config::EmaConfig;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::collections::BTreeMap;
 use tch::{nn, Tensor};
 
@@ -17,8 +18,8 @@ pub const PREFIX: &str = "optim.ema.";
 
 pub struct Ema {
     cfg: EmaConfig,
-    /// Per floating variable of the model: name, the live tensor, and the average.
-    slots: Vec<(String, Tensor, Tensor)>,
+    /// The average beside the live variables.
+    avg: Shadow,
     /// Whether the average is in the model's tensors now ([`Ema::swap`]).
     swapped: bool,
 }
@@ -26,18 +27,9 @@ pub struct Ema {
 impl Ema {
     /// An average starting at the model's current weights.
     pub fn new(vs: &nn::VarStore, cfg: &EmaConfig) -> Ema {
-        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-        let slots = vars
-            .into_iter()
-            .filter(|(_, t)| t.is_floating_point())
-            .map(|(name, t)| {
-                let avg = tch::no_grad(|| t.detach().copy());
-                (name, t, avg)
-            })
-            .collect();
         Ema {
             cfg: cfg.clone(),
-            slots,
+            avg: Shadow::new(vs, PREFIX, "EMA", "ema.decay"),
             swapped: false,
         }
     }
@@ -73,7 +65,7 @@ impl Ema {
             "EMA update while the average is in the model"
         );
         tch::no_grad(|| {
-            for (_, live, avg) in &mut self.slots {
+            for (_, live, avg) in &mut self.avg.slots {
                 let _ = avg.lerp_(live, 1.0 - decay);
             }
         });
@@ -83,7 +75,7 @@ impl Ema {
     /// evaluate or save it); a second call puts the live weights back. Exact (copies).
     pub fn swap(&mut self) {
         tch::no_grad(|| {
-            for (_, live, avg) in &mut self.slots {
+            for (_, live, avg) in &mut self.avg.slots {
                 let held = live.copy();
                 live.copy_(avg);
                 avg.copy_(&held);
@@ -94,56 +86,26 @@ impl Ema {
 
     /// Gives each average its live tensor's memory layout (after a channels-last conversion).
     pub fn match_layouts(&mut self) {
-        tch::no_grad(|| {
-            for (_, live, avg) in &mut self.slots {
-                if live.stride() != avg.stride() {
-                    let mut copy = live.detach().copy();
-                    copy.copy_(avg);
-                    *avg = copy;
-                }
-            }
-        });
+        self.avg.match_layouts();
     }
 
     /// Copies of the average, for [`Ema::restore`].
     pub fn snapshot(&self) -> Vec<Tensor> {
-        tch::no_grad(|| self.slots.iter().map(|(_, _, a)| a.copy()).collect())
+        self.avg.snapshot()
     }
 
     /// Puts back the average of [`Ema::snapshot`].
     pub fn restore(&mut self, saved: Vec<Tensor>) {
-        tch::no_grad(|| {
-            for ((_, _, avg), saved) in self.slots.iter_mut().zip(saved) {
-                avg.copy_(&saved);
-            }
-        });
+        self.avg.restore(saved);
     }
 
     /// The average by `PREFIX` + variable name, for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .map(|(name, _, avg)| (format!("{PREFIX}{name}"), avg.shallow_clone()))
-            .collect()
+        self.avg.state_tensors()
     }
 
-    /// Restores the average saved by [`Ema::state_tensors`]; a checkpoint without it is an
-    /// error (the run would silently restart its average).
+    /// Restores the average saved by [`Ema::state_tensors`] (its absence is an error).
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        for (name, _, avg) in &mut self.slots {
-            let key = format!("{PREFIX}{name}");
-            let Some(t) = tensors.get(&key) else {
-                bail!("the checkpoint has no EMA state `{key}` (was it saved by a run without ema.decay?)");
-            };
-            if t.size() != avg.size() {
-                bail!(
-                    "EMA state `{key}` has shape {:?}, the variable has {:?}",
-                    t.size(),
-                    avg.size()
-                );
-            }
-            tch::no_grad(|| avg.copy_(t));
-        }
-        Ok(())
+        self.avg.load_state(tensors)
     }
 }

@@ -6,8 +6,9 @@
 //! which ends on the slow weights. Batch-norm statistics are averaged with the weights they
 //! belong to.
 
+use super::shadow::Shadow;
 use crate::config::OptimConfig;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::collections::BTreeMap;
 use tch::{nn, Tensor};
 
@@ -18,28 +19,18 @@ pub struct Lookahead {
     every: usize,
     decay: f64,
     total_steps: usize,
-    /// Per variable of the model (parameters and BN statistics): name, the live tensor, and
-    /// the slow copy.
-    slots: Vec<(String, Tensor, Tensor)>,
+    /// The slow weights beside the live variables (parameters and BN statistics).
+    slow: Shadow,
 }
 
 impl Lookahead {
     /// Slow weights starting at the model's current ones, for a run of `total_steps` steps.
     pub fn new(vs: &nn::VarStore, cfg: &OptimConfig, total_steps: usize) -> Lookahead {
-        let vars: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-        let slots = vars
-            .into_iter()
-            .filter(|(_, t)| t.is_floating_point())
-            .map(|(name, t)| {
-                let slow = tch::no_grad(|| t.detach().copy());
-                (name, t, slow)
-            })
-            .collect();
         Lookahead {
             every: cfg.lookahead_every.max(1),
             decay: cfg.lookahead_decay,
             total_steps: total_steps.max(1),
-            slots,
+            slow: Shadow::new(vs, PREFIX, "lookahead", "optim.lookahead"),
         }
     }
 
@@ -47,24 +38,15 @@ impl Lookahead {
     /// was made (airbench94's whitening init, which a resumed run skips).
     pub fn restart_from_model(&mut self) {
         tch::no_grad(|| {
-            for (_, live, slow) in &mut self.slots {
+            for (_, live, slow) in &mut self.slow.slots {
                 slow.copy_(live);
             }
         });
     }
 
-    /// Gives each slow copy its live tensor's memory layout (after a channels-last conversion),
-    /// so that the averaging runs on dense, matching tensors.
+    /// Gives each slow copy its live tensor's memory layout (after a channels-last conversion).
     pub fn match_layouts(&mut self) {
-        tch::no_grad(|| {
-            for (_, live, slow) in &mut self.slots {
-                if live.stride() != slow.stride() {
-                    let mut copy = live.detach().copy();
-                    copy.copy_(slow);
-                    *slow = copy;
-                }
-            }
-        });
+        self.slow.match_layouts();
     }
 
     /// The decay used after `steps_done` steps.
@@ -96,9 +78,9 @@ impl Lookahead {
     /// a kernel launch on a GPU, tensor by tensor), or tensor by tensor should they fail.
     fn average(&mut self, weight: Option<f64>) {
         let ptr = |t: &Tensor| t.as_ptr() as *mut std::ffi::c_void;
-        let slow: Vec<_> = self.slots.iter().map(|(_, _, s)| ptr(s)).collect();
-        let live: Vec<_> = self.slots.iter().map(|(_, l, _)| ptr(l)).collect();
-        // SAFETY: the pointers are live tensors of `self.slots`, unchanged during the call.
+        let slow: Vec<_> = self.slow.slots.iter().map(|(_, _, s)| ptr(s)).collect();
+        let live: Vec<_> = self.slow.slots.iter().map(|(_, l, _)| ptr(l)).collect();
+        // SAFETY: the pointers are live tensors of `self.slow`, unchanged during the call.
         let err = unsafe {
             crate::ffi::tricks_lookahead_step(
                 slow.as_ptr(),
@@ -119,7 +101,7 @@ impl Lookahead {
             )
         });
         tch::no_grad(|| {
-            for (_, live, slow) in &mut self.slots {
+            for (_, live, slow) in &mut self.slow.slots {
                 if let Some(w) = weight {
                     let _ = slow.lerp_(live, w);
                 }
@@ -130,16 +112,12 @@ impl Lookahead {
 
     /// Copies of the slow weights, for [`Lookahead::restore`].
     pub fn snapshot(&self) -> Vec<Tensor> {
-        tch::no_grad(|| self.slots.iter().map(|(_, _, slow)| slow.copy()).collect())
+        self.slow.snapshot()
     }
 
     /// Puts back the slow weights of [`Lookahead::snapshot`].
     pub fn restore(&mut self, saved: Vec<Tensor>) {
-        tch::no_grad(|| {
-            for ((_, _, slow), saved) in self.slots.iter_mut().zip(saved) {
-                slow.copy_(&saved);
-            }
-        });
+        self.slow.restore(saved);
     }
 
     /// One averaging step with the first step's decay, whatever the step count: what
@@ -152,30 +130,13 @@ impl Lookahead {
 
     /// The slow weights by `PREFIX` + variable name, for checkpoints.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
-        self.slots
-            .iter()
-            .map(|(name, _, slow)| (format!("{PREFIX}{name}"), slow.shallow_clone()))
-            .collect()
+        self.slow.state_tensors()
     }
 
     /// Restores slow weights saved by [`Lookahead::state_tensors`]; a checkpoint without them
     /// is an error (the run would silently restart its average).
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-        for (name, _, slow) in &mut self.slots {
-            let key = format!("{PREFIX}{name}");
-            let Some(t) = tensors.get(&key) else {
-                bail!("the checkpoint has no lookahead state `{key}` (was it saved by a run without optim.lookahead?)");
-            };
-            if t.size() != slow.size() {
-                bail!(
-                    "lookahead state `{key}` has shape {:?}, the variable has {:?}",
-                    t.size(),
-                    slow.size()
-                );
-            }
-            tch::no_grad(|| slow.copy_(t));
-        }
-        Ok(())
+        self.slow.load_state(tensors)
     }
 }
 

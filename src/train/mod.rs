@@ -16,6 +16,7 @@ pub mod mixup;
 pub mod optim;
 pub mod precision;
 pub mod schedule;
+pub mod shadow;
 
 pub use crate::seed::derive_seed;
 pub use data_parallel::DataParallel;

@@ -604,41 +604,38 @@ impl Sgd {
         v
     }
 
-    /// Restores momentum buffers saved by [`Sgd::state_tensors`].
+    /// Restores the state saved by [`Sgd::state_tensors`]: momentum buffers (Adam's first
+    /// moments), Adam's second moments and step count, lookahead's and the EMA's weights.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+        // The saved tensor of `prefix` + a parameter's name, checked against the parameter and
+        // in its dtype and device.
+        let saved = |prefix: &str, p: &Param| -> Result<Option<Tensor>> {
+            let key = format!("{prefix}{}", p.name);
+            let Some(t) = tensors.get(&key) else {
+                return Ok(None);
+            };
+            if t.size() != p.tensor.size() {
+                bail!(
+                    "optimizer state `{key}` has shape {:?}, parameter has {:?}",
+                    t.size(),
+                    p.tensor.size()
+                );
+            }
+            Ok(Some(
+                t.to_kind(p.tensor.kind()).to_device(p.tensor.device()),
+            ))
+        };
+        let flat = self.flat.is_some();
         for p in &mut self.params {
-            let key = format!("{}{}", crate::checkpoint::MOMENTUM_PREFIX, p.name);
-            if let Some(t) = tensors.get(&key) {
-                if t.size() != p.tensor.size() {
-                    bail!(
-                        "optimizer state `{key}` has shape {:?}, parameter has {:?}",
-                        t.size(),
-                        p.tensor.size()
-                    );
-                }
-                let t = t.to_kind(p.tensor.kind()).to_device(p.tensor.device());
-                match (&mut p.momentum, self.flat.is_some()) {
+            if let Some(t) = saved(crate::checkpoint::MOMENTUM_PREFIX, p)? {
+                match (&mut p.momentum, flat) {
                     // Flat buffers: the momentum tensors are views, fill them in place.
                     (Some(m), true) => tch::no_grad(|| m.copy_(&t)),
                     _ => p.momentum = Some(t.contiguous()),
                 }
             }
-        }
-        for p in &mut self.params {
-            let key = format!("{SECOND_MOMENT_PREFIX}{}", p.name);
-            if let Some(t) = tensors.get(&key) {
-                if t.size() != p.tensor.size() {
-                    bail!(
-                        "optimizer state `{key}` has shape {:?}, parameter has {:?}",
-                        t.size(),
-                        p.tensor.size()
-                    );
-                }
-                p.second = Some(
-                    t.to_kind(p.tensor.kind())
-                        .to_device(p.tensor.device())
-                        .contiguous(),
-                );
+            if let Some(t) = saved(SECOND_MOMENT_PREFIX, p)? {
+                p.second = Some(t.contiguous());
             }
         }
         if self.rule != Rule::Sgd {

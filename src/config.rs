@@ -889,12 +889,6 @@ impl Config {
     /// types, key combinations); each error names its key. The checks that need the model
     /// family or the task's module are in `crate::recipe::check`, which runs this one too.
     pub fn validate(&self) -> Result<()> {
-        let positive = |key: &str, v: f64| -> Result<()> {
-            if !(v > 0.0 && v.is_finite()) {
-                bail!("key `{key}` must be a positive number, got {v}");
-            }
-            Ok(())
-        };
         positive("optim.lr", self.optim.lr)?;
         positive("train.epochs", self.train.epochs as f64)?;
         positive("train.batch_size", self.train.batch_size as f64)?;
@@ -908,15 +902,6 @@ impl Config {
         positive("distill.temperature", self.distill.temperature)?;
         positive("distributed.timeout_s", self.distributed.timeout_s)?;
         positive("distributed.bucket_mb", self.distributed.bucket_mb)?;
-        let in_range = |key: &str, v: f64, lo: f64, hi: f64| -> Result<()> {
-            if !(v >= lo && v <= hi) {
-                if hi == f64::MAX {
-                    bail!("key `{key}` must be a finite number >= {lo}, got {v}");
-                }
-                bail!("key `{key}` must be in [{lo}, {hi}], got {v}");
-            }
-            Ok(())
-        };
         in_range("optim.momentum", self.optim.momentum, 0.0, 1.0)?;
         in_range("train.log_every", self.train.log_every as f64, 0.0, 1e9)?;
         in_range("optim.weight_decay", self.optim.weight_decay, 0.0, 1.0)?;
@@ -952,51 +937,7 @@ impl Config {
             0.999,
         )?;
         in_range("mixup.alpha", self.mixup.alpha, 0.0, 100.0)?;
-        in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
-        in_range("data.erase_prob", self.data.erase_prob, 0.0, 1.0)?;
-        if self.data.erase_prob > 0.0 {
-            let [a0, a1] = self.data.erase_area;
-            let [r0, r1] = self.data.erase_aspect;
-            if !(a0 > 0.0 && a0 <= a1 && a1 < 1.0) {
-                bail!("key `data.erase_area` must satisfy 0 < min <= max < 1, got [{a0}, {a1}]");
-            }
-            if !(r0 > 0.0 && r0 <= r1 && r1.is_finite()) {
-                bail!("key `data.erase_aspect` must satisfy 0 < min <= max, got [{r0}, {r1}]");
-            }
-            if self.data.on_device {
-                bail!("key `data.erase_prob`: random erasing runs in the CPU loader; it is not available with data.on_device");
-            }
-        }
-        in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
-        in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;
-        if let Some(t) = self.loss.bce_target_threshold {
-            if self.loss.name != LossName::Bce {
-                bail!("key `loss.bce_target_threshold` applies only with loss.name = \"bce\"");
-            }
-            in_range("loss.bce_target_threshold", t, 0.0, 0.999)?;
-        }
-        for (i, b) in self.optim.betas.iter().enumerate() {
-            if !(0.0..1.0).contains(b) {
-                bail!("key `optim.betas`: β{} must be in [0, 1), got {b}", i + 1);
-            }
-        }
-        if let Some(e) = self.optim.eps {
-            positive("optim.eps", e)?;
-        }
-        if self.loss.name == LossName::Bce && !self.distill.teacher.is_empty() {
-            bail!("key `loss.name` = \"bce\" with `distill.teacher`: the distillation loss is a cross entropy; use one or the other");
-        }
-        if !(0.0..1.0).contains(&self.ema.decay) {
-            bail!(
-                "key `ema.decay` must be in [0, 1) (0 = off), got {}",
-                self.ema.decay
-            );
-        }
-        positive("ema.every", self.ema.every as f64)?;
-        positive("ema.warmup_gamma", self.ema.warmup_gamma)?;
-        positive("ema.warmup_power", self.ema.warmup_power)?;
-        in_range("mixup.prob", self.mixup.prob, 0.0, 1.0)?;
-        in_range("mixup.switch_prob", self.mixup.switch_prob, 0.0, 1.0)?;
+        self.validate_later_tricks()?;
         positive("optim.bn_bias_lr_scale", self.optim.bn_bias_lr_scale)?;
         positive("optim.lookahead_every", self.optim.lookahead_every as f64)?;
         in_range(
@@ -1061,6 +1002,57 @@ impl Config {
                 self.model.num_classes
             );
         }
+        Ok(())
+    }
+
+    /// The tricks of the later recipes (CutMix, random erasing, stochastic depth, BCE, AdamW and
+    /// LAMB, EMA): [`Config::validate`]'s step for them.
+    fn validate_later_tricks(&self) -> Result<()> {
+        in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
+        in_range("data.erase_prob", self.data.erase_prob, 0.0, 1.0)?;
+        if self.data.erase_prob > 0.0 {
+            let [a0, a1] = self.data.erase_area;
+            let [r0, r1] = self.data.erase_aspect;
+            if !(a0 > 0.0 && a0 <= a1 && a1 < 1.0) {
+                bail!("key `data.erase_area` must satisfy 0 < min <= max < 1, got [{a0}, {a1}]");
+            }
+            if !(r0 > 0.0 && r0 <= r1 && r1.is_finite()) {
+                bail!("key `data.erase_aspect` must satisfy 0 < min <= max, got [{r0}, {r1}]");
+            }
+            if self.data.on_device {
+                bail!("key `data.erase_prob`: random erasing runs in the CPU loader; it is not available with data.on_device");
+            }
+        }
+        in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
+        in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;
+        if let Some(t) = self.loss.bce_target_threshold {
+            if self.loss.name != LossName::Bce {
+                bail!("key `loss.bce_target_threshold` applies only with loss.name = \"bce\"");
+            }
+            in_range("loss.bce_target_threshold", t, 0.0, 0.999)?;
+        }
+        for (i, b) in self.optim.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                bail!("key `optim.betas`: β{} must be in [0, 1), got {b}", i + 1);
+            }
+        }
+        if let Some(e) = self.optim.eps {
+            positive("optim.eps", e)?;
+        }
+        if self.loss.name == LossName::Bce && !self.distill.teacher.is_empty() {
+            bail!("key `loss.name` = \"bce\" with `distill.teacher`: the distillation loss is a cross entropy; use one or the other");
+        }
+        if !(0.0..1.0).contains(&self.ema.decay) {
+            bail!(
+                "key `ema.decay` must be in [0, 1) (0 = off), got {}",
+                self.ema.decay
+            );
+        }
+        positive("ema.every", self.ema.every as f64)?;
+        positive("ema.warmup_gamma", self.ema.warmup_gamma)?;
+        positive("ema.warmup_power", self.ema.warmup_power)?;
+        in_range("mixup.prob", self.mixup.prob, 0.0, 1.0)?;
+        in_range("mixup.switch_prob", self.mixup.switch_prob, 0.0, 1.0)?;
         Ok(())
     }
 }
@@ -1321,6 +1313,25 @@ pub fn diff(a: &Config, b: &Config) -> Vec<KeyChange> {
             new: fb.get(k).map_or("unset".into(), |s| s.clone()),
         })
         .collect()
+}
+
+/// `key`'s value must be positive and finite.
+fn positive(key: &str, v: f64) -> Result<()> {
+    if !(v > 0.0 && v.is_finite()) {
+        bail!("key `{key}` must be a positive number, got {v}");
+    }
+    Ok(())
+}
+
+/// `key`'s value must lie in [lo, hi] (`hi = f64::MAX`: any finite number from lo).
+fn in_range(key: &str, v: f64, lo: f64, hi: f64) -> Result<()> {
+    if !(v >= lo && v <= hi) {
+        if hi == f64::MAX {
+            bail!("key `{key}` must be a finite number >= {lo}, got {v}");
+        }
+        bail!("key `{key}` must be in [{lo}, {hi}], got {v}");
+    }
+    Ok(())
 }
 
 #[cfg(test)]

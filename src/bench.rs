@@ -37,7 +37,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     let precision: Precision = spec.precision.parse()?;
     check_supported(precision, device)?;
     // Fixed shapes: cuDNN autotuning on, as in training by default.
-    crate::device::configure(spec.threads, device, true);
+    let threads = crate::device::configure(spec.threads, device, true);
     let mcfg = ModelConfig {
         name: spec.model.clone(),
         variant: spec.variant.clone(),
@@ -103,13 +103,24 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
         lockstep(&mut train_step, &mut || drop(infer()), &sync)?;
         return Ok(serde_json::json!({"impl": "tricks", "lockstep": true}).to_string());
     }
-    for _ in 0..spec.warmup {
+    // With `--threads 0` on a CPU the thread count follows the cores other processes leave free
+    // (device::IntraOpThreads): the warm-up then lasts until it has measured two windows, so
+    // the timed steps run at the count a training would settle on.
+    let mut warm = 0;
+    while warm < spec.warmup || threads.windows_measured() < 2 {
         train_step();
+        if let Some(message) = threads.adapt() {
+            eprintln!("{message}");
+        }
+        warm += 1;
     }
     sync();
     let t = Instant::now();
     for _ in 0..spec.steps {
         train_step();
+        if let Some(message) = threads.adapt() {
+            eprintln!("{message}");
+        }
     }
     sync();
     let train_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();

@@ -521,7 +521,8 @@ pub struct TrainConfig {
     pub eval_translate: bool,
     /// Keep the last K epoch checkpoints (plus `best`).
     pub keep_checkpoints: usize,
-    /// Intra-op threads for libtorch; 0 = all cores.
+    /// Intra-op threads for libtorch; 0 = one per core this process may use, fewer while other
+    /// processes keep some of those cores busy on a CPU run (`device::IntraOpThreads`).
     pub threads: usize,
     /// cuDNN's autotuner on a GPU (PyTorch's `torch.backends.cudnn.benchmark`): each new input
     /// shape first times the convolution algorithms and keeps the fastest. Faster steps for fixed

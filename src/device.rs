@@ -42,9 +42,10 @@ pub fn cores_per_process() -> usize {
     (num_cpus::get() / local).max(1)
 }
 
-/// Sets libtorch's intra-op thread count (0 = [`cores_per_process`]) and, on a GPU, whether
-/// cuDNN autotunes its convolution algorithms (`train.cudnn_benchmark`).
-pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) {
+/// Sets libtorch's intra-op thread count (0 = [`cores_per_process`], adapted while training by
+/// the returned [`IntraOpThreads`]) and, on a GPU, whether cuDNN autotunes its convolution
+/// algorithms (`train.cudnn_benchmark`).
+pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) -> IntraOpThreads {
     let n = if threads == 0 {
         cores_per_process()
     } else {
@@ -53,6 +54,225 @@ pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) {
     tch::set_num_threads(n as i32);
     keep_freed_memory();
     set_cudnn_benchmark(device, cudnn_benchmark);
+    if threads == 0 && device == Device::Cpu && n > 1 {
+        IntraOpThreads::adaptive(n)
+    } else {
+        IntraOpThreads::Fixed
+    }
+}
+
+/// libtorch's intra-op thread count while a CPU run trains: fixed when the user set
+/// `train.threads` (or `--threads`), otherwise one per core this process may use, fewer while
+/// other processes keep some of those cores busy.
+///
+/// Why: libtorch's OpenMP workers (the libgomp PyTorch ships) busy-wait up to 300,000 iterations
+/// at every barrier. When another process runs on one of the cores, the worker that shares it
+/// runs a fraction of the time while the others spin waiting for it, and every operator waits for
+/// the slowest: on the 2-core VM, a CIFAR ResNet-20 trains at 54 img/s on 2 threads beside one
+/// busy process against 281 img/s on 1 thread (PyTorch: 28; BENCHMARKS.md, bench/cpu_contention.sh).
+/// Sleeping workers (`OMP_WAIT_POLICY=PASSIVE`) only halve the loss and cost 10 % on a quiet
+/// machine, and libgomp reads that variable once, when it is loaded. So the count follows the
+/// cores left free: every [`IntraOpThreads::adapt`] call (once per training step) looks, at most
+/// once per [`WINDOW`], at how much CPU time the cores this process may use spent on other
+/// processes (`/proc/stat` per CPU minus this process's own time from `/proc/self/stat`), and
+/// after two windows that agree sets the thread count to the cores left (rounded, at least 1,
+/// at most the process's share).
+pub enum IntraOpThreads {
+    Fixed,
+    Adaptive(std::sync::Mutex<Governor>),
+}
+
+/// How often [`IntraOpThreads::adapt`] measures the other processes' CPU time.
+pub const WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl IntraOpThreads {
+    fn adaptive(share: usize) -> IntraOpThreads {
+        match Governor::new(share) {
+            Some(g) => IntraOpThreads::Adaptive(std::sync::Mutex::new(g)),
+            None => IntraOpThreads::Fixed,
+        }
+    }
+
+    /// Re-measures when a window has passed and changes the thread count if two windows in a
+    /// row ask for the same new count. Returns a message for the log when it changed it. Call it
+    /// from the thread that runs the steps (OpenMP's thread count is that thread's setting).
+    pub fn adapt(&self) -> Option<String> {
+        match self {
+            IntraOpThreads::Fixed => None,
+            IntraOpThreads::Adaptive(g) => g.lock().ok()?.adapt(),
+        }
+    }
+
+    /// How many windows the count has been measured over (`usize::MAX` when it is fixed).
+    pub fn windows_measured(&self) -> usize {
+        match self {
+            IntraOpThreads::Fixed => usize::MAX,
+            IntraOpThreads::Adaptive(g) => g.lock().map_or(usize::MAX, |g| g.windows),
+        }
+    }
+}
+
+/// The state of [`IntraOpThreads::Adaptive`].
+pub struct Governor {
+    /// The most threads (the process's share of the cores).
+    share: usize,
+    /// The CPUs this process may run on (its affinity mask).
+    cpus: Vec<usize>,
+    current: usize,
+    /// The count the last window asked for, when it differed from `current`.
+    proposed: Option<usize>,
+    last: CpuTimes,
+    at: std::time::Instant,
+    windows: usize,
+}
+
+/// Clock ticks: the busy time of the allowed CPUs, and this process's own CPU time.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    busy: u64,
+    own: u64,
+}
+
+impl Governor {
+    fn new(share: usize) -> Option<Governor> {
+        let cpus = allowed_cpus()?;
+        let last = cpu_times(&cpus)?;
+        Some(Governor {
+            share,
+            cpus,
+            current: share,
+            proposed: None,
+            last,
+            at: std::time::Instant::now(),
+            windows: 0,
+        })
+    }
+
+    fn adapt(&mut self) -> Option<String> {
+        if self.at.elapsed() < WINDOW {
+            return None;
+        }
+        let now = cpu_times(&self.cpus)?;
+        let ticks = self.at.elapsed().as_secs_f64() * clock_ticks_per_second();
+        self.at = std::time::Instant::now();
+        let others = others_busy_cores(self.last, now, ticks);
+        self.last = now;
+        self.windows += 1;
+        let wanted = threads_for(self.cpus.len(), others, self.share);
+        if wanted == self.current {
+            self.proposed = None;
+            return None;
+        }
+        if self.proposed != Some(wanted) {
+            self.proposed = Some(wanted);
+            return None;
+        }
+        let before = std::mem::replace(&mut self.current, wanted);
+        self.proposed = None;
+        tch::set_num_threads(wanted as i32);
+        Some(format!(
+            "intra-op threads {before} -> {wanted}: other processes keep {others:.1} of the {} cores this process may use busy (train.threads = 0 follows them; set it to fix the count)",
+            self.cpus.len()
+        ))
+    }
+}
+
+/// The cores other processes kept busy between two readings `ticks` clock ticks apart.
+fn others_busy_cores(before: CpuTimes, after: CpuTimes, ticks: f64) -> f64 {
+    let busy = after.busy.saturating_sub(before.busy) as f64;
+    let own = after.own.saturating_sub(before.own) as f64;
+    ((busy - own) / ticks.max(1.0)).max(0.0)
+}
+
+/// The thread count for `cpus` allowed cores of which `others` are busy with other processes:
+/// the cores left, between 1 and `share`, where a core counts as taken once other processes use
+/// more than [`TAKEN`] of it. Not half: while this process's threads run on every core, the
+/// kernel's fair share leaves a competing process only part of one (2/3 beside two training
+/// threads, 1/2 beside those and a loader thread), so "half a core or more" would miss it.
+pub fn threads_for(cpus: usize, others: f64, share: usize) -> usize {
+    let taken = (others - TAKEN).ceil().max(0.0) as usize;
+    cpus.saturating_sub(taken).clamp(1, share.max(1))
+}
+
+/// The share of a core other processes must use for it to count as taken ([`threads_for`]).
+pub const TAKEN: f64 = 0.35;
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// The CPUs of this process's affinity mask (None where it cannot be read).
+fn allowed_cpus() -> Option<Vec<usize>> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let list = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))?;
+    parse_cpu_list(list.trim())
+}
+
+/// A kernel CPU list such as `0-3,8,10-11`.
+pub fn parse_cpu_list(list: &str) -> Option<Vec<usize>> {
+    let mut cpus = Vec::new();
+    for part in list.split(',').filter(|p| !p.is_empty()) {
+        match part.split_once('-') {
+            Some((a, b)) => cpus.extend(a.trim().parse::<usize>().ok()?..=b.trim().parse().ok()?),
+            None => cpus.push(part.trim().parse().ok()?),
+        }
+    }
+    (!cpus.is_empty()).then_some(cpus)
+}
+
+fn cpu_times(cpus: &[usize]) -> Option<CpuTimes> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let own = std::fs::read_to_string("/proc/self/stat").ok()?;
+    Some(CpuTimes {
+        busy: busy_ticks(&stat, cpus)?,
+        own: own_ticks(&own)?,
+    })
+}
+
+/// The busy clock ticks (user, nice, system, irq, softirq: everything but idle, iowait and the
+/// hypervisor's steal) of the listed CPUs in a `/proc/stat` text.
+pub fn busy_ticks(stat: &str, cpus: &[usize]) -> Option<u64> {
+    let mut total = 0;
+    let mut found = 0;
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let Some(Ok(cpu)) = fields.next().map(str::parse::<usize>) else {
+            continue; // the all-CPU line
+        };
+        if !cpus.contains(&cpu) {
+            continue;
+        }
+        let v: Vec<u64> = fields.take(7).map(|f| f.parse().unwrap_or(0)).collect();
+        if v.len() < 7 {
+            return None;
+        }
+        // user nice system idle iowait irq softirq
+        total += v[0] + v[1] + v[2] + v[5] + v[6];
+        found += 1;
+    }
+    (found > 0).then_some(total)
+}
+
+/// utime + stime (clock ticks, all threads) of a `/proc/<pid>/stat` text.
+pub fn own_ticks(stat: &str) -> Option<u64> {
+    // The command name (field 2) may hold spaces and parentheses: count fields after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    // Fields 3.. follow; utime and stime are fields 14 and 15.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
 }
 
 /// cuDNN's autotuner on or off, for a GPU (a process-wide libtorch flag; nothing for a CPU).
@@ -194,6 +414,68 @@ pub fn empty_pinned(sizes: &[i64]) -> Result<Tensor> {
 mod tests {
     use super::*;
     use tch::Kind;
+
+    #[test]
+    fn cpu_lists_parse_as_the_kernel_writes_them() {
+        assert_eq!(
+            parse_cpu_list("0-3,8,10-11"),
+            Some(vec![0, 1, 2, 3, 8, 10, 11])
+        );
+        assert_eq!(parse_cpu_list("5"), Some(vec![5]));
+        assert_eq!(parse_cpu_list(""), None);
+        assert_eq!(parse_cpu_list("0-x"), None);
+    }
+
+    #[test]
+    fn busy_ticks_add_the_listed_cpus_without_idle_iowait_or_steal() {
+        let stat = "cpu  100 1 50 900 7 3 2 11 0 0\n\
+                    cpu0 10 1 5 90 7 3 2 11 0 0\n\
+                    cpu1 20 0 10 80 0 0 0 0 0 0\n\
+                    cpu2 40 0 0 60 0 0 0 0 0 0\n\
+                    intr 12345\nctxt 99\n";
+        assert_eq!(busy_ticks(stat, &[0]), Some(10 + 1 + 5 + 3 + 2));
+        assert_eq!(busy_ticks(stat, &[0, 1]), Some(21 + 30));
+        assert_eq!(busy_ticks(stat, &[1, 2]), Some(30 + 40));
+        assert_eq!(busy_ticks(stat, &[7]), None);
+    }
+
+    #[test]
+    fn own_ticks_are_utime_plus_stime_even_with_odd_command_names() {
+        // pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        let stat = "4242 (tr (ick) s) R 1 4242 4242 0 -1 4194304 100 0 0 0 1234 56 0 0 20 0 3 0";
+        assert_eq!(own_ticks(stat), Some(1234 + 56));
+        assert_eq!(own_ticks("garbage"), None);
+        let real = std::fs::read_to_string("/proc/self/stat").unwrap();
+        assert!(own_ticks(&real).is_some());
+    }
+
+    #[test]
+    fn the_thread_count_leaves_the_cores_others_use() {
+        // Quiet: every core; the process's share caps it.
+        assert_eq!(threads_for(2, 0.05, 2), 2);
+        assert_eq!(threads_for(16, 0.2, 8), 8);
+        // A busy process beside two training threads gets 2/3 of a core, beside three 1/2.
+        assert_eq!(threads_for(2, 0.67, 2), 1);
+        assert_eq!(threads_for(2, 0.5, 2), 1);
+        assert_eq!(threads_for(2, 1.0, 2), 1);
+        // Never fewer than one.
+        assert_eq!(threads_for(2, 2.0, 2), 1);
+        assert_eq!(threads_for(4, 2.5, 4), 1);
+        assert_eq!(threads_for(4, 1.3, 4), 3);
+        assert_eq!(threads_for(4, 1.4, 4), 2);
+        let t = |busy, own| CpuTimes { busy, own };
+        // 400 ticks of two cores busy over a 200-tick window, 300 of them this process's.
+        assert!((others_busy_cores(t(1000, 500), t(1400, 800), 200.0) - 0.5).abs() < 1e-12);
+        assert_eq!(others_busy_cores(t(1000, 500), t(1100, 700), 200.0), 0.0);
+    }
+
+    #[test]
+    fn a_fixed_count_never_adapts() {
+        let threads = configure(1, Device::Cpu, false);
+        assert!(matches!(threads, IntraOpThreads::Fixed));
+        assert_eq!(threads.adapt(), None);
+        assert_eq!(tch::get_num_threads(), 1);
+    }
 
     #[test]
     fn upload_to_the_cpu_keeps_the_values() {

@@ -55,3 +55,46 @@ fn lockstep_refuses_an_unknown_command() {
         stderr(&o)
     );
 }
+
+/// `--threads 0` on a CPU follows the cores other processes leave free (device::IntraOpThreads):
+/// beside busy loops on all but one of the cores this process may use, the warm-up ends with
+/// fewer threads than cores, and the change is logged.
+#[test]
+fn threads_zero_gives_up_the_cores_other_processes_keep_busy() {
+    let cores = num_cpus::get();
+    if cores < 2 {
+        eprintln!("one core: nothing to give up, skipped");
+        return;
+    }
+    let busy: Vec<_> = (0..cores - 1)
+        .map(|_| {
+            std::process::Command::new("sh")
+                .args(["-c", "while :; do :; done"])
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let o = tricks()
+        .args(["bench", "--model", "cifar_resnet20", "--batch", "32"])
+        .args(["--warmup", "1", "--steps", "2", "--threads", "0"])
+        .output()
+        .unwrap();
+    for mut b in busy {
+        b.kill().unwrap();
+        b.wait().unwrap();
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    let line = stdout(&o);
+    let summary: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    let used = summary["threads"].as_u64().unwrap() as usize;
+    assert!(used < cores, "{used} threads of {cores} cores: {line}");
+    let log = stderr(&o);
+    assert!(
+        log.contains(&format!("intra-op threads {cores} -> ")),
+        "{log}"
+    );
+    assert!(
+        log.contains(&format!(" -> {used}: other processes keep ")),
+        "{log}"
+    );
+}

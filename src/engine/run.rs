@@ -4,6 +4,7 @@
 use crate::checkpoint::{self, TrainState};
 use crate::config::{self, Config};
 use crate::data::Shard;
+use crate::device::IntraOpThreads;
 use crate::distributed::ProcessGroup;
 use crate::metrics::{self, EpochRecord};
 use crate::train::optim::Sgd;
@@ -58,6 +59,8 @@ pub struct Run<'a> {
     pub rank0: bool,
     pub ckpt_dir: PathBuf,
     pub metrics_path: PathBuf,
+    /// libtorch's intra-op threads, adapted to the cores left free when `train.threads` is 0.
+    pub threads: IntraOpThreads,
 }
 
 impl<'a> Run<'a> {
@@ -72,7 +75,8 @@ impl<'a> Run<'a> {
         });
         let device = opts.device;
         crate::train::precision::check_supported(cfg.train.precision, device)?;
-        crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
+        let threads =
+            crate::device::configure(cfg.train.threads, device, cfg.train.cudnn_benchmark);
         let out = &opts.out_dir;
         Ok(Run {
             cfg,
@@ -82,6 +86,7 @@ impl<'a> Run<'a> {
             rank0,
             ckpt_dir: out.join("checkpoints"),
             metrics_path: out.join("metrics.jsonl"),
+            threads,
         })
     }
 

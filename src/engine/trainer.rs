@@ -304,6 +304,9 @@ impl<'r, T: Task> Trainer<'r, T> {
             };
             lr = self.schedule.lr_at(at.global_step);
             let (out, current, stop) = self.step(task, &batch, at, lr, &mut sums)?;
+            if let Some(message) = run.threads.adapt() {
+                bar.suspend(|| run.log(&message));
+            }
             p.seen += out.samples as usize;
             p.counted += out.counted;
             if current {

@@ -68,10 +68,11 @@ pub fn configure(threads: usize, device: Device, cudnn_benchmark: bool) -> Intra
 /// Why: libtorch's OpenMP workers (the libgomp PyTorch ships) busy-wait up to 300,000 iterations
 /// at every barrier. When another process runs on one of the cores, the worker that shares it
 /// runs a fraction of the time while the others spin waiting for it, and every operator waits for
-/// the slowest: on the 2-core VM, a CIFAR ResNet-20 trains at 54 img/s on 2 threads beside one
-/// busy process against 281 img/s on 1 thread (PyTorch: 28; BENCHMARKS.md, bench/cpu_contention.sh).
-/// Sleeping workers (`OMP_WAIT_POLICY=PASSIVE`) only halve the loss and cost 10 % on a quiet
-/// machine, and libgomp reads that variable once, when it is loaded. So the count follows the
+/// the slowest: on the 2-core VM, a CIFAR ResNet-20 trains at 172 img/s on 2 threads beside one
+/// busy process against 280 on 1 thread (PyTorch: 138 and 250; BENCHMARKS.md, "Sharing the CPU").
+/// Sleeping workers (`OMP_WAIT_POLICY=PASSIVE`) recover most of it (263), but libgomp reads that
+/// variable once, when it is loaded, before `main`, so only a re-executed process could set it;
+/// and on more cores the busy core still holds up every operator. So the count follows the
 /// cores left free: every [`IntraOpThreads::adapt`] call (once per training step) looks, at most
 /// once per [`WINDOW`], at how much CPU time the cores this process may use spent on other
 /// processes (`/proc/stat` per CPU minus this process's own time from `/proc/self/stat`), and

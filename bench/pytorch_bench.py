@@ -21,10 +21,16 @@ weight decay 1e-4, lr 0.1, foreach default) on one fixed synthetic batch, timed 
 scaling (tricks: its LossScaler); `--channels-last` converts model and input to channels_last. On a GPU,
 cuDNN's benchmark mode is on, as in tricks.
 
+`--compile [MODE]` runs the steps through torch.compile(model, mode=MODE) (TorchInductor; modes
+default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs); the optimizer stays eager, as
+in timm's train.py --torchcompile. The first training and the first evaluation step compile;
+their time is `first_steps_s` (for eager runs, the same two steps' time), outside the timed steps.
+
 Prints one JSON line per model:
   {"impl":"pytorch","model":...,"batch":...,"size":...,"precision":...,"channels_last":...,
-   "device":...,"train_img_s":...,"infer_img_s":...,"ops_per_train_step":...,
-   "ops_per_infer_step":..., "threads":..., "steps":..., "warmup":...}
+   "device":...,"compile":null|MODE,"first_steps_s":...,"train_img_s":...,"infer_img_s":...,
+   "ops_per_train_step":...,"ops_per_infer_step":..., "threads":..., "steps":..., "warmup":...}
+   (the op counts are null when compiled)
 
   .venv/bin/python bench/pytorch_bench.py --model cifar_resnet20 --steps 20 --threads 2
 """
@@ -245,6 +251,9 @@ def measure(args, name: str) -> dict:
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
     model = build(name, num_classes, args.cifar_stem).to(device=device, memory_format=fmt)
+    # The module the steps call: compiled by TorchInductor with --compile (the model only, as
+    # timm's train.py --torchcompile and torchvision's references do; the optimizer stays eager).
+    net = torch.compile(model, mode=None if args.compile == "default" else args.compile) if args.compile else model
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -258,14 +267,14 @@ def measure(args, name: str) -> dict:
     def train_step():
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(net(x), y)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
 
     def infer_step():
         with autocast():
-            model(x)
+            net(x)
 
     def timed(step, n_warmup, n_steps):
         for _ in range(n_warmup):
@@ -280,13 +289,24 @@ def measure(args, name: str) -> dict:
     if args.lockstep:
         return lockstep(model, train_step, infer_step, args.warmup, device)
 
+    # With --compile the first call of each mode compiles (training and evaluation are separate
+    # graphs); its time is reported as compile_s and left out of the timed steps.
+    def first(step) -> float:
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        return time.perf_counter() - t0
+
     model.train()
+    compile_s = first(train_step)
     train_img_s = timed(train_step, args.warmup, args.steps)
-    train_ops = count_ops(train_step)
+    # Compiled steps run Inductor's fused kernels, not one ATen operator per layer: not counted.
+    train_ops = None if args.compile else count_ops(train_step)
     model.eval()
     with torch.no_grad():
+        compile_s += first(infer_step)
         infer_img_s = timed(infer_step, args.warmup, args.steps)
-        infer_ops = count_ops(infer_step)
+        infer_ops = None if args.compile else count_ops(infer_step)
 
     return {
         "impl": "pytorch",
@@ -298,6 +318,8 @@ def measure(args, name: str) -> dict:
         "loss_scaling": scaler.is_enabled(),
         "channels_last": bool(args.channels_last),
         "device": args.device,
+        "compile": args.compile or None,
+        "first_steps_s": round(compile_s, 2),
         "train_img_s": round(train_img_s, 2),
         "infer_img_s": round(infer_img_s, 2),
         "ops_per_train_step": train_ops,
@@ -351,6 +373,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (default: torch's choice)")
     ap.add_argument("--steps", type=int, default=10, help="timed steps (train and inference each)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    ap.add_argument("--compile", nargs="?", const="default", default="",
+                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                    help="torch.compile the model with this Inductor mode (bare --compile: default); "
+                         "the first train and eval steps compile and are reported as first_steps_s")
     ap.add_argument("--lockstep", action="store_true",
                     help="after the warm-up, take one step per line of stdin (train or infer) and print its ms "
                          "(bench/lockstep.py; one model only)")

@@ -24,6 +24,9 @@
 #                 default, torch.get_num_threads(), so that both use the same number)
 #   TRICKS_BIN=target/release/tricks   PYTHON=.venv/bin/python   BUILD=1 runs cargo build --release first
 #   ROUNDS=1      repeat the whole alternation; the table gives means and the per-round ratio range
+#   COMPILE=      a torch.compile mode (default, max-autotune, ...): PyTorch compiled by Inductor
+#                 runs too, after the eager reference (its compile time is not in its img/s), and
+#                 the table gets its columns and tricks' ratio against it
 #   PYTORCH_GLIBC_TUNABLES=   GLIBC_TUNABLES for the PyTorch runs only, e.g. the allocator settings
 #                 tricks makes itself (src/device.rs): glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=2147483647
 set -euo pipefail
@@ -40,6 +43,7 @@ TRICKS_BIN="${TRICKS_BIN:-$root/target/release/tricks}"
 PYTHON="${PYTHON:-$root/.venv/bin/python}"
 ROUNDS="${ROUNDS:-1}"
 PYTORCH_GLIBC_TUNABLES="${PYTORCH_GLIBC_TUNABLES:-}"
+COMPILE="${COMPILE:-}"
 
 if [[ "${BUILD:-0}" == 1 ]]; then
     cargo build --release --bin tricks
@@ -72,7 +76,8 @@ tricks_model_of() { case "$1" in resnet50d) echo "--model resnet50 --variant d" 
 
 # run_one IMPL MODEL CONFIG: appends the JSON line(s) of one run to $jsonl.
 run_one() {
-    local impl="$1" model="$2" config="$3" precision cl=()
+    local impl="$1" model="$2" config="$3" precision cl=() compile=()
+    [[ "$impl" == pytorch-compiled ]] && compile=(--compile "$COMPILE")
     case "$config" in
         fp32) precision=fp32 ;;
         bf16-cl) precision=bf16 cl=(--channels-last) ;;
@@ -89,9 +94,9 @@ run_one() {
         out="$("$TRICKS_BIN" bench "${tm[@]}" "${common[@]}")"
     else
         if [[ -n "$PYTORCH_GLIBC_TUNABLES" ]]; then
-            out="$(GLIBC_TUNABLES="$PYTORCH_GLIBC_TUNABLES" "$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+            out="$(GLIBC_TUNABLES="$PYTORCH_GLIBC_TUNABLES" "$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}" ${compile[@]+"${compile[@]}"})"
         else
-            out="$("$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}")"
+            out="$("$PYTHON" bench/pytorch_bench.py --model "$model" "${common[@]}" ${compile[@]+"${compile[@]}"})"
         fi
     fi
     # Keep only the JSON measurement lines (either side may log other things on stdout).
@@ -113,6 +118,7 @@ for _ in $(seq "$ROUNDS"); do
                 run_one pytorch "$model" "$config"
                 run_one tricks "$model" "$config"
             fi
+            [[ -n "$COMPILE" ]] && run_one pytorch-compiled "$model" "$config"
             round=$((round + 1))
         done
     done
@@ -132,7 +138,8 @@ rows = {}
 for line in open(sys.argv[1]):
     r = json.loads(line)
     key = (canon(r), r["batch"], r["size"], r["precision"], bool(r["channels_last"]), r["device"])
-    rows.setdefault(key, {}).setdefault(r["impl"], []).append(r)
+    impl = "compiled" if r.get("compile") else r["impl"]
+    rows.setdefault(key, {}).setdefault(impl, []).append(r)
 
 def mean(rs, field):
     return sum(r[field] for r in rs) / len(rs) if rs else None
@@ -153,15 +160,25 @@ def ops(rs):
     vs = {r["ops_per_train_step"] for r in rs if "ops_per_train_step" in r}
     return "-" if not vs else "/".join(str(v) for v in sorted(vs))
 
-print("| model | batch | px | precision | channels_last | device | rounds | train tricks | train pytorch | train ratio | (per round) | infer tricks | infer pytorch | infer ratio | (per round) | ops/train step tricks | pytorch |")
-print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|")
+compiled = any("compiled" in by for by in rows.values())
+extra = " train compiled | ratio | infer compiled | ratio | compile s |" if compiled else ""
+print("| model | batch | px | precision | channels_last | device | rounds | train tricks | train pytorch | train ratio | (per round) | infer tricks | infer pytorch | infer ratio | (per round) | ops/train step tricks | pytorch |" + extra)
+print("|---|---:|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|" + ("---:|" * 5 if compiled else ""))
 for key, by in rows.items():
-    t, p = by.get("tricks", []), by.get("pytorch", [])
+    t, p, c = by.get("tricks", []), by.get("pytorch", []), by.get("compiled", [])
     tt, pt = mean(t, "train_img_s"), mean(p, "train_img_s")
     ti, pi = mean(t, "infer_img_s"), mean(p, "infer_img_s")
     model, batch, size, prec, cl, dev = key
-    print(f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {min(len(t), len(p))} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {spread(t, p, 'train_img_s')} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} | {spread(t, p, 'infer_img_s')} | {ops(t)} | {ops(p)} |")
+    line = f"| {model} | {batch} | {size} | {prec} | {'yes' if cl else 'no'} | {dev} | {min(len(t), len(p))} | {fmt(tt)} | {fmt(pt)} | {ratio(tt, pt)} | {spread(t, p, 'train_img_s')} | {fmt(ti)} | {fmt(pi)} | {ratio(ti, pi)} | {spread(t, p, 'infer_img_s')} | {ops(t)} | {ops(p)} |"
+    if compiled:
+        ct, ci = mean(c, "train_img_s"), mean(c, "infer_img_s")
+        line += f" {fmt(ct)} | {ratio(tt, ct)} | {fmt(ci)} | {ratio(ti, ci)} | {fmt(mean(c, 'first_steps_s'))} |"
+    print(line)
 print()
+if compiled:
+    modes = sorted({r["compile"] for by in rows.values() for r in by.get("compiled", [])})
+    print(f"compiled: PyTorch through torch.compile (mode {', '.join(modes)}), the model only;")
+    print("ratio = tricks / compiled; compile s = the first training and evaluation steps, which compile.")
 print("img/s (mean over rounds); ratio = tricks / pytorch (> 1: tricks faster). ops: outermost operator")
 print("calls per training step, counted alike on both sides (on a GPU each is at least one kernel launch;")
 print("on a CPU tricks steps its flat optimizer buffer in cache-sized chunks, PyTorch's SGD goes tensor by tensor,")

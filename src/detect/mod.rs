@@ -142,6 +142,9 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
         );
     }
     // Classification-only tricks: refuse rather than silently ignore.
+    if !cfg.data.auto_augment.is_empty() {
+        bail!("key `data.auto_augment`: RandAugment / TrivialAugment are not supported for task = \"detection\"; leave it \"\"");
+    }
     if cfg.loss.name != crate::config::LossName::Ce {
         bail!("key `loss.name`: only \"ce\" is supported for task = \"detection\"");
     }

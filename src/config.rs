@@ -423,6 +423,16 @@ pub struct DataConfig {
     /// still apply after it (timm turns jitter off with auto-augmentation: set `jitter` and
     /// `lighting` to 0 to follow it). Not with `on_device`.
     pub auto_augment: String,
+    /// Repeated augmentation (Hoffer et al. 2020; DeiT's and torchvision's `RASampler`): each
+    /// epoch every image of the shuffled order appears this many times in a row, each copy
+    /// augmented with its own draws; the repeated list is dealt across the data-parallel ranks
+    /// (rank r takes positions r, r + world, ...), and each rank keeps
+    /// ⌊⌊len/256⌋·256 / world⌋ samples, so that an epoch stays about one dataset long (and
+    /// sees about 1/repeats of the images), cut into batches (drop_last). 1 = off (the plain
+    /// shuffled epoch); torchvision's recipes use 3 (`--ra-reps`); it needs at least 256
+    /// training images. As the copies of an image go to different ranks, a data-parallel run
+    /// with it is not one process on the global batch (as it is without). Not with `on_device`.
+    pub repeats: usize,
     /// Per-channel normalisation (RGB, on the 0–1 scale).
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -546,6 +556,7 @@ impl Default for DataConfig {
             erase_area: [0.02, 1.0 / 3.0],
             erase_aspect: [0.3, 1.0 / 0.3],
             auto_augment: String::new(),
+            repeats: 1,
             lighting: 0.1,
             cifar_pad: 4,
             pad_mode: PadMode::Zeros,
@@ -1093,7 +1104,8 @@ impl Config {
     }
 
     /// The tricks of the later recipes (CutMix, random erasing, RandAugment / TrivialAugment,
-    /// stochastic depth, BCE, AdamW and LAMB, EMA): [`Config::validate`]'s step for them.
+    /// repeated augmentation, stochastic depth, BCE, AdamW and LAMB, EMA): [`Config::validate`]'s
+    /// step for them.
     fn validate_later_tricks(&self) -> Result<()> {
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
         in_range("data.erase_prob", self.data.erase_prob, 0.0, 1.0)?;
@@ -1112,6 +1124,12 @@ impl Config {
         }
         if AutoAugmentPolicy::parse(&self.data.auto_augment)?.is_some() && self.data.on_device {
             bail!("key `data.auto_augment`: automatic augmentation runs in the CPU loader; it is not available with data.on_device");
+        }
+        if self.data.repeats == 0 {
+            bail!("key `data.repeats` must be >= 1 (1 = off), got 0");
+        }
+        if self.data.repeats > 1 && self.data.on_device {
+            bail!("key `data.repeats`: repeated augmentation is a sampler of the CPU loader; it is not available with data.on_device");
         }
         in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
         in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;

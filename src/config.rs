@@ -408,6 +408,31 @@ pub struct DataConfig {
     pub erase_prob: f64,
     pub erase_area: [f64; 2],
     pub erase_aspect: [f64; 2],
+    /// Automatic augmentation of each training image after its crop and flip, on the u8 image
+    /// before normalisation (where torchvision's classification recipe puts it); "" = off.
+    /// `"rand-m9-n2-mstd0.5"`: RandAugment (Cubuk et al. 2020) as torchvision's
+    /// `RandAugment(num_ops = n, magnitude = m, num_magnitude_bins = 31)`: `n` operations drawn
+    /// uniformly from 14 (identity, shear, translation, rotation, brightness, colour, contrast,
+    /// sharpness, posterize, solarize, autocontrast, equalize) at magnitude bin `m` of 0–30, the
+    /// signed ones negated with probability ½; `mstd` (timm's magnitude std) draws each
+    /// operation's bin from N(m, mstd) clipped to [0, 30]. The parts follow `rand` in any order;
+    /// omitted ones take torchvision's defaults m9, n2 and mstd0. Note that `m` counts
+    /// torchvision's 31 bins, not timm's scale of 10 (timm's m9 is bin 27 here). `"ta_wide"`:
+    /// TrivialAugmentWide (Müller & Hutter 2021, torchvision's), one operation at a uniformly
+    /// drawn bin of its wider ranges. The colour jitter and lighting of the imagenet pipeline
+    /// still apply after it (timm turns jitter off with auto-augmentation: set `jitter` and
+    /// `lighting` to 0 to follow it). Not with `on_device`.
+    pub auto_augment: String,
+    /// Repeated augmentation (Hoffer et al. 2020; DeiT's and torchvision's `RASampler`): each
+    /// epoch every image of the shuffled order appears this many times in a row, each copy
+    /// augmented with its own draws; the repeated list is dealt across the data-parallel ranks
+    /// (rank r takes positions r, r + world, ...), and each rank keeps
+    /// ⌊⌊len/256⌋·256 / world⌋ samples, so that an epoch stays about one dataset long (and
+    /// sees about 1/repeats of the images), cut into batches (drop_last). 1 = off (the plain
+    /// shuffled epoch); torchvision's recipes use 3 (`--ra-reps`); it needs at least 256
+    /// training images. As the copies of an image go to different ranks, a data-parallel run
+    /// with it is not one process on the global batch (as it is without). Not with `on_device`.
+    pub repeats: usize,
     /// Per-channel normalisation (RGB, on the 0–1 scale).
     pub mean: [f64; 3],
     pub std: [f64; 3],
@@ -441,6 +466,77 @@ impl DataConfig {
     }
 }
 
+/// Magnitude bins of the automatic augmentation policies: torchvision's `num_magnitude_bins`
+/// default, bins 0–30.
+pub const AUTO_AUGMENT_BINS: u32 = 31;
+
+/// `data.auto_augment` parsed: an automatic augmentation policy and its settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AutoAugmentPolicy {
+    /// torchvision's `RandAugment`, with timm's magnitude noise.
+    Rand {
+        /// Operations applied one after the other (`n`).
+        num_ops: usize,
+        /// The magnitude bin of every operation, 0 to [`AUTO_AUGMENT_BINS`] − 1 (`m`).
+        magnitude: u32,
+        /// Standard deviation of each operation's bin around `magnitude` (`mstd`; 0 = fixed).
+        magnitude_std: f64,
+    },
+    /// torchvision's `TrivialAugmentWide`.
+    TrivialWide,
+}
+
+impl AutoAugmentPolicy {
+    /// Parses a `data.auto_augment` value: `None` for "" (off); otherwise `"rand"` followed by
+    /// `-m<bin>`, `-n<ops>`, `-mstd<std>` in any order (each at most once; torchvision's defaults
+    /// m9, n2, mstd0 for the ones left out), or `"ta_wide"`. Errors name the key and what is
+    /// accepted.
+    pub fn parse(text: &str) -> Result<Option<AutoAugmentPolicy>> {
+        const ACCEPTED: &str = "accepted: \"\" (off), \"rand\" with optional parts -m<magnitude bin 0-30>, -n<number of ops >= 1>, -mstd<magnitude std >= 0> in any order (RandAugment, e.g. \"rand-m9-n2-mstd0.5\"), or \"ta_wide\" (TrivialAugmentWide)";
+        let fail = |why: String| -> Result<Option<AutoAugmentPolicy>> {
+            bail!("key `data.auto_augment`: {why}; {ACCEPTED}")
+        };
+        match text {
+            "" => return Ok(None),
+            "ta_wide" => return Ok(Some(AutoAugmentPolicy::TrivialWide)),
+            _ => {}
+        }
+        let mut parts = text.split('-');
+        if parts.next() != Some("rand") {
+            return fail(format!("unknown policy {text:?}"));
+        }
+        let (mut num_ops, mut magnitude, mut magnitude_std) = (None, None, None);
+        for part in parts {
+            // `mstd` before `m`: both start with "m".
+            if let Some(v) = part.strip_prefix("mstd") {
+                match v.parse::<f64>() {
+                    Ok(std) if std >= 0.0 && std.is_finite() && magnitude_std.is_none() => {
+                        magnitude_std = Some(std)
+                    }
+                    _ => return fail(format!("bad or repeated part {part:?} in {text:?}")),
+                }
+            } else if let Some(v) = part.strip_prefix('m') {
+                match v.parse::<u32>() {
+                    Ok(m) if m < AUTO_AUGMENT_BINS && magnitude.is_none() => magnitude = Some(m),
+                    _ => return fail(format!("bad or repeated part {part:?} in {text:?}")),
+                }
+            } else if let Some(v) = part.strip_prefix('n') {
+                match v.parse::<usize>() {
+                    Ok(n) if n >= 1 && num_ops.is_none() => num_ops = Some(n),
+                    _ => return fail(format!("bad or repeated part {part:?} in {text:?}")),
+                }
+            } else {
+                return fail(format!("unknown part {part:?} in {text:?}"));
+            }
+        }
+        Ok(Some(AutoAugmentPolicy::Rand {
+            num_ops: num_ops.unwrap_or(2),
+            magnitude: magnitude.unwrap_or(9),
+            magnitude_std: magnitude_std.unwrap_or(0.0),
+        }))
+    }
+}
+
 impl Default for DataConfig {
     fn default() -> Self {
         DataConfig {
@@ -459,6 +555,8 @@ impl Default for DataConfig {
             erase_prob: 0.0,
             erase_area: [0.02, 1.0 / 3.0],
             erase_aspect: [0.3, 1.0 / 0.3],
+            auto_augment: String::new(),
+            repeats: 1,
             lighting: 0.1,
             cifar_pad: 4,
             pad_mode: PadMode::Zeros,
@@ -1006,8 +1104,9 @@ impl Config {
         Ok(())
     }
 
-    /// The tricks of the later recipes (CutMix, random erasing, stochastic depth, BCE, AdamW and
-    /// LAMB, EMA): [`Config::validate`]'s step for them.
+    /// The tricks of the later recipes (CutMix, random erasing, RandAugment / TrivialAugment,
+    /// repeated augmentation, stochastic depth, BCE, AdamW and LAMB, EMA): [`Config::validate`]'s
+    /// step for them.
     fn validate_later_tricks(&self) -> Result<()> {
         in_range("cutmix.alpha", self.cutmix.alpha, 0.0, 100.0)?;
         in_range("data.erase_prob", self.data.erase_prob, 0.0, 1.0)?;
@@ -1023,6 +1122,15 @@ impl Config {
             if self.data.on_device {
                 bail!("key `data.erase_prob`: random erasing runs in the CPU loader; it is not available with data.on_device");
             }
+        }
+        if AutoAugmentPolicy::parse(&self.data.auto_augment)?.is_some() && self.data.on_device {
+            bail!("key `data.auto_augment`: automatic augmentation runs in the CPU loader; it is not available with data.on_device");
+        }
+        if self.data.repeats == 0 {
+            bail!("key `data.repeats` must be >= 1 (1 = off), got 0");
+        }
+        if self.data.repeats > 1 && self.data.on_device {
+            bail!("key `data.repeats`: repeated augmentation is a sampler of the CPU loader; it is not available with data.on_device");
         }
         in_range("model.drop_path", self.model.drop_path, 0.0, 0.99)?;
         in_range("model.drop_rate", self.model.drop_rate, 0.0, 0.99)?;

@@ -3,34 +3,10 @@
 
 mod common;
 
-use common::{python, skip_reference};
+use common::{python, reference, skip_reference};
 use std::process::Command;
 use tch::{Device, Kind, Tensor};
 use tricks::train::mixup::{cutmix, cutmix_box, CutBox, Mixup};
-
-/// Runs a reference `script` from the venv with `out` as its argument (it writes its results
-/// there); `false` when the venv or a package is missing (the comparison `what` is then skipped,
-/// or fails under `TRICKS_REQUIRE_PARITY=1`). Fails on any other error of the script.
-fn reference(what: &str, script: &str, out: &std::path::Path) -> bool {
-    let py = python();
-    if !py.exists() {
-        skip_reference(what, "no Python venv");
-        return false;
-    }
-    let o = Command::new(&py)
-        .arg("-c")
-        .arg(script)
-        .arg(out)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    if err.contains("No module named") {
-        skip_reference(what, &err);
-        return false;
-    }
-    assert!(o.status.success(), "{what}: {err}");
-    true
-}
 
 /// timm's `Mixup(cutmix_alpha=1.0)` in batch mode on a fixed batch, for several numpy seeds:
 /// the mixed images and targets, and the raw λ and box centre it drew (re-drawn from the same

@@ -32,6 +32,27 @@ impl TaskBatch for Batch {
     }
 }
 
+/// Samples one training epoch takes over all ranks, for the steps per epoch: the training split,
+/// or under repeated augmentation (`data.repeats`) what each rank keeps
+/// ([`data::repeated_samples_per_rank`]) times the ranks. Refuses a repeated epoch too short for
+/// one batch.
+fn epoch_samples(cfg: &Config, train_len: usize, shard: Shard) -> Result<usize> {
+    if cfg.data.repeats <= 1 {
+        return Ok(train_len);
+    }
+    let per_rank = data::repeated_samples_per_rank(train_len, shard.world);
+    let bs = cfg.train.batch_size;
+    if per_rank < bs {
+        bail!(
+            "key `data.repeats` ({}): repeated augmentation keeps ⌊⌊{train_len}/256⌋·256 / {} ranks⌋ = {per_rank} samples per rank and epoch (torchvision's RASampler), fewer than `train.batch_size` ({bs}); it needs at least {} training images here, or set data.repeats = 1",
+            cfg.data.repeats,
+            shard.world,
+            (bs * shard.world).div_ceil(256) * 256
+        );
+    }
+    Ok(per_rank * shard.world)
+}
+
 /// A classification run: its data, its model and its tricks, each built once.
 pub struct Classification {
     cfg: Config,
@@ -112,7 +133,7 @@ impl Task for Classification {
         } else {
             None
         };
-        let train_len = train_ds.len();
+        let train_len = epoch_samples(cfg, train_ds.len(), run.shard)?;
         let task = Classification {
             cfg: cfg.clone(),
             train_ds,

@@ -4,7 +4,8 @@
 //! Determinism: the training order is a permutation drawn from (seed, epoch), and every random
 //! choice of the sample at position `p` of the epoch is drawn from a ChaCha8 RNG keyed by
 //! (seed, epoch, p). Batches are therefore identical whatever the number of worker threads or the
-//! scheduling.
+//! scheduling. Under repeated augmentation (`data.repeats`, [`Plan::train_repeated`]) `p` is the
+//! position in the epoch's repeated list, so the copies of an image are augmented differently.
 //!
 //! Bad images: without `skip_bad_images` the batch that holds one is an `Err` naming the file (the
 //! first in epoch order) and the iterator ends there. With it the sample is dropped from its batch
@@ -95,6 +96,24 @@ pub struct Plan {
     pub first_batch: usize,
     pub mode: Mode,
     pub shard: Shard,
+    /// Under repeated augmentation, the copies; `None` for a plain epoch or an evaluation.
+    pub repeated: Option<Repeated>,
+}
+
+/// The copies of a repeated-augmentation epoch ([`Plan::train_repeated`]).
+#[derive(Clone, Debug)]
+pub struct Repeated {
+    /// Copies of each image in the repeated list (`data.repeats`).
+    pub repeats: usize,
+    /// Which copy of its image (0..repeats) each sample of the plan's `order` is.
+    pub copy: Vec<usize>,
+}
+
+/// Samples each rank takes per epoch under repeated augmentation from a training set of `len`:
+/// ⌊⌊len/256⌋·256 / world⌋, torchvision's `RASampler.num_selected_samples`, so that an epoch
+/// stays about one dataset long whatever the number of copies.
+pub fn repeated_samples_per_rank(len: usize, world: usize) -> usize {
+    len / 256 * 256 / world
 }
 
 impl Plan {
@@ -125,6 +144,51 @@ impl Plan {
                 epoch: epoch as u64,
             },
             shard,
+            repeated: None,
+        }
+    }
+
+    /// A repeated-augmentation epoch (`data.repeats`; torchvision's `RASampler`, as DeiT uses
+    /// it): the list of `permutation` with each index `repeats` times in a row (padded from its
+    /// start to a multiple of `shard.world`), rank r taking positions r, r + world, ... of it and
+    /// keeping the first [`repeated_samples_per_rank`], cut into batches of `batch_size`
+    /// (drop_last), from batch `first_batch` on. Each sample is augmented from its position in
+    /// the repeated list, so the copies of an image get different draws.
+    pub fn train_repeated(
+        permutation: &[usize],
+        repeats: usize,
+        batch_size: usize,
+        seed: u64,
+        epoch: usize,
+        first_batch: usize,
+        shard: Shard,
+    ) -> Plan {
+        assert!(batch_size > 0, "batch size must be positive");
+        assert!(repeats > 0, "repeats must be positive");
+        assert!(
+            shard.rank < shard.world,
+            "rank must be below the world size"
+        );
+        let listed = permutation.len() * repeats;
+        let kept = repeated_samples_per_rank(permutation.len(), shard.world);
+        let num_batches = kept / batch_size;
+        // Positions in the repeated list; the padding repeats its start (never reached in
+        // fact: a rank keeps at most len / world samples, all of them among the first len).
+        let (order, copy) = (0..num_batches * batch_size)
+            .map(|i| (shard.rank + i * shard.world) % listed)
+            .map(|p| (permutation[p / repeats], p % repeats))
+            .unzip();
+        Plan {
+            order,
+            batch_size,
+            num_batches,
+            first_batch: first_batch.min(num_batches),
+            mode: Mode::Train {
+                seed,
+                epoch: epoch as u64,
+            },
+            shard,
+            repeated: Some(Repeated { repeats, copy }),
         }
     }
 
@@ -140,6 +204,7 @@ impl Plan {
             first_batch: 0,
             mode: Mode::Eval,
             shard,
+            repeated: None,
         }
     }
 
@@ -150,9 +215,27 @@ impl Plan {
     }
 
     /// The position in the epoch's global order of the sample at position `i` of this plan (its
-    /// augmentation is drawn from it).
+    /// augmentation is drawn from it): under repeated augmentation the position in the repeated
+    /// list.
     pub fn epoch_position(&self, i: usize) -> usize {
-        self.shard.epoch_position(i, self.batch_size)
+        match self.repeated {
+            Some(_) => self.shard.rank + i * self.shard.world,
+            None => self.shard.epoch_position(i, self.batch_size),
+        }
+    }
+
+    /// The epoch count by which `data.alternate_flip` mirrors the sample at position `i`: the
+    /// epoch, or under repeated augmentation the view `epoch · repeats + copy`, so that the
+    /// copies of an image alternate as epochs do (and the views continue across epochs).
+    pub fn flip_epoch(&self, i: usize) -> usize {
+        let epoch = match self.mode {
+            Mode::Train { epoch, .. } => epoch as usize,
+            Mode::Eval => 0,
+        };
+        match &self.repeated {
+            Some(r) => epoch * r.repeats + r.copy[i],
+            None => epoch,
+        }
     }
 }
 
@@ -320,7 +403,7 @@ impl Job {
                                 transform.cfg.alternate_flip,
                                 seed,
                                 order[start + r],
-                                epoch as usize,
+                                self.plan.flip_epoch(start + r),
                             );
                             transform.train_flipped_into(&img, &mut rng, flip, out);
                         }
@@ -418,7 +501,8 @@ impl Loader {
     /// order is the single-process permutation, cut into global batches of
     /// `batch_size · shard.world` samples, and rank r's batch s is the r-th slice of global batch
     /// s, augmented as it would be in one process. The ranks together therefore see exactly the
-    /// batches of a single process with the global batch size.
+    /// batches of a single process with the global batch size. With `cfg.repeats` > 1 the same
+    /// permutation is repeated and dealt as [`Plan::train_repeated`] says instead.
     pub fn train_shard(
         ds: Arc<dyn Dataset>,
         cfg: &DataConfig,
@@ -430,7 +514,12 @@ impl Loader {
     ) -> Loader {
         let mut order: Vec<usize> = (0..ds.len()).collect();
         order.shuffle(&mut stream_rng(seed, epoch as u64, 0, TAG_PERM));
-        let plan = Plan::train(&order, batch_size, seed, epoch, first_batch, shard);
+        let plan = match cfg.repeats {
+            0 | 1 => Plan::train(&order, batch_size, seed, epoch, first_batch, shard),
+            repeats => {
+                Plan::train_repeated(&order, repeats, batch_size, seed, epoch, first_batch, shard)
+            }
+        };
         Self::start(ds, cfg, plan)
     }
 

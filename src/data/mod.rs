@@ -17,7 +17,7 @@ pub mod prefetch;
 pub mod resident;
 pub mod transforms;
 
-pub use loader::{Batch, Loader, Mode, Pass, Plan, Shard};
+pub use loader::{repeated_samples_per_rank, Batch, Loader, Mode, Pass, Plan, Repeated, Shard};
 pub use resident::{Resident, ResidentBatches};
 
 /// The batches of one pass, from the CPU loader or from a device-resident dataset.

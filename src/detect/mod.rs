@@ -142,6 +142,12 @@ pub fn validate_config(cfg: &Config) -> Result<()> {
         );
     }
     // Classification-only tricks: refuse rather than silently ignore.
+    if !cfg.data.auto_augment.is_empty() {
+        bail!("key `data.auto_augment`: RandAugment / TrivialAugment are not supported for task = \"detection\"; leave it \"\"");
+    }
+    if cfg.data.repeats > 1 {
+        bail!("key `data.repeats`: repeated augmentation is not supported for task = \"detection\"; leave it 1");
+    }
     if cfg.loss.name != crate::config::LossName::Ce {
         bail!("key `loss.name`: only \"ce\" is supported for task = \"detection\"");
     }

@@ -114,7 +114,8 @@ pub struct Opened<T> {
     pub task: T,
     /// The class names, stored in every checkpoint.
     pub classes: Vec<String>,
-    /// Samples in the training split.
+    /// Samples one training epoch takes over all ranks, from which the steps per epoch follow:
+    /// the training split (fewer under classification's repeated augmentation).
     pub train_len: usize,
 }
 

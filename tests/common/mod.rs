@@ -258,6 +258,30 @@ pub fn python() -> PathBuf {
     }
 }
 
+/// Runs a reference `script` from the venv with `out` as its argument (it writes its results
+/// there); `false` when the venv or a package is missing (the comparison `what` is then skipped,
+/// or fails under `TRICKS_REQUIRE_PARITY=1`). Fails on any other error of the script.
+pub fn reference(what: &str, script: &str, out: &std::path::Path) -> bool {
+    let py = python();
+    if !py.exists() {
+        skip_reference(what, "no Python venv");
+        return false;
+    }
+    let o = Command::new(&py)
+        .arg("-c")
+        .arg(script)
+        .arg(out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("No module named") {
+        skip_reference(what, &err);
+        return false;
+    }
+    assert!(o.status.success(), "{what}: {err}");
+    true
+}
+
 /// A comparison against a Python reference that cannot run: prints why and lets the test pass,
 /// or fails with `TRICKS_REQUIRE_PARITY=1` (as `make test` sets it).
 pub fn skip_reference(what: &str, why: &str) {

@@ -26,17 +26,34 @@
 //! ...) are the reference it is tested against. As in fb.resnet.torch and MXNet's float pipeline,
 //! values are not clipped to [0, 1] between the colour operations.
 //!
+//! With `data.auto_augment` (RandAugment or TrivialAugmentWide, [`auto_augment`]) the training
+//! pipelines apply it where torchvision's classification recipe does: after the crop and the
+//! flip, on the u8 image, before the colour operations, normalisation and random erasing. The
+//! ImageNet pipeline then materialises its resized crop as u8 (rounded to the nearest level, as
+//! PIL's resize ends; PIL also rounds between its two passes, so a level may differ by 1 from
+//! PIL's) and goes on from the augmented image; without it the fused path above is unchanged.
+//! The operations match torchvision's uint8 kernels: exactly, but for the colour / contrast /
+//! sharpness blends, which may differ by 1 level on ≤ 0.1 % of the values (see the
+//! `auto_augment` module for how and why).
+//!
 //! The code is split by concern: `geometry` (pad / crop / flip / random-resized-crop rectangles),
 //! `resample` (the bilinear filter, resize, evaluation geometry), `colour` (colour operations,
-//! lighting, affine maps, normalisation) and `pipeline` ([`Transform`]); everything public is
-//! re-exported here.
+//! lighting, affine maps, normalisation), `erasing` (random erasing), `auto_augment`
+//! (RandAugment / TrivialAugmentWide and their operations) and `pipeline` ([`Transform`]);
+//! everything public is re-exported here.
 
+mod auto_augment;
 mod colour;
 mod erasing;
 mod geometry;
 mod pipeline;
 mod resample;
 
+pub use auto_augment::{
+    affine_nearest, auto_augment, autocontrast, draw_auto_augment, enhance_brightness,
+    enhance_color, enhance_contrast, enhance_sharpness, equalize, inverse_affine_matrix, posterize,
+    rotate, shear_x, shear_y, solarize, translate, AugmentOp, MagnitudeSpace,
+};
 pub use colour::{
     add_lighting, adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation,
     apply_color_ops, color_affine, draw_color_ops, draw_lighting_alpha, hue_matrix,

@@ -1,13 +1,14 @@
 //! Pipelines: [`Transform`] chains the geometry, resampling and colour steps into the training and
 //! evaluation pipelines of a [`DataConfig`].
 
+use super::auto_augment::auto_augment;
 use super::colour::{
     affine_to_chw, color_affine, draw_color_ops, draw_lighting_alpha, lighting_offset, Affine,
 };
 use super::geometry::{random_pad_crop, random_resized_crop_rect, Flip};
 use super::mean_rgb;
 use super::resample::{crop_axes, eval_axes, resample_into, scratch_slice, with_scratch};
-use crate::config::{DataConfig, Pipeline};
+use crate::config::{AutoAugmentPolicy, DataConfig, Pipeline};
 use crate::data::Image;
 use rand::Rng;
 
@@ -17,8 +18,11 @@ pub struct Transform {
     /// The `[data]` settings the pipelines follow: `pipeline`, `train_size`, `val_size`,
     /// `val_crop_ratio`, `rrc_area`, `rrc_aspect`, `flip`, `alternate_flip` (the loader then
     /// decides each flip by [`alternating_flip`](super::alternating_flip)), `jitter`, `hue`,
-    /// `lighting`, `cifar_pad`, `pad_mode`, `mean`, `std`. The loading keys are not read.
+    /// `lighting`, `cifar_pad`, `pad_mode`, `erase_*`, `auto_augment`, `mean`, `std`. The
+    /// loading keys are not read.
     pub cfg: DataConfig,
+    /// `cfg.auto_augment` parsed.
+    pub auto_augment: Option<AutoAugmentPolicy>,
     /// `cfg.mean` as f32.
     pub mean: [f32; 3],
     /// `cfg.std` as f32.
@@ -28,7 +32,10 @@ pub struct Transform {
 }
 
 impl Transform {
+    /// Panics on an invalid `cfg.auto_augment` (which `Config::validate` refuses before).
     pub fn new(cfg: &DataConfig) -> Transform {
+        let auto_augment =
+            AutoAugmentPolicy::parse(&cfg.auto_augment).unwrap_or_else(|e| panic!("{e:#}"));
         let mean = cfg.mean.map(|v| v as f32);
         let std = cfg.std.map(|v| v as f32);
         let mut lut = [[0f32; 256]; 3];
@@ -39,6 +46,7 @@ impl Transform {
         }
         Transform {
             cfg: cfg.clone(),
+            auto_augment,
             mean,
             std,
             lut,
@@ -79,8 +87,9 @@ impl Transform {
         self.train_flipped_into(img, rng, flip, out)
     }
 
-    /// [`Transform::train_into`] with the flip given; random erasing last, when `data.erase_prob`
-    /// (its draws follow the others', so runs without it draw as before).
+    /// [`Transform::train_into`] with the flip given; `data.auto_augment` after the crop and flip,
+    /// random erasing last, when `data.erase_prob` (the draws of each follow the ones before, so
+    /// runs without them draw as before).
     pub fn train_flipped_into(&self, img: &Image, rng: &mut impl Rng, flip: Flip, out: &mut [f32]) {
         self.train_geometry_into(img, rng, flip, out);
         let c = &self.cfg;
@@ -102,7 +111,12 @@ impl Transform {
             Pipeline::Cifar => {
                 let cropped =
                     random_pad_crop(img, self.cfg.cifar_pad, self.cfg.pad_mode, s, flip, rng);
-                self.normalize_u8_into(&cropped, out);
+                match &self.auto_augment {
+                    Some(policy) => {
+                        self.normalize_u8_into(&auto_augment(&cropped, policy, rng), out)
+                    }
+                    None => self.normalize_u8_into(&cropped, out),
+                }
             }
             Pipeline::Imagenet => {
                 let rect = random_resized_crop_rect(
@@ -120,6 +134,21 @@ impl Transform {
                     let mut hwc = std::mem::take(&mut sc.hwc);
                     let buf = scratch_slice(&mut hwc, self.train_len());
                     resample_into(img, &xa, &ya, buf, sc);
+                    if let Some(policy) = &self.auto_augment {
+                        // The operations work on u8 images, as torchvision's on PIL images:
+                        // the crop rounded as PIL's resize rounds its result, then augmented.
+                        let crop = Image::from_rgb(
+                            s,
+                            s,
+                            buf.iter()
+                                .map(|&v| v.round().clamp(0.0, 255.0) as u8)
+                                .collect(),
+                        );
+                        let augmented = auto_augment(&crop, policy, &mut *rng);
+                        for (f, &v) in buf.iter_mut().zip(&augmented.rgb) {
+                            *f = v as f32;
+                        }
+                    }
                     // 0–255 → 0–1, colour ops, lighting, normalisation: one affine map.
                     let to_unit = Affine::linear(Affine::scaled_identity(1.0 / 255.0));
                     let colour = if ops.is_empty() {
@@ -234,6 +263,62 @@ mod tests {
                 }
                 x = u;
             }
+            apply_color_ops(&mut x, &ops);
+            add_lighting(&mut x, alpha);
+            let mut expect = vec![0f32; t.train_len()];
+            normalize_into(&x, t.mean, t.std, &mut expect);
+            for (a, b) in out.iter().zip(&expect) {
+                assert!(close(*a, *b, 1e-4), "seed {seed}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn auto_augment_follows_the_crop_and_flip_and_its_draws_follow_theirs() {
+        use crate::data::transforms::auto_augment;
+        use crate::data::transforms::resample::{crop_axes, resample_into, with_scratch};
+        let img = ramp(40, 30);
+        // CIFAR: the pad-crop and flip, then the policy on the u8 crop, then normalisation.
+        let cfg = DataConfig {
+            pipeline: Pipeline::Cifar,
+            train_size: 24,
+            val_size: 24,
+            auto_augment: "rand-m9-n2-mstd0.5".into(),
+            ..DataConfig::default()
+        };
+        let t = Transform::new(&cfg);
+        let policy = t.auto_augment.expect("parsed");
+        for seed in 0..20 {
+            let mut out = vec![0f32; t.train_len()];
+            t.train_into(&img, &mut ChaCha8Rng::seed_from_u64(seed), &mut out);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let crop = random_pad_crop(&img, 4, PadMode::Zeros, 24, Flip::Random, &mut rng);
+            let mut expect = vec![0f32; t.train_len()];
+            t.normalize_u8_into(&auto_augment(&crop, &policy, &mut rng), &mut expect);
+            assert_eq!(out, expect, "seed {seed}");
+        }
+        // ImageNet: crop, flip, colour ops and lighting drawn first, the policy after; the
+        // resized crop rounded to u8 and augmented before the colour ops.
+        let cfg = DataConfig {
+            auto_augment: "ta_wide".into(),
+            ..cfg_imagenet(24)
+        };
+        let t = Transform::new(&cfg);
+        let policy = t.auto_augment.expect("parsed");
+        for seed in 0..20 {
+            let mut out = vec![0f32; t.train_len()];
+            t.train_into(&img, &mut ChaCha8Rng::seed_from_u64(seed), &mut out);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            let rect = random_resized_crop_rect(40, 30, cfg.rrc_area, cfg.rrc_aspect, &mut rng);
+            let flip = rng.gen_bool(0.5);
+            let ops = draw_color_ops(cfg.jitter, cfg.hue, &mut rng);
+            let alpha = draw_lighting_alpha(cfg.lighting, &mut rng);
+            let (xa, ya) = crop_axes(rect, 24, 24, flip);
+            let mut resampled = vec![0f32; t.train_len()];
+            with_scratch(|sc| resample_into(&img, &xa, &ya, &mut resampled, sc));
+            let rounded = resampled.iter().map(|v| v.round() as u8).collect();
+            let crop = Image::from_rgb(24, 24, rounded);
+            let mut x = FloatImage::from_image(&auto_augment(&crop, &policy, &mut rng));
             apply_color_ops(&mut x, &ops);
             add_lighting(&mut x, alpha);
             let mut expect = vec![0f32; t.train_len()];

@@ -100,6 +100,14 @@ pub struct Plan {
     pub repeated: Option<Repeated>,
 }
 
+/// How a training plan's samples are cut: `num_batches` of `batch_size`, from `first_batch` on.
+#[derive(Clone, Copy)]
+struct Batches {
+    batch_size: usize,
+    num_batches: usize,
+    first_batch: usize,
+}
+
 /// The copies of a repeated-augmentation epoch ([`Plan::train_repeated`]).
 #[derive(Clone, Debug)]
 pub struct Repeated {
@@ -134,17 +142,34 @@ impl Plan {
             "rank must be below the world size"
         );
         let (order, num_batches) = shard.train_share(permutation, batch_size);
-        Plan {
-            order,
+        let batches = Batches {
             batch_size,
             num_batches,
-            first_batch: first_batch.min(num_batches),
+            first_batch,
+        };
+        Plan::training(order, batches, seed, epoch, shard, None)
+    }
+
+    /// A training plan over `order` (this rank's samples, in order) from batch `first_batch` on.
+    fn training(
+        order: Vec<usize>,
+        b: Batches,
+        seed: u64,
+        epoch: usize,
+        shard: Shard,
+        repeated: Option<Repeated>,
+    ) -> Plan {
+        Plan {
+            order,
+            batch_size: b.batch_size,
+            num_batches: b.num_batches,
+            first_batch: b.first_batch.min(b.num_batches),
             mode: Mode::Train {
                 seed,
                 epoch: epoch as u64,
             },
             shard,
-            repeated: None,
+            repeated,
         }
     }
 
@@ -178,18 +203,13 @@ impl Plan {
             .map(|i| (shard.rank + i * shard.world) % listed)
             .map(|p| (permutation[p / repeats], p % repeats))
             .unzip();
-        Plan {
-            order,
+        let batches = Batches {
             batch_size,
             num_batches,
-            first_batch: first_batch.min(num_batches),
-            mode: Mode::Train {
-                seed,
-                epoch: epoch as u64,
-            },
-            shard,
-            repeated: Some(Repeated { repeats, copy }),
-        }
+            first_batch,
+        };
+        let repeated = Some(Repeated { repeats, copy });
+        Plan::training(order, batches, seed, epoch, shard, repeated)
     }
 
     /// An evaluation pass over `len` samples: this rank's share in order, the last batch kept.

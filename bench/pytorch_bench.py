@@ -7,6 +7,8 @@ Models (identical in structure to the Rust ones):
                                    stages 2 and 3), projection shortcut (1x1 conv stride s + BN,
                                    "option B") where the shape changes, global avg pool, fc.
   resnet50d                        timm `resnet50d` (ResNet-50-D of He et al. 2019).
+  resnext50_32x4d, seresnet50,     timm's (32 groups of 4 channels in the 3x3 convs; squeeze-and-
+  seresnext50_32x4d                excitation after each block's last conv), as tricks' family.
   airbench94                       airbench 0.1.8's make_net94 (scripts/parity.py; 32 px, batch
                                    1024, 10 classes), whitening conv frozen as in training.
   resnet18 [--cifar-stem]          torchvision's ResNet-18; with --cifar-stem a 3x3 stride-1 stem
@@ -54,7 +56,12 @@ DEFAULTS = {  # model -> (batch, size, num_classes)
     "resnet50": (16, 224, 1000),
     "resnet18": (128, 224, 1000),
     "airbench94": (1024, 32, 10),
+    "resnext50_32x4d": (16, 224, 1000),
+    "seresnet50": (16, 224, 1000),
+    "seresnext50_32x4d": (16, 224, 1000),
 }
+# Built by timm (the models whose parameter names and logits tests/parity.rs checks tricks' against).
+TIMM_MODELS = ("resnet50d", "resnext50_32x4d", "seresnet50", "seresnext50_32x4d")
 
 
 class CifarBasicBlock(nn.Module):
@@ -197,10 +204,10 @@ def build(name: str, num_classes: int, cifar_stem: bool = False) -> nn.Module:
         net = airbench94_net(num_classes)
         net[0].weight.requires_grad = False
         return net
-    if name == "resnet50d":
+    if name in TIMM_MODELS:
         import timm
 
-        return timm.create_model("resnet50d", pretrained=False, num_classes=num_classes)
+        return timm.create_model(name, pretrained=False, num_classes=num_classes)
     raise SystemExit(f"unknown model {name!r}; known: {', '.join(DEFAULTS)}")
 
 

@@ -17,8 +17,9 @@
 # Environment:
 #   STEPS=10      timed steps per measurement        WARMUP=3   untimed steps before
 #   DEVICE=cpu    cpu | cuda                         MODELS="cifar_resnet20 cifar_resnet56 resnet50d"
-#                 (also: airbench94, batch 1024, the network of configs/cifar10/airbench94.toml;
-#                 ~4 s per fp32 step here)
+#                 (also: airbench94, batch 1024, the network of configs/cifar10/airbench94.toml,
+#                 ~4 s per fp32 step here; resnext50_32x4d, seresnet50, seresnext50_32x4d at
+#                 224 px batch 16, PyTorch's side built by timm)
 #   CONFIGS="fp32 bf16-cl"   fp32 = fp32 NCHW; bf16-cl = bf16 autocast + channels_last
 #   THREADS=      intra-op threads, passed as --threads to both sides (default: PyTorch's own
 #                 default, torch.get_num_threads(), so that both use the same number)
@@ -68,8 +69,8 @@ jsonl="bench/out/bench-$stamp.jsonl"
 table="bench/out/bench-$stamp.md"
 : >"$jsonl"
 
-batch_of() { case "$1" in resnet50d) echo 16 ;; airbench94) echo 1024 ;; *) echo 128 ;; esac; }
-size_of() { case "$1" in resnet50d) echo 224 ;; *) echo 32 ;; esac; }
+batch_of() { case "$1" in resnet50d | resnext50_32x4d | seresnet50 | seresnext50_32x4d) echo 16 ;; airbench94) echo 1024 ;; *) echo 128 ;; esac; }
+size_of() { case "$1" in resnet50d | resnext50_32x4d | seresnet50 | seresnext50_32x4d) echo 224 ;; *) echo 32 ;; esac; }
 # The Rust CLI names an architecture by depth + paper variant: resnet50d = resnet50, variant d.
 # (Basic-block CIFAR ResNets are the same in every variant; "a" is the paper's baseline.)
 tricks_model_of() { case "$1" in resnet50d) echo "--model resnet50 --variant d" ;; *) echo "--model $1 --variant a" ;; esac; }

@@ -4,7 +4,7 @@
 use crate::config::{ModelConfig, OptimConfig, Precision};
 use crate::device::{parse_device, to_channels_last, weights_to_channels_last};
 use crate::model::{Classifier, AIRBENCH94};
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::{check_supported, Autocast, LossScaler};
 use anyhow::Result;
 use std::time::Instant;
@@ -58,7 +58,7 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     if spec.channels_last {
         weights_to_channels_last(&vs);
     }
-    let mut opt = Sgd::new(&vs, &OptimConfig::default());
+    let mut opt = Optimizer::new(&vs, &OptimConfig::default());
     if !spec.per_tensor_optimizer {
         opt.flatten();
     }

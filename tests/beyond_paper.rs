@@ -518,7 +518,7 @@ save_file(out, sys.argv[1])
 #[test]
 fn adamw_and_lamb_step_as_torch_and_timm() {
     use tricks::config::{OptimConfig, OptimName};
-    use tricks::train::optim::Sgd;
+    use tricks::train::optim::Optimizer;
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("opt.safetensors");
     if !reference(
@@ -548,7 +548,7 @@ fn adamw_and_lamb_step_as_torch_and_timm() {
             no_bias_decay: true,
             ..OptimConfig::default()
         };
-        let mut opt = Sgd::new(&vs, &cfg);
+        let mut opt = Optimizer::new(&vs, &cfg);
         opt.flatten();
         let vars = vs.variables();
         for step in 0..3 {
@@ -574,7 +574,7 @@ fn adamw_and_lamb_step_as_torch_and_timm() {
             state.contains_key("optim.exp_avg_sq.fc.weight")
                 && state.contains_key("optim.adam_steps")
         );
-        let mut again = Sgd::new(&vs, &cfg);
+        let mut again = Optimizer::new(&vs, &cfg);
         again.load_state(&state).unwrap();
         assert_eq!(again.adam_steps(), Some(3));
     }

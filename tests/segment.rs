@@ -427,7 +427,7 @@ fn backbone_lr_mult_scales_the_sgd_step_of_selected_parameters() {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut opt = tricks::train::optim::Sgd::new(&vs, &cfg);
+    let mut opt = tricks::train::optim::Optimizer::new(&vs, &cfg);
     assert!(opt.params.iter().all(|p| p.lr_scale == 1.0));
     assert_eq!(opt.set_lr_scale(|n| !n.starts_with("head."), 0.1), 1);
     (&a * 2.0 + &b * 2.0).sum(Kind::Float).backward();

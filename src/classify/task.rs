@@ -13,7 +13,7 @@ use crate::engine::{
 use crate::model::{self, Classifier};
 use crate::train::loss::{top1_hits, Criterion};
 use crate::train::mixup::Mixup;
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::Autocast;
 use crate::train::DataParallel;
 use anyhow::{anyhow, bail, Context, Result};
@@ -181,7 +181,7 @@ impl Task for Classification {
 
     /// airbench94's whitening conv is set from the data at the start of a run (a resumed run has
     /// it in its checkpoint; the other ranks of a data-parallel run get it from rank 0).
-    fn on_fresh_start(&mut self, _vs: &nn::VarStore, opt: &mut Sgd, run: &Run) -> Result<()> {
+    fn on_fresh_start(&mut self, _vs: &nn::VarStore, opt: &mut Optimizer, run: &Run) -> Result<()> {
         let cfg = &self.cfg;
         let Classifier::Airbench(a) = self.net() else {
             return Ok(());
@@ -225,7 +225,7 @@ impl Task for Classification {
         Ok(())
     }
 
-    fn start_epoch(&mut self, epoch: usize, opt: &mut Sgd) {
+    fn start_epoch(&mut self, epoch: usize, opt: &mut Optimizer) {
         let whiten_bias_epochs = self.cfg.model.whiten_bias_epochs;
         if whiten_bias_epochs > 0 && epoch > whiten_bias_epochs {
             opt.freeze(|name| name == model::WHITEN_BIAS);

@@ -424,7 +424,7 @@ impl Task for Detection {
     fn on_fresh_start(
         &mut self,
         vs: &nn::VarStore,
-        _opt: &mut crate::train::optim::Sgd,
+        _opt: &mut crate::train::optim::Optimizer,
         run: &Run,
     ) -> Result<()> {
         load_backbone(vs, &self.cfg)?;

@@ -23,7 +23,7 @@ pub use run::{save_weights, Run, RunOptions, LOCK_FILE};
 pub use step::StepPosition;
 pub use trainer::Trainer;
 
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::DataParallel;
 use anyhow::Result;
 use serde::Serialize;
@@ -58,7 +58,12 @@ pub trait Task: Sized {
     }
     /// A run that starts from scratch, on rank 0, once the optimizer exists: initialisation that
     /// a resumed run has in its checkpoint (airbench94's whitening, a segmentation backbone).
-    fn on_fresh_start(&mut self, _vs: &nn::VarStore, _opt: &mut Sgd, _run: &Run) -> Result<()> {
+    fn on_fresh_start(
+        &mut self,
+        _vs: &nn::VarStore,
+        _opt: &mut Optimizer,
+        _run: &Run,
+    ) -> Result<()> {
         Ok(())
     }
     /// Once the weights are final and in the training layout, before the first step
@@ -67,7 +72,7 @@ pub trait Task: Sized {
         Ok(())
     }
     /// At the start of every epoch (airbench94's whitening bias is frozen after its epochs).
-    fn start_epoch(&mut self, _epoch: usize, _opt: &mut Sgd) {}
+    fn start_epoch(&mut self, _epoch: usize, _opt: &mut Optimizer) {}
     /// The training batches of `epoch` from batch `first_batch` on (a mid-epoch resume).
     fn train_batches(&self, run: &Run, epoch: usize, first_batch: usize) -> Result<Self::Batches>;
     /// Forward pass and loss of one batch (under the run's precision), with the task's counters.

@@ -7,7 +7,7 @@ use crate::data::Shard;
 use crate::device::IntraOpThreads;
 use crate::distributed::ProcessGroup;
 use crate::metrics::{self, EpochRecord};
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::LossScaler;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -168,7 +168,7 @@ impl<'a> Run<'a> {
     pub(crate) fn resume_or_start<M: EpochRecord>(
         &self,
         vs: &nn::VarStore,
-        opt: &mut Sgd,
+        opt: &mut Optimizer,
         scaler: &mut LossScaler,
         state: &mut TrainState,
     ) -> Result<bool> {
@@ -406,7 +406,7 @@ fn model_tensors(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 pub(crate) fn training_checkpoint(
     path: &Path,
     vs: &nn::VarStore,
-    opt: &Sgd,
+    opt: &Optimizer,
     cfg: &Config,
     classes: &[String],
     state: &TrainState,

@@ -3,7 +3,7 @@
 
 use crate::checkpoint;
 use crate::train::clip;
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::LossScaler;
 use crate::train::DataParallel;
 use anyhow::{anyhow, Result};
@@ -38,7 +38,7 @@ pub(crate) struct StepOutcome {
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimizer_step(
     loss: &Tensor,
-    opt: &mut Sgd,
+    opt: &mut Optimizer,
     scaler: &mut LossScaler,
     optim: &crate::config::OptimConfig,
     lr: f64,
@@ -275,30 +275,31 @@ mod tests {
             weight_decay: 0.0,
             ..Default::default()
         };
-        let mut opt = Sgd::new(&vs, &optim);
+        let mut opt = Optimizer::new(&vs, &optim);
         opt.flatten();
         let mut scaler = LossScaler::new(true, Device::Cpu);
         let dir = tempfile::tempdir().unwrap();
-        let step = |opt: &mut Sgd, scaler: &mut LossScaler, loss: Tensor, global_step: usize| {
-            let at = StepPosition {
-                epoch: 1,
-                step_in_epoch: global_step,
-                global_step,
+        let step =
+            |opt: &mut Optimizer, scaler: &mut LossScaler, loss: Tensor, global_step: usize| {
+                let at = StepPosition {
+                    epoch: 1,
+                    step_in_epoch: global_step,
+                    global_step,
+                };
+                optimizer_step(
+                    &loss,
+                    opt,
+                    scaler,
+                    &optim,
+                    0.1,
+                    dir.path(),
+                    at,
+                    None,
+                    false,
+                    false,
+                )
+                .unwrap()
             };
-            optimizer_step(
-                &loss,
-                opt,
-                scaler,
-                &optim,
-                0.1,
-                dir.path(),
-                at,
-                None,
-                false,
-                false,
-            )
-            .unwrap()
-        };
         // d(w·w)/dw = 2w; first step of momentum: b = g, w -= 0.1·g.
         step(&mut opt, &mut scaler, (&w * &w).sum(Kind::Float), 0);
         assert_eq!(Vec::<f32>::try_from(&w).unwrap(), vec![0.8, 1.6]);

@@ -16,7 +16,7 @@ use crate::tensorboard::{self, RunEvents};
 use crate::train::data_parallel::{dump_rank_weights, sync_from_rank0};
 use crate::train::ema::Ema;
 use crate::train::lookahead::Lookahead;
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::LossScaler;
 use crate::train::schedule::{peak_lr, LrSchedule};
 use crate::train::{DataParallel, MODEL_INIT_LOCK};
@@ -30,7 +30,7 @@ use tch::{nn, Device, Tensor};
 pub struct Trainer<'r, T: Task> {
     run: &'r Run<'r>,
     vs: nn::VarStore,
-    opt: Sgd,
+    opt: Optimizer,
     scaler: LossScaler,
     state: TrainState,
     schedule: LrSchedule,
@@ -84,7 +84,7 @@ impl<'r, T: Task> Trainer<'r, T> {
         };
         let iters_per_epoch = run.iters_per_epoch(train_len)?;
         task.init_weights(&vs, run)?;
-        let mut opt = Sgd::new(&vs, &cfg.optim);
+        let mut opt = Optimizer::new(&vs, &cfg.optim);
         let epochs = cfg.train.epochs;
         if cfg.optim.lookahead {
             opt.set_lookahead(Lookahead::new(&vs, &cfg.optim, epochs * iters_per_epoch));

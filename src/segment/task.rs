@@ -20,7 +20,7 @@ use crate::engine::{
 };
 use crate::metrics;
 use crate::train::derive_seed;
-use crate::train::optim::Sgd;
+use crate::train::optim::Optimizer;
 use crate::train::precision::Autocast;
 use crate::train::DataParallel;
 use anyhow::{bail, Result};
@@ -276,7 +276,7 @@ impl Task for Segmentation {
         })
     }
 
-    fn on_fresh_start(&mut self, vs: &nn::VarStore, _opt: &mut Sgd, run: &Run) -> Result<()> {
+    fn on_fresh_start(&mut self, vs: &nn::VarStore, _opt: &mut Optimizer, run: &Run) -> Result<()> {
         load_backbone(vs, &self.cfg)?;
         if !self.cfg.segment.backbone.is_empty() {
             run.log(&format!(

@@ -7,7 +7,7 @@ use tch::{Kind, Tensor};
 /// when below 1). Returns the norm before clipping, as a 0-dim f32 tensor on the gradients'
 /// device: nothing is read back, so a GPU does not wait (the coefficient is clamped to 1 on the
 /// device and always applied; a factor of exactly 1 leaves a gradient unchanged). `grads` are
-/// the gradients ([`Sgd::gradients`](super::optim::Sgd::gradients): one flat buffer, or one
+/// the gradients ([`Optimizer::gradients`](super::optim::Optimizer::gradients): one flat buffer, or one
 /// tensor per parameter); undefined ones are skipped. The norm is accumulated in f32 whatever the
 /// gradient dtype.
 pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> Tensor {

@@ -3,7 +3,7 @@
 //! (a NaN loss or a stop signal on any rank stops all of them at the same step), metrics summed
 //! over ranks, and a check at every epoch that the replicas are still identical.
 
-use super::optim::Sgd;
+use super::optim::Optimizer;
 use crate::checkpoint::TrainState;
 use crate::config::DistributedConfig;
 use crate::distributed::{self, GradReducer, ProcessGroup, SyncBnGuard};
@@ -23,7 +23,7 @@ impl DataParallel {
     /// Set up once the replica holds its final weights (after [`sync_from_rank0`] and any
     /// layout change): DDP's Reducer over the optimizer's parameters and, with
     /// `distributed.sync_bn`, global batch-norm statistics.
-    pub fn new(group: Arc<ProcessGroup>, opt: &Sgd, cfg: &DistributedConfig) -> Result<Self> {
+    pub fn new(group: Arc<ProcessGroup>, opt: &Optimizer, cfg: &DistributedConfig) -> Result<Self> {
         let params: Vec<(String, Tensor)> = opt
             .params
             .iter()
@@ -120,7 +120,7 @@ fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
 pub fn sync_from_rank0(
     group: &ProcessGroup,
     vs: &nn::VarStore,
-    opt: &mut Sgd,
+    opt: &mut Optimizer,
     state: &mut TrainState,
 ) -> Result<()> {
     let ctx = "making the replicas identical to rank 0";

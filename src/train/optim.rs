@@ -1,6 +1,6 @@
 //! The optimisers, with state this project owns (so their buffers go into checkpoints and resume
 //! is exact) and per-parameter weight decay for the "no bias decay" trick: the paper's Nesterov
-//! SGD (one flat buffer per state, see [`Sgd::flatten`]), and AdamW (`torch.optim.AdamW`) and
+//! SGD (one flat buffer per state, see [`Optimizer::flatten`]), and AdamW (`torch.optim.AdamW`) and
 //! LAMB (timm's `Lamb`) of the later recipes, which step tensor by tensor.
 
 use super::ema::Ema;
@@ -53,14 +53,17 @@ impl Param {
     }
 }
 
-/// SGD with PyTorch's update rule (`torch.optim.SGD`, dampening 0):
-/// g ← ∇ + wd·w; b ← μ·b + g (b₀ = g); step = g + μ·b (Nesterov) or b; w ← w − lr·step.
-pub struct Sgd {
+/// The optimiser of a run, by `optim.name`: SGD with PyTorch's update rule (`torch.optim.SGD`,
+/// dampening 0: g ← ∇ + wd·w; b ← μ·b + g (b₀ = g); step = g + μ·b (Nesterov) or b;
+/// w ← w − lr·step), on flat buffers after [`Optimizer::flatten`]; or AdamW / LAMB, tensor by
+/// tensor. It also holds the state that follows the weights step by step (lookahead's slow
+/// weights, the EMA), so that all of it is checkpointed and restored together.
+pub struct Optimizer {
     pub params: Vec<Param>,
     momentum: f64,
     nesterov: bool,
     weight_decay: f64,
-    /// Set by [`Sgd::flatten`]: every parameter, gradient and momentum buffer is a view of one
+    /// Set by [`Optimizer::flatten`]: every parameter, gradient and momentum buffer is a view of one
     /// buffer each, and a step is a handful of whole-buffer operations.
     flat: Option<Flat>,
     /// `optim.lookahead`: slow weights, saved and restored with the momentum buffers.
@@ -81,7 +84,7 @@ const CPU_CHUNK: i64 = 1 << 18;
 /// and fp32 ran); aligned, it runs.
 const FLAT_ALIGN: i64 = 64;
 
-/// The flat buffers (see [`Sgd::flatten`]).
+/// The flat buffers (see [`Optimizer::flatten`]).
 struct Flat {
     params: Tensor,
     grads: Tensor,
@@ -89,7 +92,7 @@ struct Flat {
     /// Weight decay of each element (0 where a tensor is not decayed), or None when every
     /// element decays by `weight_decay`.
     decay: Option<Tensor>,
-    /// Where each parameter starts in the buffers (in `Sgd::params` order).
+    /// Where each parameter starts in the buffers (in `Optimizer::params` order).
     offsets: Vec<i64>,
     /// lr multiplier of each element, or None when all are 1.
     lr_scale: Option<Tensor>,
@@ -98,7 +101,7 @@ struct Flat {
     chunk: i64,
 }
 
-/// The optimiser's state at one moment ([`Sgd::snapshot`]).
+/// The optimiser's state at one moment ([`Optimizer::snapshot`]).
 pub struct Snapshot {
     momentum: Vec<Option<Tensor>>,
     second: Vec<Option<Tensor>>,
@@ -112,11 +115,11 @@ pub fn decays(tensor: &Tensor, no_bias_decay: bool) -> bool {
     !no_bias_decay || tensor.dim() > 1
 }
 
-impl Sgd {
+impl Optimizer {
     /// Optimizes every trainable variable of `vs` (those with requires_grad), in name order.
     /// Batch-norm biases (the `bias` of a layer with a `running_mean`) get
     /// `optim.bn_bias_lr_scale` as their lr multiplier and its inverse as their decay multiplier.
-    pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Sgd {
+    pub fn new(vs: &nn::VarStore, cfg: &OptimConfig) -> Optimizer {
         let all = vs.variables();
         let is_bn_bias = |name: &str| {
             name.strip_suffix("bias")
@@ -147,7 +150,7 @@ impl Sgd {
                 }
             })
             .collect();
-        Sgd {
+        Optimizer {
             params,
             momentum: cfg.momentum,
             nesterov: cfg.nesterov,
@@ -287,7 +290,7 @@ impl Sgd {
     }
 
     /// Stops updating every parameter whose name `selects` (lr multiplier 0; weight decay and
-    /// momentum no longer move it either), also after [`Sgd::flatten`]; returns how many.
+    /// momentum no longer move it either), also after [`Optimizer::flatten`]; returns how many.
     pub fn freeze(&mut self, selects: impl Fn(&str) -> bool) -> usize {
         let mut n = 0;
         for (i, p) in self.params.iter_mut().enumerate() {
@@ -310,7 +313,7 @@ impl Sgd {
     }
 
     /// The gradients as the step reads them, for in-place work before it (loss unscaling,
-    /// clipping): the flat gradient buffer after [`Sgd::flatten`] (parameters without a gradient
+    /// clipping): the flat gradient buffer after [`Optimizer::flatten`] (parameters without a gradient
     /// count as zeros there, as in the step), else each parameter's gradient, undefined where a
     /// parameter has none.
     pub fn gradients(&self) -> Vec<Tensor> {
@@ -335,12 +338,12 @@ impl Sgd {
     }
 
     /// One update with learning rate `lr`. Parameters without a gradient are left alone (but see
-    /// [`Sgd::flatten`]).
+    /// [`Optimizer::flatten`]).
     pub fn step(&mut self, lr: f64) {
         self.step_unless(lr, None);
     }
 
-    /// [`Sgd::step`], skipped where `skip` (a 0-dim tensor on the parameters' device, as
+    /// [`Optimizer::step`], skipped where `skip` (a 0-dim tensor on the parameters' device, as
     /// [`LossScaler::unscale`](super::precision::LossScaler::unscale) gives it) is non-zero.
     /// With the flat buffers the choice is made on the device, element by element, so the host
     /// does not wait for the flag (the parameters and momentum keep their values where skipped;
@@ -510,7 +513,7 @@ impl Sgd {
     }
 
     /// Adds lookahead (`optim.lookahead`) to this optimiser: its slow weights go into
-    /// [`Sgd::state_tensors`] and come back with [`Sgd::load_state`].
+    /// [`Optimizer::state_tensors`] and come back with [`Optimizer::load_state`].
     pub fn set_lookahead(&mut self, lookahead: Lookahead) {
         self.lookahead = Some(lookahead);
     }
@@ -519,8 +522,8 @@ impl Sgd {
         self.lookahead.as_mut()
     }
 
-    /// Adds the weights' moving average (`ema.decay`): it goes into [`Sgd::state_tensors`] and
-    /// comes back with [`Sgd::load_state`].
+    /// Adds the weights' moving average (`ema.decay`): it goes into [`Optimizer::state_tensors`] and
+    /// comes back with [`Optimizer::load_state`].
     pub fn set_ema(&mut self, ema: Ema) {
         self.ema = Some(ema);
     }
@@ -530,7 +533,7 @@ impl Sgd {
     }
 
     /// Copies of the optimiser's state (momentum buffers, lookahead's slow weights), for steps
-    /// that must leave no trace: [`Sgd::restore`] puts it back.
+    /// that must leave no trace: [`Optimizer::restore`] puts it back.
     pub fn snapshot(&self) -> Snapshot {
         tch::no_grad(|| Snapshot {
             momentum: self
@@ -547,7 +550,7 @@ impl Sgd {
         })
     }
 
-    /// Puts back the state of [`Sgd::snapshot`]: in place where the buffers are views of the
+    /// Puts back the state of [`Optimizer::snapshot`]: in place where the buffers are views of the
     /// flat buffer; a buffer that did not exist then (the first step makes it) goes again.
     pub fn restore(&mut self, snapshot: Snapshot) {
         tch::no_grad(|| {
@@ -604,7 +607,7 @@ impl Sgd {
         v
     }
 
-    /// Restores the state saved by [`Sgd::state_tensors`]: momentum buffers (Adam's first
+    /// Restores the state saved by [`Optimizer::state_tensors`]: momentum buffers (Adam's first
     /// moments), Adam's second moments and step count, lookahead's and the EMA's weights.
     pub fn load_state(&mut self, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
         // The saved tensor of `prefix` + a parameter's name, checked against the parameter and
@@ -737,7 +740,7 @@ mod tests {
             nesterov: true,
             ..Default::default()
         };
-        let mut opt = Sgd::new(&vs, &cfg);
+        let mut opt = Optimizer::new(&vs, &cfg);
         let before = snapshot(&vs);
         set_grads(&vs, 0.0); // zero gradients, but defined
         let lr = 0.5;
@@ -755,7 +758,7 @@ mod tests {
         }
         // With the trick off, biases decay too.
         let vs2 = store();
-        let mut opt2 = Sgd::new(
+        let mut opt2 = Optimizer::new(
             &vs2,
             &OptimConfig {
                 weight_decay: 1e-2,
@@ -789,7 +792,7 @@ mod tests {
         let run = |flat: bool| {
             let vs = store_with_values(0.37);
             crate::device::weights_to_channels_last(&vs);
-            let mut opt = Sgd::new(&vs, &cfg);
+            let mut opt = Optimizer::new(&vs, &cfg);
             if flat {
                 opt.flatten();
                 // Chunks of 7 elements: chunk boundaries fall inside tensors.
@@ -846,7 +849,7 @@ mod tests {
             // Steps with flags (None: plain `step`); gradients poisoned where the flag is set.
             let run = |flags: &[Option<f32>]| {
                 let vs = store_with_values(0.37);
-                let mut opt = Sgd::new(&vs, &cfg);
+                let mut opt = Optimizer::new(&vs, &cfg);
                 opt.set_lr_scale(|n| n.ends_with("bias"), 4.0);
                 if flat {
                     opt.flatten();
@@ -904,7 +907,7 @@ mod tests {
         for flat in [false, true] {
             let run = |warm: bool| {
                 let vs = store_with_values(0.37);
-                let mut opt = Sgd::new(&vs, &cfg);
+                let mut opt = Optimizer::new(&vs, &cfg);
                 if flat {
                     opt.flatten();
                 }
@@ -955,7 +958,7 @@ mod tests {
             weight_decay: 0.0,
             ..Default::default()
         };
-        let mut opt = Sgd::new(&vs, &cfg);
+        let mut opt = Optimizer::new(&vs, &cfg);
         assert_eq!(opt.set_lr_scale(|n| n == "a", 0.5), 1);
         opt.flatten();
         opt.zero_grad();
@@ -993,7 +996,7 @@ mod tests {
         let mut results = Vec::new();
         for flat in [false, true] {
             let vs = store_with_values(0.7);
-            let mut opt = Sgd::new(&vs, &cfg);
+            let mut opt = Optimizer::new(&vs, &cfg);
             if flat {
                 opt.flatten();
             }
@@ -1033,7 +1036,7 @@ mod tests {
     #[test]
     fn flat_buffer_views_start_aligned() {
         let vs = store();
-        let mut opt = Sgd::new(&vs, &OptimConfig::default());
+        let mut opt = Optimizer::new(&vs, &OptimConfig::default());
         opt.flatten();
         let flat = opt.flat.as_ref().unwrap();
         let byte_align = FLAT_ALIGN as usize * 4;
@@ -1072,7 +1075,7 @@ mod tests {
             nesterov: true,
             ..Default::default()
         };
-        let mut opt = Sgd::new(&vs, &cfg);
+        let mut opt = Optimizer::new(&vs, &cfg);
         // loss = 3·sum(w) → grad 3.
         let (lr, mu, wd) = (0.1, 0.9, 0.1);
         let mut w_ref = [1.0f64, -2.0];
@@ -1096,7 +1099,7 @@ mod tests {
         }
         // State round-trips through the checkpoint representation.
         let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-        let mut fresh = Sgd::new(&vs, &cfg);
+        let mut fresh = Optimizer::new(&vs, &cfg);
         fresh.load_state(&state).unwrap();
         assert!(fresh.params[0]
             .momentum

@@ -67,11 +67,11 @@ impl Drop for Autocast {
 /// gradients, skip the step and halve the scale on inf/NaN, double it after `growth_interval`
 /// good steps. Nothing is read back per step: the scale, its count of good steps and each step's
 /// inf/NaN flag stay on the training device (the scale is updated by `_amp_update_scale_`, the
-/// kernel GradScaler uses, and the optimiser skips a step there, [`Sgd::step_unless`]), so a GPU
+/// kernel GradScaler uses, and the optimiser skips a step there, [`Optimizer::step_unless`]), so a GPU
 /// never waits for the host. GradScaler reads the flag back before each step, which makes the host
 /// wait for the GPU's queue to drain every step.
 ///
-/// [`Sgd::step_unless`]: super::optim::Sgd::step_unless
+/// [`Optimizer::step_unless`]: super::optim::Optimizer::step_unless
 #[derive(Debug)]
 pub struct LossScaler {
     pub enabled: bool,
@@ -129,7 +129,7 @@ impl LossScaler {
 
     /// Unscales gradients in place and returns, when enabled, the step's flag on the device: a
     /// 0-dim f32, 1 where some gradient is inf or NaN (the step must be skipped), else 0. `grads`
-    /// as [`Sgd::gradients`](super::optim::Sgd::gradients) gives them: with the flat buffer, one
+    /// as [`Optimizer::gradients`](super::optim::Optimizer::gradients) gives them: with the flat buffer, one
     /// tensor (a few launches in all instead of several per parameter).
     pub fn unscale(&self, grads: &[Tensor]) -> Option<Tensor> {
         if !self.enabled {

@@ -98,39 +98,18 @@ pub fn info_path(out: &Path) -> PathBuf {
     out.with_extension("json")
 }
 
-/// Exports `checkpoint` to `out` (TorchScript) and `out` with `.json` (see the module docs).
+/// Exports `checkpoint` to `out` (TorchScript) and `out` with `.json` (see the module docs):
+/// check the request, load the network, trace it, write the module only if it reloads and agrees,
+/// then describe it in the JSON.
 pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportInfo> {
-    if opts.batch < 1 {
-        bail!("--batch must be at least 1, not {}", opts.batch);
-    }
-    let precision = match opts.precision {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-        Precision::Fp16 => bail!("--precision fp16 is not offered: export fp32 or bf16"),
-    };
-    if let Some((w, h)) = opts.size {
-        if w < 8 || h < 8 {
-            bail!("--size {w}x{h} is too small: at least 8 pixels a side");
-        }
-    }
+    let precision = check_request(opts)?;
     let task = crate::checkpoint::task_of(checkpoint);
-    let (network, mut vs, cfg, classes) = match task {
-        Task::Classification => {
-            let (m, vs, cfg, classes) = crate::model::load_model(checkpoint, opts.device)?;
-            (Box::new(m) as Box<dyn ModuleT>, vs, cfg, classes)
-        }
-        Task::Segmentation => {
-            let (m, vs, cfg) = crate::segment::load_model(checkpoint, opts.device)?;
-            let classes = crate::segment::class_names(&cfg);
-            (Box::new(m) as Box<dyn ModuleT>, vs, cfg, classes)
-        }
-        Task::Detection => bail!(
-            "{}: a detection checkpoint; export takes classification and segmentation checkpoints \
-             (a detector's score filter and NMS have data-dependent shapes that a trace cannot \
-             record; use `tricks predict` or `tricks eval`)",
-            checkpoint.display()
-        ),
-    };
+    let Loaded {
+        network,
+        mut vs,
+        cfg,
+        classes,
+    } = load_network(checkpoint, task, opts.device)?;
     // The fused CPU batch norm of csrc/ is not a libtorch operator: the tracer would not see it.
     crate::model::norm::set_fused_batch_norm(false);
     // Weights become constants of the graph; the tracer refuses tensors that require gradients.
@@ -140,75 +119,10 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     }
     let (width, height) = opts.size.unwrap_or_else(|| default_size(&cfg, task));
     let shape = [opts.batch, 3, height, width];
+    let traced = trace(network.as_ref(), &cfg, shape, opts)?;
+    let diff = write_checked(&traced, out, opts)?;
+    let expected = &traced.expected;
     let (mean, std) = (cfg.data.mean, cfg.data.std);
-    let stats = |v: [f64; 3]| {
-        Tensor::from_slice(&v.map(|x| x as f32))
-            .view([1, 3, 1, 1])
-            .to_device(opts.device)
-    };
-    let (mean_t, std_t) = (stats(mean), stats(std));
-    let forward = |x: &Tensor| -> Tensor {
-        let x = (x - &mean_t) / &std_t;
-        let x = match opts.precision {
-            Precision::Bf16 => x.to_kind(Kind::BFloat16),
-            _ => x,
-        };
-        network.forward_t(&x, false).to_kind(Kind::Float)
-    };
-    // A fixed input (seeded), in [0, 1], also used for the check after writing.
-    tch::manual_seed(0);
-    let input = Tensor::rand(shape, (Kind::Float, Device::Cpu)).to_device(opts.device);
-    let (module, expected) = tch::no_grad(|| -> Result<(CModule, Tensor)> {
-        let expected = forward(&input);
-        let module = CModule::create_by_tracing(
-            "TricksExport",
-            "forward",
-            &[input.shallow_clone()],
-            &mut |xs| vec![forward(&xs[0])],
-        )
-        .context("tracing the network failed")?;
-        Ok((module, expected))
-    })?;
-    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create folder {}", dir.display()))?;
-    }
-    // Written beside, then renamed: an interrupted export never leaves a half-written module.
-    let tmp = out.with_extension(format!("pt.tmp.{}", std::process::id()));
-    module
-        .save(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    let reloaded = CModule::load_on_device(&tmp, opts.device)
-        .with_context(|| format!("cannot load back {}", tmp.display()));
-    let got = reloaded.and_then(|m| {
-        tch::no_grad(|| m.forward_ts(&[&input])).context("the written module does not run")
-    });
-    let got = match got {
-        Ok(g) => g,
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
-        }
-    };
-    let diff = if got.size() == expected.size() {
-        f64::try_from((&got - &expected).abs().max())?
-    } else {
-        f64::INFINITY
-    };
-    let tolerance = match opts.precision {
-        Precision::Fp32 => 1e-4,
-        _ => 1e-2,
-    };
-    let agrees = diff <= tolerance * (1.0 + f64::try_from(expected.abs().max())?);
-    if !agrees {
-        let _ = std::fs::remove_file(&tmp);
-        bail!(
-            "the traced module disagrees with tricks' forward pass (max |difference| {diff}, output {:?} against {:?}); nothing written",
-            got.size(),
-            expected.size()
-        );
-    }
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
     let info = ExportInfo {
         format: "torchscript",
         file: out
@@ -253,6 +167,161 @@ pub fn export(checkpoint: &Path, out: &Path, opts: &ExportOptions) -> Result<Exp
     crate::checkpoint::write_atomic(&json_path, json.as_bytes())
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     Ok(info)
+}
+
+/// Refuses what export does not offer, before anything is loaded; the precision's name.
+fn check_request(opts: &ExportOptions) -> Result<&'static str> {
+    if opts.batch < 1 {
+        bail!("--batch must be at least 1, not {}", opts.batch);
+    }
+    let precision = match opts.precision {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => bail!("--precision fp16 is not offered: export fp32 or bf16"),
+    };
+    if let Some((w, h)) = opts.size {
+        if w < 8 || h < 8 {
+            bail!("--size {w}x{h} is too small: at least 8 pixels a side");
+        }
+    }
+    Ok(precision)
+}
+
+/// A checkpoint's network with its weights, config and class names.
+struct Loaded {
+    network: Box<dyn ModuleT>,
+    vs: tch::nn::VarStore,
+    cfg: Config,
+    classes: Vec<String>,
+}
+
+/// A classification or segmentation checkpoint's network; a detection checkpoint is refused with
+/// the reason.
+fn load_network(checkpoint: &Path, task: Task, device: Device) -> Result<Loaded> {
+    match task {
+        Task::Classification => {
+            let (m, vs, cfg, classes) = crate::model::load_model(checkpoint, device)?;
+            Ok(Loaded {
+                network: Box::new(m),
+                vs,
+                cfg,
+                classes,
+            })
+        }
+        Task::Segmentation => {
+            let (m, vs, cfg) = crate::segment::load_model(checkpoint, device)?;
+            let classes = crate::segment::class_names(&cfg);
+            Ok(Loaded {
+                network: Box::new(m),
+                vs,
+                cfg,
+                classes,
+            })
+        }
+        Task::Detection => bail!(
+            "{}: a detection checkpoint; export takes classification and segmentation checkpoints \
+             (a detector's score filter and NMS have data-dependent shapes that a trace cannot \
+             record; use `tricks predict` or `tricks eval`)",
+            checkpoint.display()
+        ),
+    }
+}
+
+/// The traced module, the fixed input it was traced on and tricks' own output for that input.
+struct Traced {
+    module: CModule,
+    input: Tensor,
+    expected: Tensor,
+}
+
+/// Traces normalisation + `network` (+ the casts of bf16) on a fixed seeded input in [0, 1].
+fn trace(
+    network: &dyn ModuleT,
+    cfg: &Config,
+    shape: [i64; 4],
+    opts: &ExportOptions,
+) -> Result<Traced> {
+    let stats = |v: [f64; 3]| {
+        Tensor::from_slice(&v.map(|x| x as f32))
+            .view([1, 3, 1, 1])
+            .to_device(opts.device)
+    };
+    let (mean_t, std_t) = (stats(cfg.data.mean), stats(cfg.data.std));
+    let forward = |x: &Tensor| -> Tensor {
+        let x = (x - &mean_t) / &std_t;
+        let x = match opts.precision {
+            Precision::Bf16 => x.to_kind(Kind::BFloat16),
+            _ => x,
+        };
+        network.forward_t(&x, false).to_kind(Kind::Float)
+    };
+    // A fixed input (seeded), in [0, 1], also used for the check after writing.
+    tch::manual_seed(0);
+    let input = Tensor::rand(shape, (Kind::Float, Device::Cpu)).to_device(opts.device);
+    tch::no_grad(|| -> Result<Traced> {
+        let expected = forward(&input);
+        let module = CModule::create_by_tracing(
+            "TricksExport",
+            "forward",
+            &[input.shallow_clone()],
+            &mut |xs| vec![forward(&xs[0])],
+        )
+        .context("tracing the network failed")?;
+        Ok(Traced {
+            module,
+            input: input.shallow_clone(),
+            expected,
+        })
+    })
+}
+
+/// Writes the module beside `out`, loads it back, runs it on the traced input and renames it to
+/// `out` only if it agrees with tricks' output (an interrupted or wrong export never leaves a
+/// module behind); the largest difference.
+fn write_checked(traced: &Traced, out: &Path, opts: &ExportOptions) -> Result<f64> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create folder {}", dir.display()))?;
+    }
+    let tmp = out.with_extension(format!("pt.tmp.{}", std::process::id()));
+    traced
+        .module
+        .save(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let checked = check_written(&tmp, traced, opts);
+    if checked.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let diff = checked?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(diff)
+}
+
+/// The written module at `tmp` against tricks' output: the largest difference, or an error when
+/// it does not load, does not run or disagrees.
+fn check_written(tmp: &Path, traced: &Traced, opts: &ExportOptions) -> Result<f64> {
+    let module = CModule::load_on_device(tmp, opts.device)
+        .with_context(|| format!("cannot load back {}", tmp.display()))?;
+    let got = tch::no_grad(|| module.forward_ts(&[&traced.input]))
+        .context("the written module does not run")?;
+    let expected = &traced.expected;
+    let diff = if got.size() == expected.size() {
+        f64::try_from((&got - expected).abs().max())?
+    } else {
+        f64::INFINITY
+    };
+    let tolerance = match opts.precision {
+        Precision::Fp32 => 1e-4,
+        _ => 1e-2,
+    };
+    if diff > tolerance * (1.0 + f64::try_from(expected.abs().max())?) {
+        bail!(
+            "the traced module disagrees with tricks' forward pass (max |difference| {diff}, output {:?} against {:?}); nothing written",
+            got.size(),
+            expected.size()
+        );
+    }
+    Ok(diff)
 }
 
 /// The input size when `--size` is not given: (width, height).

@@ -106,21 +106,21 @@ pub fn run(spec: &BenchSpec) -> Result<String> {
     // With `--threads 0` on a CPU the thread count follows the cores other processes leave free
     // (device::IntraOpThreads): the warm-up then lasts until it has measured two windows, so
     // the timed steps run at the count a training would settle on.
-    let mut warm = 0;
-    while warm < spec.warmup || threads.windows_measured() < 2 {
+    let mut adapting_step = || {
         train_step();
         if let Some(message) = threads.adapt() {
             eprintln!("{message}");
         }
+    };
+    let mut warm = 0;
+    while warm < spec.warmup || threads.windows_measured() < 2 {
+        adapting_step();
         warm += 1;
     }
     sync();
     let t = Instant::now();
     for _ in 0..spec.steps {
-        train_step();
-        if let Some(message) = threads.adapt() {
-            eprintln!("{message}");
-        }
+        adapting_step();
     }
     sync();
     let train_ips = (spec.steps * spec.batch) as f64 / t.elapsed().as_secs_f64();

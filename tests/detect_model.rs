@@ -640,14 +640,16 @@ fn bad_backbones_and_weights_are_refused() {
 }
 
 const SPEED_SCRIPT: &str = r#"
-import sys, time, torch
-from torchvision.models import resnet50
+import sys, time, torch, torchvision.models as models
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops import FrozenBatchNorm2d
+arch, classes, min_size, max_size, batch, threads = sys.argv[1], *map(int, sys.argv[2:])
+if threads > 0: torch.set_num_threads(threads)
 torch.manual_seed(0)
-model = FasterRCNN(_resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3), num_classes=91, min_size=512, max_size=853)
-images = [torch.rand(3, 480, 640), torch.rand(3, 480, 640)]
+backbone = getattr(models, arch)(norm_layer=FrozenBatchNorm2d)
+model = FasterRCNN(_resnet_fpn_extractor(backbone, 3), num_classes=classes, min_size=min_size, max_size=max_size)
+images = [torch.rand(3, 480, 640) for _ in range(batch)]
 boxes = torch.tensor([[50.0, 60.0, 250.0, 300.0], [300.0, 100.0, 420.0, 380.0], [400.0, 20.0, 630.0, 200.0]])
 targets = [{"boxes": boxes, "labels": torch.tensor([1, 5, 9])} for _ in images]
 opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
@@ -659,34 +661,39 @@ def evaluate():
 for name, f in (("eval", evaluate), ("train", train)):
     f()
     times = []
-    for _ in range(2):
+    for _ in range(3):
         t = time.perf_counter(); f(); times.append(time.perf_counter() - t)
-    print(f"torchvision {name}: {min(times):.2f} s")
+    print(f"torchvision {name}: {min(times):.2f} s (best of {times})")
 "#;
 
-/// Not a test: one training step (forward, backward, SGD) and one evaluation forward of
-/// ResNet-50-FPN at min_size 512 (two 480×640 images) here and in torchvision, on this
-/// machine's CPU, the best of two after a warm-up each. Run with `cargo test --release --test
-/// detect_model speed -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn speed_against_torchvision() {
+/// One training step (forward, backward, SGD with momentum) and one evaluation forward of
+/// Faster R-CNN + FPN on `arch` (variant B: torchvision's ResNet) over `batch` random 480×640
+/// images resized to `min_size`, here and in torchvision built the same way, the best of three
+/// after a warm-up each. `TRICKS_SPEED_THREADS` sets both sides' thread count (default: the
+/// libraries' own).
+fn speed_against_torchvision(arch: &str, classes: i64, min_size: i64, max_size: i64, batch: i64) {
+    let threads: i64 = std::env::var("TRICKS_SPEED_THREADS")
+        .map(|t| t.parse().expect("TRICKS_SPEED_THREADS: a number"))
+        .unwrap_or(0);
+    if threads > 0 {
+        tch::set_num_threads(threads as i32);
+    }
     let vs = nn::VarStore::new(Device::Cpu);
     let opts = FasterRcnnOptions {
-        min_size: 512,
-        max_size: 853,
+        min_size,
+        max_size,
         ..Default::default()
     };
-    let model = FasterRcnn::new(&vs.root(), &spec("resnet50", "b"), 91, opts.clone()).unwrap();
+    let model = FasterRcnn::new(&vs.root(), &spec(arch, "b"), classes, opts.clone()).unwrap();
     freeze_backbone(&vs, &opts);
-    let images: Vec<Tensor> = (0..2)
+    let images: Vec<Tensor> = (0..batch)
         .map(|_| Tensor::rand([3, 480, 640], (Kind::Float, Device::Cpu)))
         .collect();
     let boxes = Tensor::from_slice(&[
         50.0f32, 60., 250., 300., 300., 100., 420., 380., 400., 20., 630., 200.,
     ])
     .view([3, 4]);
-    let targets: Vec<Target> = (0..2)
+    let targets: Vec<Target> = (0..batch)
         .map(|_| Target {
             boxes: boxes.copy(),
             labels: Tensor::from_slice(&[1i64, 5, 9]),
@@ -697,31 +704,52 @@ fn speed_against_torchvision() {
         ..Default::default()
     };
     let mut opt = nn::OptimizerConfig::build(sgd, &vs, 0.01).unwrap();
-    let mut rngs = [0, 1].map(ChaCha8Rng::seed_from_u64);
+    let mut rngs: Vec<ChaCha8Rng> = (0..batch as u64).map(ChaCha8Rng::seed_from_u64).collect();
+    let sizes = vec![min_size; batch as usize];
     let mut train = || {
-        let losses = model.losses(&images, &[512, 512], &targets, &mut rngs);
+        let losses = model.losses(&images, &sizes, &targets, &mut rngs);
         opt.backward_step(&losses.total());
     };
     let best = |f: &mut dyn FnMut()| {
         f();
-        (0..2)
+        let times: Vec<f64> = (0..3)
             .map(|_| {
                 let t = std::time::Instant::now();
                 f();
                 t.elapsed().as_secs_f64()
             })
-            .fold(f64::INFINITY, f64::min)
+            .collect();
+        (times.iter().copied().fold(f64::INFINITY, f64::min), times)
     };
-    let eval_s = best(&mut || {
+    let (eval_s, eval_times) = best(&mut || {
         tch::no_grad(|| model.detect(&images));
     });
-    println!("tricks eval: {eval_s:.2} s");
-    println!("tricks train: {:.2} s", best(&mut train));
+    println!("tricks eval: {eval_s:.2} s (best of {eval_times:?})");
+    let (train_s, train_times) = best(&mut train);
+    println!("tricks train: {train_s:.2} s (best of {train_times:?})");
     let o = Command::new(python())
         .arg("-c")
         .arg(SPEED_SCRIPT)
+        .args([arch.to_string(), classes.to_string()])
+        .args([min_size, max_size, batch, threads].map(|v| v.to_string()))
         .output()
         .unwrap();
     print!("{}", String::from_utf8_lossy(&o.stdout));
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Not a test: ResNet-50-FPN at min_size 512, two images, 91 classes (COCO's). Run with
+/// `cargo test --release --test detect_model speed -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn speed_resnet50_fpn() {
+    speed_against_torchvision("resnet50", 91, 512, 853, 2);
+}
+
+/// Not a test: the coco128 recipe's sizes (`configs/coco128/fasterrcnn_resnet18d.toml`):
+/// ResNet-18-FPN at min_size 320 (max 512), four images, 81 classes.
+#[test]
+#[ignore]
+fn speed_coco128_recipe() {
+    speed_against_torchvision("resnet18", 81, 320, 512, 4);
 }

@@ -46,34 +46,14 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-PY="${PY:-/opt/torch/.venv/bin/python3}"
-[[ -x "$PY" ]] || PY="$root/.venv/bin/python"
-[[ -x "$PY" ]] || PY="$(command -v python3)"
+# shellcheck source=bench/gpu_env.sh
+source "$root/bench/gpu_env.sh"
 DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-30}"
 WARMUP="${WARMUP:-10}"
 OUT="${OUT:-$root/bench/out}"
 mkdir -p "$OUT"
-pack="$root/data-local/gpu"
-if [[ -z "${BIN:-}" ]]; then
-    if [[ -f "$pack/tricks.xz" ]]; then
-        # Here (not on the device, where target/ does not travel) a stale pack is an easy mistake.
-        if [[ "$root/target/release/tricks" -nt "$pack/tricks.xz" ]]; then
-            echo "warning: $pack/tricks.xz is older than target/release/tricks: rerun bench/gpu_pack.sh" >&2
-        fi
-        BIN="$(mktemp -d)/tricks"
-        "$PY" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
-            "$pack/tricks.xz" "$BIN"
-        chmod +x "$BIN"
-    else
-        BIN="$root/target/release/tricks"
-    fi
-fi
-if [[ -z "${CIFAR10_DIR:-}" && -f "$pack/cifar10.tar.gz" ]]; then
-    data_tmp="$(mktemp -d)"
-    tar -C "$data_tmp" -xzf "$pack/cifar10.tar.gz"
-    CIFAR10_DIR="$(find "$data_tmp" -mindepth 1 -maxdepth 1 -type d | head -n 1)"
-fi
+CIFAR10_DIR="${CIFAR10_DIR:-$(unpack cifar10)}"
 TTA_LIMIT_S="${TTA_LIMIT_S:-150}"
 # airbench94's time-to-accuracy recipe (three seeds); for the best top-1 within 60 s, its recipe
 # stretched to 40 epochs (its schedule and lookahead scale with the run); then the ResNet-18
@@ -82,12 +62,9 @@ TTA_CONFIGS="${TTA_CONFIGS:-airbench94-tta airbench94-tta:seed=1 airbench94-tta:
 # Seconds since the epoch, to the millisecond (no bc on the device machine).
 now() { date +%s.%3N; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
-# TORCH_SITE: torch's site-packages, found once by a caller that runs this script many times
-# (bench/gpu_ab.sh); importing torch takes seconds.
-site="${TORCH_SITE:-$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')}"
-ld="$site/torch/lib"
-for d in "$site"/nvidia/*/lib; do [[ -d "$d" ]] && ld="$ld:$d"; done
-export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# TORCH_SITE (read by link_torch): torch's site-packages, found once by a caller that runs this
+# script many times (bench/gpu_ab.sh); importing torch takes seconds.
+link_torch
 log="$OUT/gpu-$(date +%Y%m%d-%H%M%S).jsonl"
 
 # Every measurement runs under `try`: a failure is logged as {"failed": ...} and the script goes

@@ -6,6 +6,9 @@
 #               gzipped tar (20 MB: the small JPEGs are mostly identical headers), for the
 #               time-to-accuracy runs. The device tool counts the folder's size on disk, where
 #               60,000 files of 1 KB take 4 KB blocks each (239 MB): loose files do not fit.
+#   imagenette.tar.gz  the first PER_CLASS (256) training and PER_CLASS/10 validation JPEGs of each
+#               class of ../shared/data/imagenette2-160 (15 MB), which bench/gpu_loader.sh turns
+#               into ImageNet-size JPEGs on the device (PER_CLASS=0 leaves them out)
 #   tricks-base.xz  (when BASE_BIN names an earlier build) the base of bench/gpu_ab.sh's A/B runs
 #   airbench/   the `airbench` package (airbench==0.1.8 from PyPI, MIT; 12 KB), the same-run
 #               reference of the time-to-accuracy runs (bench/airbench_ref.py); skipped with a
@@ -13,7 +16,8 @@
 # Then, on a session with a device:
 #   bash bench/gpu_pack.sh
 #   run(command="bash bench/gpu.sh", carry=["data-local/gpu"], timeout_s=480)
-# gpu.sh finds both there by itself (BIN and CIFAR10_DIR override).
+# gpu.sh finds both there by itself (BIN and CIFAR10_DIR override), as do bench/paper_tables.sh
+# and bench/gpu_loader.sh (the Imagenette subset; IMAGENETTE_DIR overrides).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -30,6 +34,24 @@ if [[ -n "${BASE_BIN:-}" ]]; then
     xz -T0 -6 -c "$BASE_BIN" >"$dest/tricks-base.xz"
 fi
 tar -C "$(dirname "$DATA")" -cf - "$(basename "$DATA")" | gzip -6 >"$dest/cifar10.tar.gz"
+IMAGENETTE="${IMAGENETTE:-$root/../shared/data/imagenette2-160}"
+PER_CLASS="${PER_CLASS:-256}"
+if ((PER_CLASS > 0)) && [[ -d "$IMAGENETTE/train" && -d "$IMAGENETTE/val" ]]; then
+    name="$(basename "$IMAGENETTE")"
+    for split in train val; do
+        count=$PER_CLASS
+        [[ "$split" == val ]] && count=$(((PER_CLASS + 9) / 10))
+        for cls in "$IMAGENETTE/$split"/*/; do
+            # awk, not head: head's early exit would fail the pipe (pipefail) on a large class.
+            find "$cls" -maxdepth 1 -type f -printf '%f\n' | sort |
+                awk -v n="$count" -v p="$name/$split/$(basename "$cls")/" 'NR <= n { print p $0 }'
+        done
+    done >"$dest/imagenette.list"
+    tar -C "$(dirname "$IMAGENETTE")" -cf - -T "$dest/imagenette.list" | gzip -6 >"$dest/imagenette.tar.gz"
+    rm "$dest/imagenette.list"
+else
+    echo "note: no Imagenette subset packed (PER_CLASS=$PER_CLASS, $IMAGENETTE): gpu_loader.sh needs it" >&2
+fi
 PY="${PY:-$root/.venv/bin/python}"
 sdist="$(mktemp -d)"
 if "$PY" -m pip download -q --no-deps --no-binary :all: -d "$sdist" airbench==0.1.8 >&2; then

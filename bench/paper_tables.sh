@@ -19,39 +19,19 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-PY="${PY:-/opt/torch/.venv/bin/python3}"
-[[ -x "$PY" ]] || PY="$root/.venv/bin/python"
+# shellcheck source=bench/gpu_env.sh
+source "$root/bench/gpu_env.sh"
 DEVICE="${DEVICE:-cuda}"
 OUT="${OUT:-$root/bench/out}"
 DEADLINE_S="${DEADLINE_S:-540}"
 TINY="${TINY:-0}"
 JOBS_TRY="${JOBS_TRY:-1 2 4}"
-pack="$root/data-local/gpu"
-if [[ -z "${BIN:-}" ]]; then
-    if [[ -f "$pack/tricks.xz" ]]; then
-        BIN="$(mktemp -d)/tricks"
-        "$PY" -c 'import lzma, sys; open(sys.argv[2], "wb").write(lzma.open(sys.argv[1]).read())' \
-            "$pack/tricks.xz" "$BIN"
-        chmod +x "$BIN"
-    else
-        BIN="$root/target/release/tricks"
-    fi
-fi
 if [[ -z "${CIFAR10_DIR:-}" ]]; then
-    if [[ -f "$pack/cifar10.tar.gz" ]]; then
-        data_tmp="$(mktemp -d)"
-        tar -C "$data_tmp" -xzf "$pack/cifar10.tar.gz"
-        CIFAR10_DIR="$(find "$data_tmp" -mindepth 1 -maxdepth 1 -type d | head -n 1)"
-    else
-        CIFAR10_DIR="$root/../shared/data/cifar10"
-    fi
+    CIFAR10_DIR="$(unpack cifar10)"
+    CIFAR10_DIR="${CIFAR10_DIR:-$root/../shared/data/cifar10}"
 fi
 if [[ "$DEVICE" == cuda ]]; then
-    # The binary links the libtorch of the machine's torch (as bench/gpu.sh sets it up).
-    site="$("$PY" -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')"
-    ld="$site/torch/lib"
-    for d in "$site"/nvidia/*/lib; do [[ -d "$d" ]] && ld="$ld:$d"; done
-    export LD_LIBRARY_PATH="$ld${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    link_torch
     "$BIN" info | grep -q 'cuda: yes' || { echo "tricks sees no CUDA device" >&2; exit 3; }
 fi
 dest="$OUT/paper"

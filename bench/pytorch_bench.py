@@ -28,6 +28,14 @@ default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs); the optimiz
 in timm's train.py --torchcompile. The first training and the first evaluation step compile;
 their time is `first_steps_s` (for eager runs, the same two steps' time), outside the timed steps.
 
+`--data DIR --workers N` trains on real JPEGs instead of the fixed batch (inference stays on
+it): torchvision's ImageFolder over DIR/train with its reference classification preset
+(RandomResizedCrop(size) bilinear + antialias, horizontal flip, PILToTensor, float, ImageNet
+normalisation) through DataLoader(num_workers=N, pin_memory on a GPU, shuffle, drop_last,
+persistent workers), each batch copied to the device non_blocking: what keeps a GPU fed in
+torchvision's references. The timed steps then include waiting for the loader; the JSON adds
+"data" and "workers" (bench/gpu_loader.sh compares it with the synthetic batch).
+
 Prints one JSON line per model:
   {"impl":"pytorch","model":...,"batch":...,"size":...,"precision":...,"channels_last":...,
    "device":...,"compile":null|MODE,"first_steps_s":...,"train_img_s":...,"infer_img_s":...,
@@ -263,6 +271,7 @@ def measure(args, name: str) -> dict:
     net = torch.compile(model, mode=None if args.compile == "default" else args.compile) if args.compile else model
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
     y = torch.randint(0, num_classes, (batch,), device=device)
+    batches = real_batches(args, batch, size, device, fmt) if args.data else None
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
     def autocast():
@@ -272,9 +281,10 @@ def measure(args, name: str) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     def train_step():
+        inputs, targets = next(batches) if batches else (x, y)
         opt.zero_grad(set_to_none=True)
         with autocast():
-            loss = F.cross_entropy(net(x), y)
+            loss = F.cross_entropy(net(inputs), targets)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
@@ -308,7 +318,7 @@ def measure(args, name: str) -> dict:
     compile_s = first(train_step)
     train_img_s = timed(train_step, args.warmup, args.steps)
     # Compiled steps run Inductor's fused kernels, not one ATen operator per layer: not counted.
-    train_ops = None if args.compile else count_ops(train_step)
+    train_ops = None if args.compile or args.data else count_ops(train_step)
     model.eval()
     with torch.no_grad():
         compile_s += first(infer_step)
@@ -335,7 +345,33 @@ def measure(args, name: str) -> dict:
         "steps": args.steps,
         "warmup": args.warmup,
         "cudnn_benchmark": device.type == "cuda" and torch.backends.cudnn.benchmark,
+        "data": args.data or None,
+        "workers": args.workers if args.data else None,
     }
+
+
+def real_batches(args, batch: int, size: int, device, fmt):
+    """Endless training batches from torchvision's ImageFolder + DataLoader (--data)."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    preset = T.Compose([
+        T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+        T.RandomHorizontalFlip(),
+        T.PILToTensor(),
+        T.ConvertImageDtype(torch.float),
+        T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    dataset = datasets.ImageFolder(str(Path(args.data) / "train"), transform=preset)
+    if len(dataset) < batch:
+        sys.exit(f"--data {args.data}: {len(dataset)} training images, fewer than one batch of {batch}")
+    loader = DataLoader(dataset, batch_size=batch, shuffle=True, drop_last=True, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
+    while True:
+        for images, labels in loader:
+            yield (images.to(device, non_blocking=True).contiguous(memory_format=fmt),
+                   labels.to(device, non_blocking=True))
 
 
 def lockstep(model, train_step, infer_step, warmup: int, device) -> dict:
@@ -384,6 +420,8 @@ def main() -> None:
                     choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                     help="torch.compile the model with this Inductor mode (bare --compile: default); "
                          "the first train and eval steps compile and are reported as first_steps_s")
+    ap.add_argument("--data", default="", help="train on DIR/train's JPEGs through torchvision's DataLoader")
+    ap.add_argument("--workers", type=int, default=8, help="DataLoader workers with --data")
     ap.add_argument("--lockstep", action="store_true",
                     help="after the warm-up, take one step per line of stdin (train or infer) and print its ms "
                          "(bench/lockstep.py; one model only)")
@@ -401,6 +439,8 @@ def main() -> None:
             ap.error(f"unknown model {name!r}; known: {', '.join(DEFAULTS)}")
     if args.lockstep and len(models) != 1:
         ap.error("--lockstep takes one model")
+    if args.data and (args.lockstep or args.compile):
+        ap.error("--data times eager training steps: not with --lockstep or --compile")
     for name in models:
         print(json.dumps(measure(args, name)), flush=True)
 

@@ -36,7 +36,7 @@ enum Command {
         train: TrainArgs,
     },
     /// Evaluate a checkpoint: top-1, top-5 and loss on the evaluation split (pixel accuracy and
-    /// mIoU for a segmentation checkpoint).
+    /// mIoU for a segmentation checkpoint, COCO mAP and per-class AP for a detection one).
     Eval(EvalArgs),
     /// Classify images with a classification checkpoint (top classes and probabilities), or
     /// segment one image with a segmentation checkpoint (writes the colourised mask, PNG).
@@ -153,9 +153,14 @@ struct EvalArgs {
     /// A checkpoint written by `tricks train` (epoch-*.safetensors or best.safetensors).
     #[arg(long)]
     checkpoint: PathBuf,
-    /// Dataset root; its `val/` (or `test/`) split is evaluated.
+    /// Dataset root; its `val/` (or `test/`) split is evaluated (for detection, the
+    /// checkpoint's `detect.val_split`). Default: the checkpoint's `data.dir`.
     #[arg(long)]
     data: Option<String>,
+    /// Detection: the split to evaluate instead of the checkpoint's `detect.val_split` (e.g.
+    /// `train2017`, to see how well the detector fits its training images).
+    #[arg(long)]
+    split: Option<String>,
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Images per batch (classification and segmentation; a detection checkpoint is evaluated
@@ -894,8 +899,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 a.checkpoint.display()
             );
         }
-        let (e, _) =
-            tricks::detect::predict::evaluate_checkpoint(&a.checkpoint, a.data.as_deref(), device)?;
+        let (e, _) = tricks::detect::predict::evaluate_checkpoint(
+            &a.checkpoint,
+            a.data.as_deref(),
+            a.split.as_deref(),
+            device,
+        )?;
         println!(
             "{}: mAP {:.2}%  AP50 {:.2}%  AP75 {:.2}%  ({} images, {} detections)\n{}AP per class (%): {}",
             a.checkpoint.display(),
@@ -912,6 +921,13 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 .join(", ")
         );
         return Ok(());
+    }
+    if let Some(split) = &a.split {
+        anyhow::bail!(
+            "{}: --split {split} applies to detection checkpoints (classification and segmentation \
+             evaluate the dataset's val/ or test/ folder)",
+            a.checkpoint.display()
+        );
     }
     if tricks::checkpoint::task_of(&a.checkpoint) == tricks::config::Task::Segmentation {
         if precision != tricks::config::Precision::Fp32 || a.channels_last {

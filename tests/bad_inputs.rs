@@ -482,6 +482,17 @@ fn corrupt_checkpoint_for_eval() {
     let c = Case::new();
     let out = trained(&c, "run", &[]);
     let best = out.join("best.safetensors");
+    // `--split` chooses a detection split; a classification checkpoint refuses it.
+    fails_with(
+        &[
+            "eval",
+            "--checkpoint",
+            best.to_str().unwrap(),
+            "--split",
+            "train",
+        ],
+        &["best.safetensors", "--split train", "detection checkpoints"],
+    );
     let mut bytes = std::fs::read(&best).unwrap();
     let n = bytes.len();
     bytes[n - 3] ^= 0x55;

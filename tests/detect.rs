@@ -63,6 +63,28 @@ fn tiny_detector_trains_evaluates_and_predicts() {
     );
     assert!(text.contains("(4 images"), "{text}");
     assert!(text.contains("AP @[IoU=0.50:0.95 | area=   all | maxDets=100]"));
+    // `--split train`: the 8 training images instead; a split that is not there is named.
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        last.to_str().unwrap(),
+        "--split",
+        "train",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("(8 images"), "{}", stdout(&o));
+    let o = run(&[
+        "eval",
+        "--checkpoint",
+        last.to_str().unwrap(),
+        "--split",
+        "nosuch",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("nosuch"),
+        "{}",
+        stderr(&o)
+    );
 
     // `tricks predict`: a PNG of the image's size with boxes drawn, and JSON.
     let img = data.join("images/val/0001.png");

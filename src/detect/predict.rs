@@ -108,12 +108,16 @@ impl Detector {
 pub fn evaluate_checkpoint(
     path: &Path,
     data: Option<&str>,
+    split: Option<&str>,
     device: Device,
 ) -> Result<(DetEval, Config)> {
     let d = Detector::load(path, device)?;
     let mut cfg = d.cfg.clone();
     if let Some(dir) = data {
         cfg.data.dir = dir.to_string();
+    }
+    if let Some(split) = split {
+        cfg.detect.val_split = split.to_string();
     }
     let (_, val) = open_train_val(&cfg)?;
     if val.classes != d.classes {

@@ -2,7 +2,9 @@
 //!
 //! `TRICKS_BENCH_DATA=/path/to/data cargo test --release --test data_throughput -- --ignored --nocapture`
 //! where the folder holds `cifar10/{train,test}` and/or `imagenette2-160/{train,val}` ImageFolder trees.
-//! `TRICKS_BENCH_LIMIT_CIFAR` / `TRICKS_BENCH_LIMIT_IMAGENET` cap the images per pass (defaults 10000 / 2000).
+//! `TRICKS_BENCH_LIMIT_CIFAR` / `TRICKS_BENCH_LIMIT_IMAGENET` cap the images per pass (defaults 10000 / 2000);
+//! `TRICKS_BENCH_WORKERS` lists the worker counts to run (default "1,2"; bench/loader_per_core.sh
+//! pins the process to one core and runs 1).
 
 mod common;
 
@@ -36,6 +38,15 @@ fn loader_throughput() {
         return;
     };
     let root = PathBuf::from(root);
+    let worker_counts: Vec<usize> = std::env::var("TRICKS_BENCH_WORKERS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .map(|w| {
+            w.trim()
+                .parse()
+                .expect("TRICKS_BENCH_WORKERS: numbers, comma-separated")
+        })
+        .collect();
     let cases = [
         (
             "CIFAR pipeline, cifar10/train (32 px)",
@@ -61,7 +72,7 @@ fn loader_throughput() {
             continue;
         }
         for cache in [false, true] {
-            for workers in [1usize, 2] {
+            for &workers in &worker_counts {
                 let cfg = DataConfig {
                     dir: dir.display().to_string(),
                     pipeline,

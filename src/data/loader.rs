@@ -282,6 +282,30 @@ impl<B: Send + 'static> Pass<B> {
     }
 }
 
+impl<B: Send + 'static> Pass<B> {
+    /// [`Pass::spawn`] with the usual producer: batch `b` of `plan` is `make_batch(b)`, for
+    /// `b` from `plan.first_batch` on, until the pass is over, `stop` is set, the consumer is
+    /// gone or a batch fails (its error is the pass's last item).
+    pub fn spawn_batches<F>(name: &str, capacity: usize, plan: &Plan, mut make_batch: F) -> Pass<B>
+    where
+        F: FnMut(usize) -> Result<B> + Send + 'static,
+    {
+        let batches = plan.first_batch..plan.num_batches;
+        Pass::spawn(name, capacity, plan, move |tx, stop| {
+            for b in batches {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let batch = make_batch(b);
+                let failed = batch.is_err();
+                if tx.send(batch).is_err() || failed {
+                    return;
+                }
+            }
+        })
+    }
+}
+
 impl<B> Pass<B> {
     /// Batches of this pass (fewer may be yielded if images are skipped or an error ends it).
     pub fn num_batches(&self) -> usize {

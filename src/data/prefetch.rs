@@ -1,4 +1,4 @@
-//! The background producer both loaders (classification and segmentation) run on: one thread
+//! The background producer the loaders (classification, segmentation, detection) run on: one thread
 //! that makes batches ahead of the trainer into a bounded channel, stops early when the consumer
 //! goes away, and turns a panic of that thread into an error instead of a hang.
 

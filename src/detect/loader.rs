@@ -25,7 +25,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use rayon::ThreadPool;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -179,23 +178,9 @@ fn start(ds: Arc<DetDataset>, opts: &LoaderOptions, plan: Plan) -> DetLoader {
         opts: opts.clone(),
         pool: thread_pool(opts.workers),
     };
-    Pass::spawn(
-        "tricks-detect-prefetch",
-        PREFETCH,
-        &plan,
-        move |tx, stop| {
-            for b in job.plan.first_batch..job.plan.num_batches {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let batch = job.make_batch(b);
-                let failed = batch.is_err();
-                if tx.send(batch).is_err() || failed {
-                    return;
-                }
-            }
-        },
-    )
+    Pass::spawn_batches("tricks-detect-prefetch", PREFETCH, &plan, move |b| {
+        job.make_batch(b)
+    })
 }
 
 /// Everything the producer thread needs.

@@ -20,7 +20,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use rayon::ThreadPool;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tch::Tensor;
 
@@ -212,17 +211,6 @@ impl SegLoader {
             pool: thread_pool(cfg.data.workers),
         };
         let name = "tricks-segment-prefetch";
-        Pass::spawn(name, cfg.data.prefetch, &plan, move |tx, stop| {
-            for b in job.plan.first_batch..job.plan.num_batches {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let batch = job.make_batch(b);
-                let failed = batch.is_err();
-                if tx.send(batch).is_err() || failed {
-                    return;
-                }
-            }
-        })
+        Pass::spawn_batches(name, cfg.data.prefetch, &plan, move |b| job.make_batch(b))
     }
 }

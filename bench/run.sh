@@ -16,7 +16,8 @@
 #
 # Environment:
 #   STEPS=10      timed steps per measurement        WARMUP=3   untimed steps before
-#   DEVICE=cpu    cpu | cuda                         MODELS="cifar_resnet20 cifar_resnet56 resnet50d"
+#   DEVICE=cpu    cpu | cuda (on the lent GPU machine: batches of 256 / 512, and the set-up of
+#                 bench/gpu_env.sh)                  MODELS="cifar_resnet20 cifar_resnet56 resnet50d"
 #                 (also: airbench94, batch 1024, the network of configs/cifar10/airbench94.toml,
 #                 ~4 s per fp32 step here; resnext50_32x4d, seresnet50, seresnext50_32x4d at
 #                 224 px batch 16, PyTorch's side built by timm)
@@ -40,6 +41,17 @@ WARMUP="${WARMUP:-3}"
 DEVICE="${DEVICE:-cpu}"
 MODELS="${MODELS:-cifar_resnet20 cifar_resnet56 resnet50d}"
 CONFIGS="${CONFIGS:-fp32 bf16-cl}"
+if [[ "$DEVICE" == cuda ]]; then
+    # On the lent GPU machine: the packed binary, /opt/torch's Python and its libtorch, as the
+    # other device scripts (bench/gpu_env.sh), e.g. for issue 27's compiled reference:
+    #   run(command="COMPILE=max-autotune DEVICE=cuda MODELS='resnet50d cifar_resnet20 airbench94' \
+    #       CONFIGS=bf16-cl bash bench/run.sh", carry=["data-local/gpu"])
+    # shellcheck source=bench/gpu_env.sh
+    source "$root/bench/gpu_env.sh"
+    link_torch
+    TRICKS_BIN="${TRICKS_BIN:-$BIN}"
+    PYTHON="${PYTHON:-$PY}"
+fi
 TRICKS_BIN="${TRICKS_BIN:-$root/target/release/tricks}"
 PYTHON="${PYTHON:-$root/.venv/bin/python}"
 ROUNDS="${ROUNDS:-1}"
@@ -69,7 +81,14 @@ jsonl="bench/out/bench-$stamp.jsonl"
 table="bench/out/bench-$stamp.md"
 : >"$jsonl"
 
-batch_of() { case "$1" in resnet50d | resnext50_32x4d | seresnet50 | seresnext50_32x4d) echo 16 ;; airbench94) echo 1024 ;; *) echo 128 ;; esac; }
+# Batch sizes for a small CPU; on a GPU those of bench/gpu.sh (ResNet-50 256, CIFAR ResNets 512).
+batch_of() {
+    case "$1" in
+    resnet50d | resnext50_32x4d | seresnet50 | seresnext50_32x4d) [[ "$DEVICE" == cuda ]] && echo 256 || echo 16 ;;
+    airbench94) echo 1024 ;;
+    *) [[ "$DEVICE" == cuda ]] && echo 512 || echo 128 ;;
+    esac
+}
 size_of() { case "$1" in resnet50d | resnext50_32x4d | seresnet50 | seresnext50_32x4d) echo 224 ;; *) echo 32 ;; esac; }
 # The Rust CLI names an architecture by depth + paper variant: resnet50d = resnet50, variant d.
 # (Basic-block CIFAR ResNets are the same in every variant; "a" is the paper's baseline.)

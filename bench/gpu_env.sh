@@ -7,8 +7,8 @@
 #   BIN     the tricks binary: BIN from the caller, else the pack's tricks.xz unpacked into a
 #           temporary folder, else target/release/tricks
 # and defines:
-#   unpack NAME       the folder inside the pack's NAME.tar.gz, unpacked into a temporary folder
-#                     (empty when the pack has no such file)
+#   unpack NAME [FALLBACK]  the folder inside the pack's NAME.tar.gz, unpacked into a temporary
+#                     folder; FALLBACK (or nothing) when the pack has no such file
 #   link_torch        puts torch's libtorch and CUDA libraries on LD_LIBRARY_PATH (the binary was
 #                     linked against the same torch==2.11.0 here); TORCH_SITE from a caller that
 #                     sources this many times saves the seconds of importing torch
@@ -32,7 +32,7 @@ if [[ -z "${BIN:-}" ]]; then
 fi
 
 unpack() {
-    [[ -f "$pack/$1.tar.gz" ]] || return 0
+    [[ -f "$pack/$1.tar.gz" ]] || { echo "${2:-}"; return 0; }
     local tmp
     tmp="$(mktemp -d)"
     tar -C "$tmp" -xzf "$pack/$1.tar.gz"

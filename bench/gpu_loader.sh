@@ -36,10 +36,7 @@ WORKERS="${WORKERS:-$(nproc)}"
 PER_CLASS="${PER_CLASS:-256}"
 OUT="${OUT:-$root/bench/out}"
 mkdir -p "$OUT"
-if [[ -z "${IMAGENETTE_DIR:-}" ]]; then
-    IMAGENETTE_DIR="$(unpack imagenette)"
-    IMAGENETTE_DIR="${IMAGENETTE_DIR:-$root/../shared/data/imagenette2-160}"
-fi
+IMAGENETTE_DIR="${IMAGENETTE_DIR:-$(unpack imagenette "$root/../shared/data/imagenette2-160")}"
 if [[ "$DEVICE" == cuda ]]; then
     link_torch
     "$BIN" info | grep -q 'cuda: yes' || { echo "tricks sees no CUDA device" >&2; exit 3; }

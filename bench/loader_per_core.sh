@@ -21,7 +21,6 @@ data="$(mktemp -d)"
 trap 'rm -rf "$data"' EXIT
 python bench/imagenet_size.py ../shared/data/imagenette2-160 "$data/imagenette2-160" \
     --train "$PER_CLASS" --val 1
-cargo build --release --tests -q 2>/dev/null || cargo build --release --tests
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), pinned to core $CORE; $(date -u +%F)"
 for round in $(seq 1 "$ROUNDS"); do
     echo "round $round"

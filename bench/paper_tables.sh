@@ -26,10 +26,7 @@ OUT="${OUT:-$root/bench/out}"
 DEADLINE_S="${DEADLINE_S:-540}"
 TINY="${TINY:-0}"
 JOBS_TRY="${JOBS_TRY:-1 2 4}"
-if [[ -z "${CIFAR10_DIR:-}" ]]; then
-    CIFAR10_DIR="$(unpack cifar10)"
-    CIFAR10_DIR="${CIFAR10_DIR:-$root/../shared/data/cifar10}"
-fi
+CIFAR10_DIR="${CIFAR10_DIR:-$(unpack cifar10 "$root/../shared/data/cifar10")}"
 if [[ "$DEVICE" == cuda ]]; then
     link_torch
     "$BIN" info | grep -q 'cuda: yes' || { echo "tricks sees no CUDA device" >&2; exit 3; }

@@ -2,16 +2,18 @@
 # The paper's tables (studies/paper/) on the lent GPU, in one call: CIFAR-10 Tables 6, 4 and 5
 # (CIFAR ResNet-20, 5 seeds; Table 6 after its distillation teacher, a ResNet-56), then Imagenette
 # Tables 5 and 6 when IMAGENETTE_DIR names the 160-px JPEGs (they do not fit in the 64 MiB carry
-# beside CIFAR-10). Several runs share the GPU at once (`ablate --jobs`): a probe first measures
-# runs per minute at JOBS_TRY (1 2 4) parallel runs and keeps the best. Every study runs with the
-# data decoded once into GPU memory and channels_last; a study that does not fit in the time left
+# beside CIFAR-10); after each data set's tables, the study beyond the paper on it:
+# studies/beyond_paper.toml (CIFAR-10) and studies/resnet_vs_seresnext.toml (Imagenette). Several
+# runs share the GPU at once (`ablate --jobs`): a probe first measures runs per minute at JOBS_TRY
+# (1 2 4) parallel runs and keeps the best. Every study runs with the data decoded once into GPU
+# memory and channels_last; a study that does not fit in the time left
 # (DEADLINE_S, 540 s) is skipped, and one cut short resumes where it stopped when the same --out is
 # carried back (ablate skips finished runs). Output under $OUT/paper/: each study's table.md,
 # results.csv, study.json and plots (checkpoints left out), paper-tables.md (every table), and
 # the probe's figures.
 #   cargo build --release && bash bench/gpu_pack.sh
 #   run(command="bash bench/paper_tables.sh", carry=["data-local/gpu"], timeout_s=600)
-# Smoke check of the same script on a CPU (1 epoch on 1,024 training images, 2 seeds):
+# Smoke check of the same script on a CPU (1 epoch, Imagenette 2, on 1,024 training images):
 #   DEVICE=cpu TINY=1 bash bench/paper_tables.sh
 # Environment: BIN, CIFAR10_DIR (from data-local/gpu/ as bench/gpu.sh finds them), IMAGENETTE_DIR,
 # DEVICE (cuda), EPOCHS (30; Imagenette 20), JOBS (skips the probe), JOBS_TRY, DEADLINE_S, OUT,
@@ -39,7 +41,8 @@ IMAGENETTE_EPOCHS="${IMAGENETTE_EPOCHS:-20}"
 sets=(--set "data.dir=\"$CIFAR10_DIR\"" --set train.channels_last=true --set train.keep_checkpoints=1)
 [[ "$DEVICE" == cuda ]] && sets+=(--set data.on_device=true --set train.untimed_warmup=false)
 if [[ "$TINY" == 1 ]]; then
-    EPOCHS=1 IMAGENETTE_EPOCHS=1
+    # Imagenette 2 epochs: resnet_vs_seresnext's tricks row warms up over 2.
+    EPOCHS=1 IMAGENETTE_EPOCHS=2
     sets+=(--set data.train_limit=1024 --set data.val_limit=512 --set train.batch_size=128
         --set optim.warmup_epochs=0)
     JOBS="${JOBS:-1}"
@@ -103,12 +106,14 @@ else
     say "skipped table4-cifar10: its last row needs bf16, which this CPU lacks"
 fi
 study studies/paper/table5_tweaks_cifar10.toml table5-cifar10 "$EPOCHS"
+study studies/beyond_paper.toml beyond-paper-cifar10 "$EPOCHS"
 if [[ -n "${IMAGENETTE_DIR:-}" ]]; then
     sets[1]="data.dir=\"$IMAGENETTE_DIR\""
     study studies/paper/table6_refinements_imagenette.toml table6-imagenette "$IMAGENETTE_EPOCHS"
     study studies/paper/table5_tweaks_imagenette.toml table5-imagenette "$IMAGENETTE_EPOCHS"
+    study studies/resnet_vs_seresnext.toml resnet-vs-seresnext "$IMAGENETTE_EPOCHS"
 else
-    say "skipped the Imagenette tables: IMAGENETTE_DIR is not set"
+    say "skipped the Imagenette studies: IMAGENETTE_DIR is not set"
 fi
 for t in "$dest"/*/table.md; do
     [[ -f "$t" ]] || continue

@@ -6,9 +6,9 @@
 # studies/beyond_paper.toml (CIFAR-10) and studies/resnet_vs_seresnext.toml (Imagenette). Several
 # runs share the GPU at once (`ablate --jobs`): a probe first measures runs per minute at JOBS_TRY
 # (1 2 4) parallel runs and keeps the best. Every study runs with the data decoded once into GPU
-# memory and channels_last; a study that does not fit in the time left
-# (DEADLINE_S, 540 s) is skipped, and one cut short resumes where it stopped when the same --out is
-# carried back (ablate skips finished runs). Output under $OUT/paper/: each study's table.md,
+# memory and channels_last; a study that does not fit in the time left (DEADLINE_S, 540 s) is
+# skipped, and one cut short resumes where it stopped when the same --out is carried back (ablate
+# skips finished runs). Output under $OUT/paper/: each study's table.md,
 # results.csv, study.json and plots (checkpoints left out), paper-tables.md (every table), and
 # the probe's figures.
 #   cargo build --release && bash bench/gpu_pack.sh

@@ -7,7 +7,7 @@
 #    + mixup 0.2. The cosine backbone is results/detection-coco128's (same command); it is trained
 #    only when runs/imagenette-r18d/cosine is missing.
 # 2. Segmentation transfer: studies/transfer_segmentation.toml's four backbone rows on CamVid
-#    (segmentation/study.toml), 10 epochs, seeds 1 and 2 (only seed 1 has run).
+#    (segmentation/study.toml), 10 epochs, seeds 1 and 2.
 # train.threads = 0 follows the cores other processes leave free; fix it for a bit-reproducible run.
 set -euo pipefail
 T=${TRICKS:-./target/release/tricks}

@@ -30,7 +30,6 @@ $T ablate --study results/transfer-table8/segmentation/study.toml --out runs/tra
 $T ablate --study results/transfer-table8/detection/study.toml --out runs/transfer-table8-det \
     --set train.threads=0 --set data.workers=1 --set train.keep_checkpoints=1
 # 4. Each detector's last weights on its own training images (how well it fits them).
-for v in step-decay +cosine-decay +label-smoothing +mixup; do
-    r=runs/transfer-table8-det/runs/$v/seed-1
+for r in runs/transfer-table8-det/runs/*/seed-1; do
     $T eval --checkpoint $r/checkpoints/epoch-0006.safetensors --split train2017 >$r/eval-train2017.txt
 done

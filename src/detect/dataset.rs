@@ -195,6 +195,17 @@ impl DetDataset {
         Ok(ds)
     }
 
+    /// A dataset of formats without category ids of their own (VOC, YOLO): label k is
+    /// `classes[k - 1]`, its original id k.
+    fn numbered(samples: Vec<DetSample>, classes: Vec<String>, dropped: usize) -> DetDataset {
+        DetDataset {
+            category_ids: (1..=classes.len() as i64).collect(),
+            samples,
+            classes,
+            dropped,
+        }
+    }
+
     /// Images in the split.
     pub fn len(&self) -> usize {
         self.samples.len()
@@ -508,12 +519,7 @@ fn open_voc(root: &Path, split: &str) -> Result<DetDataset> {
             objects,
         });
     }
-    Ok(DetDataset {
-        category_ids: (1..=classes.len() as i64).collect(),
-        samples,
-        classes,
-        dropped,
-    })
+    Ok(DetDataset::numbered(samples, classes, dropped))
 }
 
 /// The text of child `name` of `node`, trimmed; `None` when there is no such child.
@@ -699,12 +705,7 @@ fn open_yolo(root: &Path, split: &str) -> Result<DetDataset> {
             objects,
         });
     }
-    Ok(DetDataset {
-        category_ids: (1..=classes.len() as i64).collect(),
-        samples,
-        classes,
-        dropped,
-    })
+    Ok(DetDataset::numbered(samples, classes, dropped))
 }
 
 /// Reads one YOLO label file of a `width` x `height` image.

@@ -3,7 +3,7 @@
 //! (a NaN loss or a stop signal on any rank stops all of them at the same step), metrics summed
 //! over ranks, and a check at every epoch that the replicas are still identical.
 
-use super::optim::Optimizer;
+use super::optim::{Optimizer, Param};
 use crate::checkpoint::TrainState;
 use crate::config::DistributedConfig;
 use crate::distributed::{self, GradReducer, ProcessGroup, SyncBnGuard};
@@ -133,29 +133,9 @@ pub fn sync_from_rank0(
         .map(|p| u8::from(p.momentum.is_some()))
         .collect();
     let has = group.broadcast_bytes(&has).context(ctx)?;
-    for (p, &h) in opt.params.iter_mut().zip(&has) {
-        if h == 0 {
-            p.momentum = None;
-            continue;
-        }
-        let buf = p
-            .momentum
-            .get_or_insert_with(|| p.tensor.detach().zeros_like())
-            .shallow_clone();
-        group.broadcast_into(&buf).context(ctx)?;
-    }
+    broadcast_moments(group, &mut opt.params, &has, |p| &mut p.momentum).context(ctx)?;
     if let Some(steps) = opt.adam_steps() {
-        for (p, &h) in opt.params.iter_mut().zip(&has) {
-            if h == 0 {
-                p.second = None;
-                continue;
-            }
-            let buf = p
-                .second
-                .get_or_insert_with(|| p.tensor.detach().zeros_like())
-                .shallow_clone();
-            group.broadcast_into(&buf).context(ctx)?;
-        }
+        broadcast_moments(group, &mut opt.params, &has, |p| &mut p.second).context(ctx)?;
         let steps = group.broadcast_bytes(&steps.to_le_bytes()).context(ctx)?;
         let steps = <[u8; 8]>::try_from(steps.as_slice()).context("rank 0's Adam steps")?;
         opt.set_adam_steps(u64::from_le_bytes(steps));
@@ -173,6 +153,30 @@ pub fn sync_from_rank0(
     let json = serde_json::to_vec(state)?;
     let json = group.broadcast_bytes(&json).context(ctx)?;
     *state = serde_json::from_slice(&json).context("rank 0's training state")?;
+    Ok(())
+}
+
+/// Broadcasts one optimizer moment (SGD's momentum / Adam's first, or Adam's second) of every
+/// parameter from rank 0: where rank 0 has one (`has`), a rank without it starts one of zeros to
+/// receive it; where rank 0 has none, every rank drops its own.
+fn broadcast_moments(
+    group: &ProcessGroup,
+    params: &mut [Param],
+    has: &[u8],
+    moment: impl Fn(&mut Param) -> &mut Option<Tensor>,
+) -> Result<()> {
+    for (p, &h) in params.iter_mut().zip(has) {
+        if h == 0 {
+            *moment(p) = None;
+            continue;
+        }
+        if moment(p).is_none() {
+            *moment(p) = Some(p.tensor.detach().zeros_like());
+        }
+        if let Some(buf) = moment(p) {
+            group.broadcast_into(buf)?;
+        }
+    }
     Ok(())
 }
 

@@ -721,6 +721,24 @@ mod tests {
             .collect()
     }
 
+    /// What a run leaves: the weights and the optimizer's state tensors, by name.
+    type RunState = (BTreeMap<String, Tensor>, BTreeMap<String, Tensor>);
+
+    fn run_state(vs: &nn::VarStore, opt: &Optimizer) -> RunState {
+        (snapshot(vs), opt.state_tensors().into_iter().collect())
+    }
+
+    /// Two runs left the same weights and optimizer state, bit for bit (`what` names the case).
+    fn assert_same_run(a: &RunState, b: &RunState, what: &str) {
+        assert_eq!(a.1.len(), b.1.len(), "{what}: optimizer state tensors");
+        for (k, t) in &a.0 {
+            assert!(t.equal(&b.0[k]), "{what}: weight {k} differs");
+        }
+        for (k, t) in &a.1 {
+            assert!(t.equal(&b.1[k]), "{what}: state {k} differs");
+        }
+    }
+
     #[test]
     fn no_bias_decay_leaves_biases_and_bn_alone_and_decays_weights_by_hand_formula() {
         tch::manual_seed(3);
@@ -819,18 +837,9 @@ mod tests {
                 loss.backward();
                 opt.step(0.1);
             }
-            let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-            (snapshot(&vs), state)
+            run_state(&vs, &opt)
         };
-        let (w_ref, m_ref) = run(false);
-        let (w_flat, m_flat) = run(true);
-        for (k, t) in &w_ref {
-            assert!(t.equal(&w_flat[k]), "{k} differs");
-        }
-        assert_eq!(m_ref.len(), m_flat.len());
-        for (k, t) in &m_ref {
-            assert!(t.equal(&m_flat[k]), "momentum {k} differs");
-        }
+        assert_same_run(&run(false), &run(true), "flat against per-tensor");
     }
 
     /// `step_unless`: a zero flag gives `step`'s very values, a non-zero one leaves parameters and
@@ -867,18 +876,10 @@ mod tests {
                         Some(v) => opt.step_unless(0.1, Some(&Tensor::from(*v))),
                     }
                 }
-                let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-                (snapshot(&vs), state)
+                run_state(&vs, &opt)
             };
-            let same =
-                |a: &(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>),
-                 b: &(BTreeMap<String, Tensor>, BTreeMap<String, Tensor>)| {
-                    assert_eq!(a.1.len(), b.1.len());
-                    for (k, t) in a.0.iter().chain(&a.1) {
-                        let other = b.0.get(k).or_else(|| b.1.get(k)).unwrap();
-                        assert!(t.equal(other), "flat {flat}: {k} differs");
-                    }
-                };
+            let what = format!("flat {flat}");
+            let same = |a: &RunState, b: &RunState| assert_same_run(a, b, &what);
             let plain = run(&[None, None]);
             same(&plain, &run(&[Some(0.0), Some(0.0)]));
             // A skipped first step: as if it never happened (no momentum made, nothing moved)...
@@ -930,18 +931,11 @@ mod tests {
                     set_grads(&vs, 0.5);
                     opt.step(0.1);
                 }
-                let state: BTreeMap<String, Tensor> = opt.state_tensors().into_iter().collect();
-                (snapshot(&vs), state)
+                run_state(&vs, &opt)
             };
-            let ((w_ref, m_ref), (w, m)) = (run(false), run(true));
-            assert!(!m_ref.is_empty());
-            for (k, t) in &w_ref {
-                assert!(t.equal(&w[k]), "flat {flat}: {k} differs");
-            }
-            assert_eq!(m_ref.len(), m.len());
-            for (k, t) in &m_ref {
-                assert!(t.equal(&m[k]), "flat {flat}: momentum {k} differs");
-            }
+            let (reference, restored) = (run(false), run(true));
+            assert!(!reference.1.is_empty());
+            assert_same_run(&reference, &restored, &format!("flat {flat}"));
         }
     }
 

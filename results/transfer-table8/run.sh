@@ -30,6 +30,8 @@ $T ablate --study results/transfer-table8/segmentation/study.toml --out runs/tra
 $T ablate --study results/transfer-table8/detection/study.toml --out runs/transfer-table8-det \
     --set train.threads=0 --set data.workers=1 --set train.keep_checkpoints=1
 # 4. Each detector's last weights on its own training images (how well it fits them).
+#    keep_checkpoints = 1 leaves one checkpoint per run, its last epoch's.
 for r in runs/transfer-table8-det/runs/*/seed-1; do
-    $T eval --checkpoint $r/checkpoints/epoch-0006.safetensors --split train2017 >$r/eval-train2017.txt
+    last=$(ls "$r"/checkpoints/epoch-*.safetensors | tail -n 1)
+    $T eval --checkpoint "$last" --split train2017 >"$r/eval-train2017.txt"
 done
